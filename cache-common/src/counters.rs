@@ -1,0 +1,126 @@
+//! Per-CPU counters and latency histograms written by the kernel and summed by the agent.
+
+/// Every counter the kernel keeps, in COUNTERS order. The agent maps each to a metric.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// UDP `get` requests parsed by XDP.
+    GetRequests,
+    /// Keys in those requests.
+    GetKeys,
+    /// Requests answered by XDP.
+    HitRequests,
+    /// Keys answered by XDP.
+    HitKeys,
+    /// Passed to memcached: a key was not cached.
+    PassMiss,
+    /// Passed: a multi-get where some keys hit and some missed.
+    PassPartial,
+    /// Passed: the reply would exceed the frame or the cache's slot size.
+    PassTooBig,
+    /// Passed: a command the hit path does not serve (gets, gat, meta, binary, odd spacing).
+    PassUnsupported,
+    /// Passed: the request could not be parsed.
+    PassMalformed,
+    /// Passed: the agent's lease expired or serving is off.
+    PassNoLease,
+    /// Passed: the client is outside the allowlist.
+    PassDenied,
+    /// Passed: the reply would exceed the amplification limit.
+    PassAmplification,
+    /// Passed: the driver could not grow the frame to hold the reply.
+    PassNoRoom,
+    /// Entries stored from memcached's replies.
+    Fills,
+    FillRefusedNoTicket,
+    FillRefusedRace,
+    FillRefusedEpoch,
+    FillRefusedHold,
+    FillRefusedCas,
+    FillRefusedMultiDatagram,
+    FillRefusedTooBig,
+    FillRefusedMalformed,
+    /// Keys invalidated by text-protocol writes.
+    InvalidateText,
+    /// Keys invalidated by meta-protocol writes.
+    InvalidateMeta,
+    /// Keys invalidated by binary-protocol writes.
+    InvalidateBinary,
+    /// `flush_all` commands seen (each flushes the whole cache).
+    FlushAll,
+    /// Whole-cache flushes because a TCP stream could not be followed (gap, retransmit,
+    /// connection opened before the agent, unparseable write).
+    FlushUnsynced,
+    /// Valid entries replaced by a fill.
+    Evictions,
+    /// TCP segments with payload scanned for writes.
+    TcpSegments,
+    /// UDP datagrams other than `get` scanned for writes.
+    UdpOther,
+    /// Lookups that found the key but expired or flushed.
+    Expired,
+    SlotsFilled0,
+    SlotsFilled1,
+    SlotsFilled2,
+    SlotsFilled3,
+    SlotsCleared0,
+    SlotsCleared1,
+    SlotsCleared2,
+    SlotsCleared3,
+}
+
+pub const COUNTER_COUNT: usize = Counter::SlotsCleared3 as usize + 1;
+
+impl Counter {
+    pub const SLOTS_FILLED: [Counter; 4] =
+        [Counter::SlotsFilled0, Counter::SlotsFilled1, Counter::SlotsFilled2, Counter::SlotsFilled3];
+    pub const SLOTS_CLEARED: [Counter; 4] = [
+        Counter::SlotsCleared0,
+        Counter::SlotsCleared1,
+        Counter::SlotsCleared2,
+        Counter::SlotsCleared3,
+    ];
+}
+
+/// One CPU's counters (COUNTERS is a one-element per-CPU array of these).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Counters {
+    pub values: [u64; COUNTER_COUNT],
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self { values: [0; COUNTER_COUNT] }
+    }
+}
+
+impl Counters {
+    #[inline(always)]
+    pub fn add(&mut self, counter: Counter, n: u64) {
+        self.values[counter as usize] += n;
+    }
+
+    #[inline(always)]
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.values[counter as usize]
+    }
+}
+
+/// log2 buckets of nanoseconds: bucket `i` counts samples in `[2^i, 2^(i+1))` (bucket 0 also 0).
+pub const HISTOGRAM_BUCKETS: usize = 32;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Histogram {
+    pub buckets: [u64; HISTOGRAM_BUCKETS],
+    /// Sum of all samples in nanoseconds.
+    pub sum_ns: u64,
+}
+
+/// Bucket index of a sample, shared by kernel and tests.
+#[inline(always)]
+pub fn histogram_bucket(ns: u64) -> usize {
+    let log = 63 - (ns | 1).leading_zeros() as usize;
+    if log >= HISTOGRAM_BUCKETS { HISTOGRAM_BUCKETS - 1 } else { log }
+}

@@ -1,0 +1,196 @@
+//! Map value layouts shared by the kernel programs and the agent.
+
+/// `bpf_spin_lock` as the verifier knows it: the BTF type must carry exactly this name.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(non_camel_case_types, reason = "the verifier matches the BTF type name")]
+pub struct bpf_spin_lock {
+    pub val: u32,
+}
+
+/// memcached instances (port pairs) one agent can front.
+pub const MAX_INSTANCES: usize = 4;
+/// memcached's own key length limit.
+pub const MAX_KEY_LEN: usize = 250;
+/// Keys per `get` the hit path serves; longer multi-gets pass to memcached.
+pub const MAX_KEYS_PER_GET: usize = 32;
+/// Ways per bucket: a set-associative cache, one spin lock per bucket.
+pub const WAYS: usize = 4;
+/// Bytes of [`Slot`] before the stored reply text.
+pub const SLOT_HEADER: usize = 32;
+/// Size classes, like memcached's slabs: a slot stores `VALUE <key> <flags> <bytes>\r\n<data>\r\n`
+/// in the smallest class that holds it. 128 bytes keeps a 16-byte key with a 32-byte value at
+/// 130 bytes of map per item (bucket lock included); 1536 holds any reply a 1500-byte MTU frame
+/// can carry.
+pub const SLOT_SIZES: [usize; CLASS_COUNT] = [128, 384, 768, 1536];
+pub const CLASS_COUNT: usize = 4;
+/// Text capacity of each class (slot size minus header).
+pub const TEXT_CAPACITY: [usize; CLASS_COUNT] = [
+    SLOT_SIZES[0] - SLOT_HEADER,
+    SLOT_SIZES[1] - SLOT_HEADER,
+    SLOT_SIZES[2] - SLOT_HEADER,
+    SLOT_SIZES[3] - SLOT_HEADER,
+];
+pub const TEXT0: usize = TEXT_CAPACITY[0];
+pub const TEXT1: usize = TEXT_CAPACITY[1];
+pub const TEXT2: usize = TEXT_CAPACITY[2];
+pub const TEXT3: usize = TEXT_CAPACITY[3];
+
+/// [`Config::flags`] bits.
+pub mod flags {
+    /// Answer GET hits from the cache.
+    pub const SERVE: u32 = 1 << 0;
+    /// Fill the cache from memcached's replies.
+    pub const FILL: u32 = 1 << 1;
+    /// Only answer clients whose address is in ALLOW_V4 / ALLOW_V6.
+    pub const ALLOWLIST: u32 = 1 << 2;
+    /// Time the hit path into HIT_LATENCY (two clock reads per request).
+    pub const HIT_LATENCY: u32 = 1 << 3;
+}
+
+/// One memcached instance: the ports it listens on (host byte order, 0 = none).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Instance {
+    pub tcp_port: u16,
+    pub udp_port: u16,
+}
+
+/// Written only by the agent (one element). The kernel only reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Config {
+    /// The agent's lease: serving and filling stop once `bpf_ktime_get_coarse_ns` passes it.
+    pub lease_until_ns: u64,
+    /// Fills are refused for GETs that reached XDP before this time (set after any resync).
+    pub fill_hold_until_ns: u64,
+    /// Life of an entry whose TTL the kernel did not see.
+    pub max_age_ns: u64,
+    /// A key written less than this long before a GET arrived is not filled from that GET's
+    /// reply: the write may still be queued inside memcached.
+    pub write_settle_ns: u64,
+    /// CLOCK_REALTIME minus CLOCK_MONOTONIC, to turn absolute exptimes into kernel time.
+    pub realtime_offset_ns: u64,
+    /// Bumped by the agent to flush every entry (entries remember the epoch they were filled in).
+    pub agent_epoch: u32,
+    pub flags: u32,
+    pub instances: [Instance; MAX_INSTANCES],
+    /// Buckets in each class map (its max_entries).
+    pub class_buckets: [u32; CLASS_COUNT],
+    /// Elements of KEY_META.
+    pub key_meta_slots: u32,
+    /// Largest UDP payload (memcached frame header included) a reply may have.
+    pub max_reply_payload: u32,
+    /// A reply frame may be at most this many percent of the request frame; 0 = no limit.
+    pub max_amplification_pct: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 96);
+
+/// Written only by the kernel (one element).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct State {
+    /// Bumped by `flush_all` and by writes the parser cannot attribute to a key.
+    pub kernel_epoch: u32,
+    pub _pad: u32,
+    /// After `flush_all <delay>`: no fill from GETs that arrived before this time.
+    pub flush_hold_until_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<State>() == 16);
+
+/// One cached item: the exact text memcached sent for it in a `get` reply.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Slot<const TEXT: usize> {
+    /// Key hash ([`crate::hash::key_hash`]); 0 = empty.
+    pub tag: u32,
+    /// Bytes of `text` in use: `VALUE <key> <flags> <bytes>\r\n<data>\r\n`.
+    pub text_len: u16,
+    pub key_len: u8,
+    /// Access frequency for the replacement policy (saturating, halved on eviction).
+    pub freq: u8,
+    /// Index of the memcached instance in [`Config::instances`].
+    pub instance: u8,
+    pub _pad0: [u8; 3],
+    pub kernel_epoch: u32,
+    pub agent_epoch: u32,
+    pub _pad1: u32,
+    /// Coarse monotonic time after which the entry must not be served.
+    pub expires_at_ns: u64,
+    pub text: [u8; TEXT],
+}
+
+/// A set of [`WAYS`] slots behind one spin lock. Must start with the lock (BTF requirement).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Bucket<const TEXT: usize> {
+    pub lock: bpf_spin_lock,
+    pub _pad: u32,
+    pub slots: [Slot<TEXT>; WAYS],
+}
+const _: () = assert!(core::mem::size_of::<Slot<TEXT0>>() == SLOT_SIZES[0]);
+const _: () = assert!(core::mem::size_of::<Slot<TEXT3>>() == SLOT_SIZES[3]);
+const _: () = assert!(core::mem::size_of::<Bucket<TEXT0>>() == 8 + WAYS * SLOT_SIZES[0]);
+
+/// Map bytes per bucket of each class.
+pub const BUCKET_BYTES: [usize; CLASS_COUNT] = [
+    core::mem::size_of::<Bucket<TEXT0>>(),
+    core::mem::size_of::<Bucket<TEXT1>>(),
+    core::mem::size_of::<Bucket<TEXT2>>(),
+    core::mem::size_of::<Bucket<TEXT3>>(),
+];
+
+/// Per key-hash bookkeeping for coherence (KEY_META, indexed by hash modulo its size).
+/// Colliding keys share an element; that only makes the kernel more conservative.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KeyMeta {
+    /// Coarse time of the last write seen to any key with this index.
+    pub write_ts_ns: u64,
+    /// Expiry from the TTL of the last TTL-setting write, valid when `ttl_tag` matches.
+    pub ttl_expires_ns: u64,
+    pub ttl_tag: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<KeyMeta>() == 24);
+
+/// A GET that missed: the fill of its reply is allowed only against this record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TicketKey {
+    /// Client address; IPv4 as the first four bytes.
+    pub addr: [u8; 16],
+    /// Client UDP port, network byte order as on the wire.
+    pub port: u16,
+    /// memcached UDP frame request id, network byte order.
+    pub request_id: u16,
+    pub instance: u8,
+    pub is_v6: u8,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<TicketKey>() == 24);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Ticket {
+    /// Coarse time the GET reached XDP (coherence).
+    pub arrived_coarse_ns: u64,
+    /// Precise time the GET reached XDP (memcached service time).
+    pub arrived_ns: u64,
+    pub kernel_epoch: u32,
+    pub agent_epoch: u32,
+}
+const _: () = assert!(core::mem::size_of::<Ticket>() == 24);
+
+/// A TCP flow to memcached, from the client's side.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub addr: [u8; 16],
+    pub client_port: u16,
+    pub server_port: u16,
+    pub is_v6: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 24);

@@ -1,0 +1,11 @@
+//! memcached wire tokens used by both sides.
+
+/// memcached's UDP frame header: request id, sequence number, datagram count, reserved.
+pub const FRAME_HEADER_LEN: usize = 8;
+pub const GET: &[u8; 4] = b"get ";
+pub const VALUE: &[u8; 6] = b"VALUE ";
+pub const END: &[u8; 5] = b"END\r\n";
+/// First byte of a binary-protocol request.
+pub const BINARY_REQUEST_MAGIC: u8 = 0x80;
+/// exptime values above this are absolute unix times (memcached's REALTIME_MAXDELTA).
+pub const REALTIME_MAXDELTA: i64 = 60 * 60 * 24 * 30;
