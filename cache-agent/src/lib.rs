@@ -1,1 +1,22 @@
-//! placeholder
+//! cache-agent: loads the in-kernel memcached cache (the `cache-ebpf` object embedded at build
+//! time), attaches it in front of memcached, keeps it coherent and exports its metrics.
+//!
+//! - [`config`]: settings from flags, environment and an optional TOML file, validated.
+//! - [`loader`]: loads the object sized to the configured capacity and attaches XDP and TC.
+//! - [`kernel`]: typed access to the maps (configuration, counters, histograms, invalidation).
+//! - [`coherence`]: the lease, memcached's health and restarts, and the `watch` backstop.
+//! - [`stats`]: counters read from pinned maps, for `cache-agent stats` and `status`.
+//! - [`metrics`], [`http`]: Prometheus metrics on /metrics.
+//! - [`error`]: the crate's error type.
+
+pub mod coherence;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod kernel;
+pub mod loader;
+pub mod metrics;
+pub mod stats;
+
+/// The eBPF object built from cache-ebpf by build.rs.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cache-ebpf"));

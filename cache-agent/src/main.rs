@@ -1,1 +1,281 @@
-fn main() {}
+//! The `cache-agent` binary: CLI, logging, and the `run` lifecycle.
+
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
+
+use anyhow::Context as _;
+use cache_agent::{
+    coherence::{self, Shared},
+    config::{DEFAULT_PIN_ROOT, RunArgs, Settings, pin_dir},
+    error::AgentError,
+    kernel, loader, stats,
+};
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+/// In-kernel memcached cache: XDP answers UDP GET hits, TC fills, every write invalidates.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach in front of memcached and keep the cache coherent until SIGINT/SIGTERM.
+    Run(RunArgs),
+    /// Validate the configuration and print the effective settings; attaches nothing.
+    CheckConfig(RunArgs),
+    /// Print the kernel counters of a running agent.
+    Stats(Target),
+    /// What is attached where, the lease, and the cache fill.
+    Status(Target),
+    /// Stop the agent running on an interface (clean detach), and remove leftover pins.
+    Detach(Target),
+    /// Attach a plain XDP_PASS program and pin it (a veth peer needs one for XDP_TX).
+    XdpPass {
+        #[arg(long)]
+        iface: String,
+        /// Remove it instead.
+        #[arg(long)]
+        detach: bool,
+        #[arg(long, default_value = DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
+    },
+    /// Zero-work XDP reflector answering every UDP get with END (benchmark ceiling).
+    Reflector {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, default_value_t = 11211)]
+        port: u16,
+    },
+}
+
+#[derive(clap::Args)]
+struct Target {
+    #[arg(long, env = "CACHE_AGENT_IFACE")]
+    iface: String,
+    #[arg(long)]
+    json: bool,
+    #[arg(long, env = "CACHE_AGENT_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
+    pin_root: PathBuf,
+}
+
+fn init_logging(json: bool) {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Under journald the journal stamps each line; do not add a second timestamp.
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match (json, journald) {
+        (true, _) => builder.json().init(),
+        (false, true) => builder.without_time().init(),
+        (false, false) => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::CheckConfig(args) => check_config(args),
+        Command::Stats(t) => show_stats(t),
+        Command::Status(t) => show_status(t),
+        Command::Detach(t) => detach(t),
+        Command::XdpPass { iface, detach, pin_root } => xdp_pass(&iface, detach, &pin_root),
+        Command::Reflector { iface, port } => reflector(&iface, port),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cache-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(args: RunArgs) -> anyhow::Result<()> {
+    let s = Settings::resolve(&args)?;
+    println!("{s:#?}");
+    println!("map memory: {} bytes", s.map_bytes());
+    Ok(())
+}
+
+fn pid_file(iface: &str) -> PathBuf {
+    PathBuf::from(format!("/run/cache-agent/{iface}.pid"))
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let settings = Settings::resolve(&args)?;
+    init_logging(settings.json_logs);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(run_async(settings))
+}
+
+async fn run_async(settings: Settings) -> anyhow::Result<()> {
+    // Refuse to start half-way: memcached must answer before anything is attached.
+    let addr = settings.memcached;
+    match tokio::time::timeout(std::time::Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(AgentError::MemcachedUnreachable { addr: addr.to_string(), detail: e.to_string() }.into()),
+        Err(_) => return Err(AgentError::MemcachedUnreachable { addr: addr.to_string(), detail: "timed out".into() }.into()),
+    }
+    if !loader::interface_exists(&settings.iface) {
+        return Err(AgentError::NoSuchInterface { iface: settings.iface.clone() }.into());
+    }
+    let mut ebpf = loader::load(&settings)?;
+    let mut config = loader::initial_config(&settings);
+    config.max_reply_payload = loader::max_reply_payload(&settings.iface)?;
+    kernel::write_config(&mut ebpf, &config)?;
+    kernel::write_allowlist(&mut ebpf, &settings.allow)?;
+    if settings.allow.is_empty() {
+        warn!("no --allow list: the kernel answers every client that reaches the interface");
+    }
+    let dir = settings.pin_dir();
+    // A crashed agent's links died with it; its pins are only files: replace them.
+    if dir.exists() {
+        warn!(dir = %dir.display(), "removing pins left by a previous agent");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    loader::attach(&mut ebpf, &settings)?;
+    kernel::pin_maps(&ebpf, &dir)?;
+    let _ = std::fs::create_dir_all("/run/cache-agent");
+    let _ = std::fs::write(pid_file(&settings.iface), std::process::id().to_string());
+    info!(
+        iface = %settings.iface,
+        memcached = %settings.memcached,
+        capacity = settings.capacity_bytes,
+        map_bytes = settings.map_bytes(),
+        "attached; serving once memcached and the watch stream are confirmed"
+    );
+
+    let shared = Shared::new(ebpf, config, settings.clone());
+    let lease = tokio::spawn(coherence::lease_loop(Arc::clone(&shared)));
+    let watch = settings.watch.then(|| tokio::spawn(coherence::watch_loop(Arc::clone(&shared))));
+    let metrics = tokio::spawn(cache_agent::http::serve(settings.metrics_addr, Arc::clone(&shared)));
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: detaching"),
+        _ = int.recv() => info!("SIGINT: detaching"),
+    }
+    lease.abort();
+    if let Some(w) = watch {
+        w.abort();
+    }
+    metrics.abort();
+    shared.revoke();
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(pid_file(&settings.iface));
+    drop(shared);
+    info!("detached");
+    Ok(())
+}
+
+fn show_stats(t: Target) -> anyhow::Result<()> {
+    let dir = pin_dir(&t.pin_root, &t.iface);
+    if !dir.exists() {
+        return Err(AgentError::NotRunning { iface: t.iface, path: dir }.into());
+    }
+    let snap = kernel::snapshot_from_pins(&dir)?;
+    if t.json {
+        println!("{}", stats::to_json(&snap));
+    } else {
+        print!("{}", stats::to_text(&snap));
+    }
+    Ok(())
+}
+
+fn show_status(t: Target) -> anyhow::Result<()> {
+    let dir = pin_dir(&t.pin_root, &t.iface);
+    if !dir.exists() {
+        return Err(AgentError::NotRunning { iface: t.iface, path: dir }.into());
+    }
+    let snap = kernel::snapshot_from_pins(&dir)?;
+    let pid = std::fs::read_to_string(pid_file(&t.iface)).unwrap_or_default();
+    let m = stats::counters_by_name(&snap);
+    let entries: i64 = (0..4)
+        .map(|c| m[format!("slots_filled_{c}").as_str()] as i64 - m[format!("slots_cleared_{c}").as_str()] as i64)
+        .sum();
+    let status = serde_json::json!({
+        "iface": t.iface,
+        "pid": pid.trim(),
+        "serving": stats::serving(&snap),
+        "lease_remaining_ms": snap.config.lease_until_ns.saturating_sub(kernel::coarse_now_ns()) / 1_000_000,
+        "agent_epoch": snap.config.agent_epoch,
+        "kernel_epoch": snap.state.kernel_epoch,
+        "entries": entries.max(0),
+        "class_buckets": snap.config.class_buckets,
+        "hit_ratio": stats::hit_ratio(&snap),
+    });
+    if t.json {
+        println!("{status}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    }
+    Ok(())
+}
+
+fn detach(t: Target) -> anyhow::Result<()> {
+    let pid_path = pid_file(&t.iface);
+    if let Ok(pid) = std::fs::read_to_string(&pid_path) {
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            // SAFETY: sending a signal to a pid we recorded.
+            if unsafe { libc::kill(pid, libc::SIGTERM) } == 0 {
+                println!("asked agent {pid} to detach from {}", t.iface);
+                for _ in 0..50 {
+                    if unsafe { libc::kill(pid, 0) } != 0 {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&pid_path);
+    }
+    let dir = pin_dir(&t.pin_root, &t.iface);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        println!("removed pins under {}", dir.display());
+    }
+    Ok(())
+}
+
+fn xdp_pass(iface: &str, detach: bool, pin_root: &std::path::Path) -> anyhow::Result<()> {
+    let pin = pin_root.join(format!("peer-pass-{iface}"));
+    if detach {
+        let _ = std::fs::remove_file(&pin);
+        return Ok(());
+    }
+    loader::attach_pass_pinned(iface, &pin)?;
+    println!("attached xdp_pass to {iface}, pinned at {}", pin.display());
+    Ok(())
+}
+
+fn reflector(iface: &str, port: u16) -> anyhow::Result<()> {
+    use aya::programs::{Xdp, XdpMode};
+    init_logging(false);
+    let mut ebpf = aya::Ebpf::load(cache_agent::EBPF_OBJECT)?;
+    let mut config = cache_common::Config::default();
+    config.instances[0] = cache_common::Instance { tcp_port: port, udp_port: port };
+    kernel::write_config(&mut ebpf, &config)?;
+    let prog: &mut Xdp = ebpf.program_mut(cache_common::names::XDP_REFLECTOR).context("program")?.try_into()?;
+    prog.load()?;
+    prog.attach(iface, XdpMode::Driver)?;
+    info!(iface, port, "reflector attached");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut term = signal(SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    if let Err(e) = std::fs::metadata("/") {
+        error!(error = %e, "unreachable");
+    }
+    Ok(())
+}

@@ -91,9 +91,9 @@ const _: () = assert!(core::mem::size_of::<Config>() == 96);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct State {
-    /// Bumped by `flush_all` and by writes the parser cannot attribute to a key.
-    pub kernel_epoch: u32,
-    pub _pad: u32,
+    /// Bumped by `flush_all` and by writes the parser cannot attribute to a key (a u64
+    /// because the BPF target only has 64-bit atomics); entries keep its low 32 bits.
+    pub kernel_epoch: u64,
     /// After `flush_all <delay>`: no fill from GETs that arrived before this time.
     pub flush_hold_until_ns: u64,
 }

@@ -11,12 +11,21 @@ pub mod hash;
 pub mod layout;
 pub mod proto;
 
-pub use counters::{COUNTER_COUNT, Counter, Counters, HISTOGRAM_BUCKETS, Histogram, histogram_bucket};
+pub use counters::{
+    COUNTER_COUNT, COUNTER_NAMES, Counter, Counters, HISTOGRAM_BUCKETS, Histogram, histogram_bucket,
+};
 pub use layout::*;
+pub use proto::*;
 
 /// Names of the maps and programs in the eBPF object, used by the agent to find them.
 pub mod names {
     pub const XDP_CACHE: &str = "xdp_cache";
+    /// Tail-call targets of XDP_CACHE, in JUMP at these indices.
+    pub const XDP_GET: &str = "xdp_get";
+    pub const XDP_SCAN: &str = "xdp_scan";
+    pub const JUMP: &str = "JUMP";
+    pub const JUMP_GET: u32 = 0;
+    pub const JUMP_SCAN: u32 = 1;
     pub const TC_FILL: &str = "tc_fill";
     pub const XDP_PASS: &str = "xdp_pass";
     pub const XDP_REFLECTOR: &str = "xdp_reflector";

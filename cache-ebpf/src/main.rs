@@ -1,7 +1,77 @@
+//! The kernel side of the memcached accelerator.
+//!
+//! - `xdp_cache` (XDP, the memcached host's NIC): answers UDP `get` hits from the cache
+//!   ([`hitpath`]), and scans every request to memcached for writes ([`scanner`]) so they
+//!   invalidate before memcached applies them ([`coherence`]).
+//! - `tc_fill` (TC egress, same NIC): fills the cache from memcached's replies ([`fill`]).
+//! - `xdp_pass`, `xdp_reflector`: testbed helpers (the peer veth needs an XDP program for
+//!   XDP_TX frames to arrive; the reflector is the zero-work benchmark ceiling).
+//!
+//! Every program fails open: anything unexpected returns XDP_PASS / TC "next", never a drop.
 #![no_std]
 #![no_main]
+// The BPF target has atomic add but no core::sync::atomic RMW methods.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+mod coherence;
+mod fill;
+mod hitpath;
+mod ingress;
+mod lock;
+mod maps;
+mod net;
+mod reflector;
+mod scanner;
+mod scratch;
+mod stats;
+mod store;
+mod time;
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+
+#[xdp]
+pub fn xdp_cache(ctx: XdpContext) -> u32 {
+    ingress::run(&ctx)
+}
+
+/// Tail-called by `xdp_cache` for UDP `get` requests.
+#[xdp]
+pub fn xdp_get(ctx: XdpContext) -> u32 {
+    hitpath::run_get(&ctx)
+}
+
+/// Tail-called by `xdp_cache` for every other request to memcached.
+#[xdp]
+pub fn xdp_scan(ctx: XdpContext) -> u32 {
+    ingress::run_scan(&ctx)
+}
+
+#[classifier]
+pub fn tc_fill(ctx: TcContext) -> i32 {
+    fill::run(&ctx)
+}
+
+#[xdp]
+pub fn xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[xdp]
+pub fn xdp_reflector(ctx: XdpContext) -> u32 {
+    reflector::run(&ctx)
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,293 @@
+//! Keeping the kernel cache honest from user space.
+//!
+//! - The lease: the kernel serves hits only while `lease_until_ns` is in the future. It is
+//!   renewed only while memcached answers and the `watch` backstop is connected, so a hung
+//!   agent, a stopped memcached or a lost stream all stop serving within one lease.
+//! - Resync: after any doubt (memcached unreachable then back, restarted, a `skipped` watch
+//!   line, a lost stream) the agent bumps its epoch, which invalidates every entry, and holds
+//!   fills for the write-settle time plus a second, before it renews the lease again.
+//! - The backstop: every key `watch mutations evictions` reports is invalidated in the kernel
+//!   (stores from clients the kernel cannot see, such as ones on loopback; evictions, so a hit
+//!   never outlives memcached's copy).
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use aya::Ebpf;
+use cache_common::{Config, flags};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
+    time::{sleep, timeout},
+};
+use tracing::{debug, info, warn};
+
+use crate::config::Settings;
+use crate::kernel;
+
+/// State shared by the agent's tasks. The configuration is published to the kernel only
+/// through [`Shared::publish`], so the kernel always sees one consistent copy.
+pub struct Shared {
+    pub ebpf: Mutex<Ebpf>,
+    pub config: Mutex<Config>,
+    pub settings: Settings,
+    /// The watch stream is connected and in sync.
+    pub watch_ok: AtomicBool,
+    /// memcached answered the last health check.
+    pub memcached_ok: AtomicBool,
+    /// Counters the agent keeps itself (exported as metrics).
+    pub resyncs: AtomicU64,
+    pub watch_invalidations: AtomicU64,
+    pub lease_renewals: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(ebpf: Ebpf, config: Config, settings: Settings) -> Arc<Self> {
+        Arc::new(Shared {
+            ebpf: Mutex::new(ebpf),
+            config: Mutex::new(config),
+            watch_ok: AtomicBool::new(!settings.watch),
+            memcached_ok: AtomicBool::new(false),
+            settings,
+            resyncs: AtomicU64::new(0),
+            watch_invalidations: AtomicU64::new(0),
+            lease_renewals: AtomicU64::new(0),
+        })
+    }
+
+    fn publish(&self, change: impl FnOnce(&mut Config)) {
+        let mut config = self.config.lock().expect("config lock");
+        change(&mut config);
+        let mut ebpf = self.ebpf.lock().expect("ebpf lock");
+        if let Err(e) = kernel::write_config(&mut ebpf, &config) {
+            warn!(error = %e, "could not publish the configuration to the kernel");
+        }
+    }
+
+    /// Lets the kernel serve for one more lease.
+    pub fn renew(&self) {
+        let until = kernel::coarse_now_ns() + self.settings.lease.as_nanos() as u64;
+        self.publish(|c| {
+            c.lease_until_ns = until;
+            c.flags |= flags::SERVE;
+            c.realtime_offset_ns = kernel::realtime_offset_ns();
+        });
+        self.lease_renewals.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Stops serving now (memcached answers everything).
+    pub fn revoke(&self) {
+        self.publish(|c| {
+            c.lease_until_ns = 0;
+            c.flags &= !flags::SERVE;
+        });
+    }
+
+    /// Invalidates every entry and refuses fills from GETs seen in the next settle window.
+    pub fn resync(&self, reason: &str) {
+        let hold = kernel::coarse_now_ns() + self.settings.write_settle.as_nanos() as u64 + 1_000_000_000;
+        self.publish(|c| {
+            c.agent_epoch = c.agent_epoch.wrapping_add(1).max(1);
+            c.fill_hold_until_ns = hold;
+        });
+        self.resyncs.fetch_add(1, Ordering::Relaxed);
+        warn!(reason, "flushed the kernel cache");
+    }
+
+    pub fn lease_valid(&self) -> bool {
+        let c = self.config.lock().expect("config lock");
+        c.flags & flags::SERVE != 0 && c.lease_until_ns > kernel::coarse_now_ns()
+    }
+}
+
+/// What `stats` says about memcached, as far as the health check needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Identity {
+    pid: u64,
+    uptime: u64,
+}
+
+/// One persistent connection for health checks.
+struct Probe {
+    stream: Option<BufReader<TcpStream>>,
+}
+
+impl Probe {
+    async fn request(&mut self, addr: std::net::SocketAddr, cmd: &str, until: &str, limit: Duration) -> Option<Vec<String>> {
+        if self.stream.is_none() {
+            let s = timeout(limit, TcpStream::connect(addr)).await.ok()?.ok()?;
+            let _ = s.set_nodelay(true);
+            self.stream = Some(BufReader::new(s));
+        }
+        let result = timeout(limit, async {
+            let s = self.stream.as_mut()?;
+            s.get_mut().write_all(cmd.as_bytes()).await.ok()?;
+            let mut lines = Vec::new();
+            loop {
+                let mut line = String::new();
+                if s.read_line(&mut line).await.ok()? == 0 {
+                    return None;
+                }
+                let line = line.trim_end().to_string();
+                let done = line.starts_with(until) || line.starts_with("ERROR");
+                lines.push(line);
+                if done {
+                    return Some(lines);
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten();
+        if result.is_none() {
+            self.stream = None;
+        }
+        result
+    }
+
+    async fn identity(&mut self, addr: std::net::SocketAddr, limit: Duration) -> Option<Identity> {
+        let lines = self.request(addr, "stats\r\n", "END", limit).await?;
+        let get = |name: &str| {
+            lines.iter().find_map(|l| l.strip_prefix(&format!("STAT {name} ")).and_then(|v| v.parse().ok()))
+        };
+        Some(Identity { pid: get("pid")?, uptime: get("uptime")? })
+    }
+}
+
+/// Renews the lease while memcached is healthy; resyncs after any doubt. Runs until dropped.
+pub async fn lease_loop(shared: Arc<Shared>) {
+    let s = &shared.settings;
+    let interval = s.lease / 4;
+    let limit = s.lease / 2;
+    let mut probe = Probe { stream: None };
+    let mut identity: Option<Identity> = None;
+    let mut healthy = false;
+    loop {
+        let id = probe.identity(s.memcached, limit).await;
+        let ok = id.is_some();
+        shared.memcached_ok.store(ok, Ordering::Relaxed);
+        match (id, identity) {
+            (Some(now), Some(before)) if now.pid != before.pid || now.uptime < before.uptime => {
+                shared.resync("memcached restarted");
+                identity = Some(now);
+            }
+            (Some(now), _) => identity = Some(now),
+            (None, _) => {}
+        }
+        if ok && shared.watch_ok.load(Ordering::Relaxed) {
+            if !healthy {
+                if identity.is_some() && shared.lease_renewals.load(Ordering::Relaxed) > 0 {
+                    shared.resync("memcached reachable again");
+                }
+                info!("memcached healthy: serving");
+                healthy = true;
+            }
+            shared.renew();
+        } else {
+            if healthy {
+                warn!(memcached_ok = ok, watch_ok = shared.watch_ok.load(Ordering::Relaxed), "stopped serving until memcached and the watch stream are back");
+                shared.revoke();
+            }
+            healthy = false;
+        }
+        sleep(interval).await;
+    }
+}
+
+/// Follows `watch mutations evictions` and invalidates every key it reports.
+pub async fn watch_loop(shared: Arc<Shared>) {
+    let addr = shared.settings.memcached;
+    loop {
+        if let Err(e) = follow_watch(&shared, addr).await {
+            debug!(error = %e, "watch stream ended");
+        }
+        if shared.watch_ok.swap(false, Ordering::Relaxed) {
+            warn!("watch stream lost: not serving until it is back");
+            shared.revoke();
+        }
+        sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn follow_watch(shared: &Shared, addr: std::net::SocketAddr) -> std::io::Result<()> {
+    let stream = timeout(Duration::from_secs(1), TcpStream::connect(addr)).await??;
+    let mut stream = BufReader::new(stream);
+    let mut line = String::new();
+    for cmd in ["watch mutations evictions\r\n", "watch mutations\r\n"] {
+        stream.get_mut().write_all(cmd.as_bytes()).await?;
+        line.clear();
+        timeout(Duration::from_secs(1), stream.read_line(&mut line)).await??;
+        if line.starts_with("OK") {
+            break;
+        }
+    }
+    if !line.starts_with("OK") {
+        return Err(std::io::Error::other(format!("memcached refused watch: {}", line.trim())));
+    }
+    // Events before this point were not seen: start from a clean cache.
+    shared.resync("watch stream (re)connected");
+    shared.watch_ok.store(true, Ordering::Relaxed);
+    info!("following memcached's watch stream");
+    loop {
+        line.clear();
+        if stream.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        let event = line.trim_end();
+        if event.contains("skipped=") {
+            shared.resync("watch stream skipped events");
+            continue;
+        }
+        if let Some(key) = watch_key(event) {
+            let ebpf = shared.ebpf.lock().expect("ebpf lock");
+            match kernel::invalidate_key(&ebpf, shared.settings.udp_port, &key) {
+                Ok(()) => {
+                    shared.watch_invalidations.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    drop(ebpf);
+                    warn!(error = %e, "could not invalidate a watched key");
+                    shared.resync("watch invalidation failed");
+                }
+            }
+        }
+    }
+}
+
+/// The key of a watch line (`... key=<uri-encoded> ...`), decoded.
+pub fn watch_key(line: &str) -> Option<Vec<u8>> {
+    let raw = line.split(' ').find_map(|f| f.strip_prefix("key="))?;
+    let mut out = Vec::with_capacity(raw.len());
+    let b = raw.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() + 0 && i + 2 <= b.len() - 1 {
+            if let Ok(v) = u8::from_str_radix(&raw[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    (!out.is_empty() && out.len() <= cache_common::MAX_KEY_LEN).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::watch_key;
+
+    #[test]
+    fn watch_lines_yield_decoded_keys() {
+        let line = "ts=1.2 gid=7 type=item_store key=user%3A1 status=stored cmd=set ttl=0 clsid=1";
+        assert_eq!(watch_key(line).unwrap(), b"user:1");
+        assert_eq!(watch_key("ts=1 gid=2 type=eviction key=abc ttl=-1").unwrap(), b"abc");
+        assert!(watch_key("OK").is_none());
+    }
+}

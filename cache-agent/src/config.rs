@@ -1,0 +1,315 @@
+//! Settings: every field can come from a flag, an environment variable (`CACHE_AGENT_*`) or
+//! the TOML file given with `--config`, in that order of precedence, then the default.
+//! [`Settings::resolve`] validates everything before anything is attached.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use cache_common::{BUCKET_BYTES, CLASS_COUNT, KeyMeta};
+use clap::Args;
+use serde::Deserialize;
+
+use crate::error::{AgentError, Result};
+
+/// Where maps are pinned; the layout version is part of the path so an upgrade that changes it
+/// never reads the old maps with the new layout.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/memcache-accel";
+pub const PIN_LAYOUT: &str = "v1";
+
+/// `cache-agent run` / `check-config` options. Unset options fall back to the config file,
+/// then to the defaults shown.
+#[derive(Args, Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RunArgs {
+    /// TOML file with any of these options (kebab-case keys).
+    #[arg(long, env = "CACHE_AGENT_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Interface in front of memcached (required).
+    #[arg(long, env = "CACHE_AGENT_IFACE")]
+    pub iface: Option<String>,
+    /// memcached's TCP address, used for health checks, `stats` and `watch` (required).
+    #[arg(long, env = "CACHE_AGENT_MEMCACHED")]
+    pub memcached: Option<String>,
+    /// memcached's UDP port [default: the port of --memcached].
+    #[arg(long, env = "CACHE_AGENT_UDP_PORT")]
+    pub udp_port: Option<u16>,
+    /// XDP mode: `native` (driver) or `generic` (skb, slow; only when asked).
+    #[arg(long, env = "CACHE_AGENT_XDP_MODE")]
+    pub xdp_mode: Option<String>,
+    /// Cache capacity in bytes; suffixes K, M, G (powers of 1024) [default: 64M].
+    #[arg(long, env = "CACHE_AGENT_CAPACITY")]
+    pub capacity: Option<String>,
+    /// Share of capacity per size class (128, 384, 768, 1536-byte slots), percent [default: 40,30,20,10].
+    #[arg(long, env = "CACHE_AGENT_CLASS_SHARES", value_delimiter = ',')]
+    pub class_shares: Option<Vec<u32>>,
+    /// Life of an entry whose TTL the kernel did not see, seconds [default: 2].
+    #[arg(long, env = "CACHE_AGENT_MAX_AGE")]
+    pub max_age: Option<f64>,
+    /// No fill from a GET that arrived within this many ms of a write to its key [default: 250].
+    #[arg(long, env = "CACHE_AGENT_WRITE_SETTLE_MS")]
+    pub write_settle_ms: Option<u64>,
+    /// Lease the agent renews; the kernel stops serving this long after the agent stops renewing, ms [default: 1000].
+    #[arg(long, env = "CACHE_AGENT_LEASE_MS")]
+    pub lease_ms: Option<u64>,
+    /// Prometheus endpoint [default: 127.0.0.1:9477].
+    #[arg(long, env = "CACHE_AGENT_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+    /// Answer only these client networks (CIDR, comma separated) [default: all].
+    #[arg(long, env = "CACHE_AGENT_ALLOW", value_delimiter = ',')]
+    pub allow: Option<Vec<String>>,
+    /// Largest reply frame, as a multiple of the request frame; 0 = no limit [default: 32].
+    #[arg(long, env = "CACHE_AGENT_MAX_AMPLIFICATION")]
+    pub max_amplification: Option<u32>,
+    /// Time the hit path in the kernel (two clock reads per hit) [default: true].
+    #[arg(long, env = "CACHE_AGENT_HIT_LATENCY")]
+    pub hit_latency: Option<bool>,
+    /// Follow memcached's `watch` stream as a coherence backstop [default: true].
+    #[arg(long, env = "CACHE_AGENT_WATCH")]
+    pub watch: Option<bool>,
+    /// bpffs directory for pins [default: /sys/fs/bpf/memcache-accel].
+    #[arg(long, env = "CACHE_AGENT_PIN_ROOT")]
+    pub pin_root: Option<PathBuf>,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "CACHE_AGENT_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpMode {
+    Native,
+    Generic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub iface: String,
+    pub memcached: SocketAddr,
+    pub tcp_port: u16,
+    pub udp_port: u16,
+    pub xdp_mode: XdpMode,
+    pub capacity_bytes: u64,
+    pub class_buckets: [u32; CLASS_COUNT],
+    pub key_meta_slots: u32,
+    pub max_age: Duration,
+    pub write_settle: Duration,
+    pub lease: Duration,
+    pub metrics_addr: SocketAddr,
+    pub allow: Vec<Cidr>,
+    pub max_amplification: u32,
+    pub hit_latency: bool,
+    pub watch: bool,
+    pub pin_root: PathBuf,
+    pub json_logs: bool,
+}
+
+impl Settings {
+    /// Directory of this interface's pins.
+    pub fn pin_dir(&self) -> PathBuf {
+        pin_dir(&self.pin_root, &self.iface)
+    }
+
+    /// Flags, then file, then defaults; then validation.
+    pub fn resolve(cli: &RunArgs) -> Result<Settings> {
+        let file = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| AgentError::ConfigFile { path: path.clone(), source: Box::new(e) })?;
+                toml::from_str::<RunArgs>(&text)
+                    .map_err(|e| AgentError::ConfigFile { path: path.clone(), source: Box::new(e) })?
+            }
+            None => RunArgs::default(),
+        };
+        macro_rules! pick {
+            ($f:ident) => {
+                cli.$f.clone().or(file.$f.clone())
+            };
+        }
+        let iface = pick!(iface).ok_or_else(|| missing("iface", "--iface eth1 (the interface memcached's clients reach it through)"))?;
+        if iface.is_empty() || iface.len() > 15 {
+            return Err(bad("iface", format!("`{iface}` is not an interface name"), "pass a name of at most 15 characters"));
+        }
+        let memcached_text = pick!(memcached).ok_or_else(|| missing("memcached", "--memcached 127.0.0.1:11211"))?;
+        let memcached = parse_socket_addr(&memcached_text)?;
+        let udp_port = pick!(udp_port).unwrap_or(memcached.port());
+        if udp_port == 0 {
+            return Err(bad("udp-port", "is 0".into(), "pass memcached's -U port"));
+        }
+        let xdp_mode = match pick!(xdp_mode).as_deref().unwrap_or("native") {
+            "native" | "driver" => XdpMode::Native,
+            "generic" | "skb" => XdpMode::Generic,
+            other => return Err(bad("xdp-mode", format!("`{other}` is unknown"), "use `native` or `generic`")),
+        };
+        let capacity_bytes = parse_size(pick!(capacity).as_deref().unwrap_or("64M"))?;
+        if capacity_bytes < 1 << 20 {
+            return Err(bad("capacity", format!("{capacity_bytes} bytes is too small"), "use at least 1M"));
+        }
+        let shares = pick!(class_shares).unwrap_or_else(|| vec![40, 30, 20, 10]);
+        if shares.len() != CLASS_COUNT || shares.iter().sum::<u32>() != 100 {
+            return Err(bad("class-shares", format!("{shares:?}"), "give 4 percentages that add up to 100, e.g. 40,30,20,10"));
+        }
+        let mut class_buckets = [0u32; CLASS_COUNT];
+        let mut slots = 0u64;
+        for c in 0..CLASS_COUNT {
+            let bytes = capacity_bytes * shares[c] as u64 / 100;
+            let buckets = (bytes / BUCKET_BYTES[c] as u64).clamp(if shares[c] > 0 { 1 } else { 0 }, u32::MAX as u64 / 2);
+            class_buckets[c] = buckets as u32;
+            slots += buckets * cache_common::WAYS as u64;
+        }
+        // Twice the slots, so keys rarely share write times and TTLs.
+        let key_meta_slots = (slots * 2).next_power_of_two().clamp(1 << 12, 1 << 26) as u32;
+        let max_age = secs("max-age", pick!(max_age).unwrap_or(2.0))?;
+        let write_settle = Duration::from_millis(pick!(write_settle_ms).unwrap_or(250));
+        let lease = Duration::from_millis(pick!(lease_ms).unwrap_or(1000));
+        if lease < Duration::from_millis(200) || lease > Duration::from_secs(60) {
+            return Err(bad("lease-ms", format!("{} ms", lease.as_millis()), "use 200 to 60000"));
+        }
+        let metrics_addr = parse_socket_addr(pick!(metrics_addr).as_deref().unwrap_or("127.0.0.1:9477"))
+            .map_err(|_| bad("metrics-addr", "is not HOST:PORT".into(), "e.g. 127.0.0.1:9477"))?;
+        let allow = pick!(allow).unwrap_or_default().iter().map(|s| parse_cidr(s)).collect::<Result<Vec<_>>>()?;
+        Ok(Settings {
+            tcp_port: memcached.port(),
+            iface,
+            memcached,
+            udp_port,
+            xdp_mode,
+            capacity_bytes,
+            class_buckets,
+            key_meta_slots,
+            max_age,
+            write_settle,
+            lease,
+            metrics_addr,
+            allow,
+            max_amplification: pick!(max_amplification).unwrap_or(32),
+            hit_latency: pick!(hit_latency).unwrap_or(true),
+            watch: pick!(watch).unwrap_or(true),
+            pin_root: pick!(pin_root).unwrap_or_else(|| DEFAULT_PIN_ROOT.into()),
+            json_logs: match pick!(log_format).as_deref().unwrap_or("text") {
+                "text" => false,
+                "json" => true,
+                other => return Err(bad("log-format", format!("`{other}` is unknown"), "use `text` or `json`")),
+            },
+        })
+    }
+
+    /// Bytes of map memory the cache will take (buckets plus per-key bookkeeping).
+    pub fn map_bytes(&self) -> u64 {
+        let buckets: u64 = (0..CLASS_COUNT).map(|c| self.class_buckets[c] as u64 * BUCKET_BYTES[c] as u64).sum();
+        buckets + self.key_meta_slots as u64 * size_of::<KeyMeta>() as u64
+    }
+}
+
+pub fn pin_dir(root: &std::path::Path, iface: &str) -> PathBuf {
+    root.join(PIN_LAYOUT).join(iface)
+}
+
+fn missing(field: &'static str, example: &str) -> AgentError {
+    AgentError::Config { field, problem: "is required".into(), fix: format!("pass {example}") }
+}
+
+fn bad(field: &'static str, problem: String, fix: &str) -> AgentError {
+    AgentError::Config { field, problem, fix: fix.into() }
+}
+
+fn secs(field: &'static str, s: f64) -> Result<Duration> {
+    if !(s.is_finite() && s > 0.0 && s <= 86400.0) {
+        return Err(bad(field, format!("{s} seconds"), "use a number of seconds between 0 and 86400"));
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+fn parse_socket_addr(s: &str) -> Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| bad("memcached", format!("`{s}` is not HOST:PORT"), "e.g. 127.0.0.1:11211 or [::1]:11211"))
+}
+
+/// `64M`, `1G`, `1048576`.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = t[i..].to_ascii_uppercase();
+            let mult = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                _ => return Err(bad("capacity", format!("`{s}` has an unknown unit"), "use K, M or G, e.g. 256M")),
+            };
+            (&t[..i], mult)
+        }
+        None => (t, 1),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| bad("capacity", format!("`{s}` is not a size"), "e.g. 256M"))?;
+    Ok(n * mult)
+}
+
+pub fn parse_cidr(s: &str) -> Result<Cidr> {
+    let fix = "use CIDR notation, e.g. 10.0.0.0/8 or 2001:db8::/32";
+    let (a, p) = s.trim().split_once('/').unwrap_or((s.trim(), ""));
+    let addr: std::net::IpAddr = a.parse().map_err(|_| bad("allow", format!("`{s}` is not an address"), fix))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = if p.is_empty() { max } else { p.parse().map_err(|_| bad("allow", format!("`{s}` has a bad prefix"), fix))? };
+    if prefix > max {
+        return Err(bad("allow", format!("`{s}` prefix is longer than {max}"), fix));
+    }
+    Ok(Cidr { addr, prefix })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(iface: &str, mc: &str) -> RunArgs {
+        RunArgs { iface: Some(iface.into()), memcached: Some(mc.into()), ..Default::default() }
+    }
+
+    #[test]
+    fn defaults_resolve() {
+        let s = Settings::resolve(&args("eth1", "127.0.0.1:11211")).unwrap();
+        assert_eq!(s.udp_port, 11211);
+        assert_eq!(s.xdp_mode, XdpMode::Native);
+        assert!(s.map_bytes() <= 80 << 20, "{}", s.map_bytes());
+    }
+
+    #[test]
+    fn errors_name_the_field_and_the_fix() {
+        let mut a = args("eth1", "127.0.0.1:11211");
+        a.capacity = Some("12X".into());
+        let e = Settings::resolve(&a).unwrap_err().to_string();
+        assert!(e.contains("`capacity`") && e.contains("Fix:"), "{e}");
+        let e = Settings::resolve(&RunArgs::default()).unwrap_err().to_string();
+        assert!(e.contains("`iface`"), "{e}");
+    }
+
+    #[test]
+    fn file_fills_in_what_flags_leave_out() {
+        let dir = std::env::temp_dir().join(format!("agent-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, "iface = \"from-file\"\nmemcached = \"127.0.0.1:1\"\ncapacity = \"2M\"\n").unwrap();
+        let mut a = args("from-flag", "127.0.0.1:11211");
+        a.config = Some(path);
+        let s = Settings::resolve(&a).unwrap();
+        assert_eq!(s.iface, "from-flag");
+        assert_eq!(s.capacity_bytes, 2 << 20);
+    }
+
+    #[test]
+    fn sizes_and_cidrs_parse() {
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_cidr("198.18.0.0/15").unwrap().prefix, 15);
+        assert!(parse_cidr("198.18.0.0/33").is_err());
+    }
+}

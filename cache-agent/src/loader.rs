@@ -1,0 +1,172 @@
+//! Loads the eBPF object sized to the settings and attaches it: XDP on the interface (native
+//! unless generic was asked for; no silent fallback) and TC egress for fills. The links belong
+//! to this process: if it dies, the kernel detaches them and memcached answers everything.
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, ProgramArray},
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode},
+};
+use cache_common::{CLASS_COUNT, Config, Instance, MAX_INSTANCES, flags, names};
+use tracing::info;
+
+use crate::config::{Settings, XdpMode};
+use crate::error::{AgentError, Result};
+use crate::kernel;
+
+/// Fill tickets and TCP flow states kept at once (LRU).
+const TICKETS: u32 = 1 << 16;
+const FLOWS: u32 = 1 << 16;
+
+pub struct Accelerator {
+    pub ebpf: Ebpf,
+}
+
+/// Loads (and so verifies) every program, sized from `settings`, without attaching.
+pub fn load(settings: &Settings) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    for c in 0..CLASS_COUNT {
+        loader.map_max_entries(names::CLASS_MAPS[c], settings.class_buckets[c].max(1));
+    }
+    loader.map_max_entries(names::KEY_META, settings.key_meta_slots);
+    loader.map_max_entries(names::FILL_TICKETS, TICKETS);
+    loader.map_max_entries(names::TCP_FLOWS, FLOWS);
+    let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
+    for name in [names::XDP_GET, names::XDP_SCAN, names::XDP_CACHE, names::XDP_PASS, names::XDP_REFLECTOR] {
+        let prog: &mut Xdp = ebpf.program_mut(name).expect("in object").try_into().expect("xdp");
+        prog.load().map_err(|source| AgentError::Program { program: name, source })?;
+    }
+    // The entry program tail-calls these; the map stays open as long as `ebpf` lives (closing
+    // the last user fd of a program array empties it).
+    for (index, name) in [(names::JUMP_GET, names::XDP_GET), (names::JUMP_SCAN, names::XDP_SCAN)] {
+        let fd = {
+            let prog: &Xdp = ebpf.program(name).expect("in object").try_into().expect("xdp");
+            prog.fd().map_err(|source| AgentError::Program { program: name, source })?.try_clone()?
+        };
+        let mut jump: ProgramArray<&mut MapData> = ProgramArray::try_from(ebpf.map_mut(names::JUMP).expect("in object"))
+            .map_err(|source| AgentError::Map { map: names::JUMP, source })?;
+        jump.set(index, &fd, 0).map_err(|source| AgentError::Map { map: names::JUMP, source })?;
+    }
+    let tc: &mut SchedClassifier = ebpf.program_mut(names::TC_FILL).expect("in object").try_into().expect("tc");
+    tc.load().map_err(|source| AgentError::Program { program: names::TC_FILL, source })?;
+    Ok(ebpf)
+}
+
+/// The configuration the kernel starts with: serving off until the first lease renewal.
+pub fn initial_config(settings: &Settings) -> Config {
+    let mut instances = [Instance::default(); MAX_INSTANCES];
+    instances[0] = Instance { tcp_port: settings.tcp_port, udp_port: settings.udp_port };
+    let mut f = flags::FILL;
+    if settings.hit_latency {
+        f |= flags::HIT_LATENCY;
+    }
+    if !settings.allow.is_empty() {
+        f |= flags::ALLOWLIST;
+    }
+    Config {
+        lease_until_ns: 0,
+        fill_hold_until_ns: 0,
+        max_age_ns: settings.max_age.as_nanos() as u64,
+        write_settle_ns: settings.write_settle.as_nanos() as u64,
+        realtime_offset_ns: kernel::realtime_offset_ns(),
+        agent_epoch: 1,
+        flags: f,
+        instances,
+        class_buckets: settings.class_buckets,
+        key_meta_slots: settings.key_meta_slots,
+        max_reply_payload: 0,
+        max_amplification_pct: settings.max_amplification.saturating_mul(100),
+        _pad: 0,
+    }
+}
+
+/// The largest UDP payload a reply frame may carry on `iface`: its MTU minus IP and UDP headers
+/// (the IPv6 header is the larger; IPv4 replies could carry 20 bytes more).
+pub fn max_reply_payload(iface: &str) -> Result<u32> {
+    let path = format!("/sys/class/net/{iface}/mtu");
+    let mtu = match std::fs::read_to_string(&path) {
+        Ok(s) => s.trim().parse::<u32>().unwrap_or(1500),
+        // /sys may belong to another network namespace (nsenter): ask the kernel instead.
+        Err(_) => mtu_ioctl(iface).unwrap_or(1500),
+    };
+    Ok(mtu.saturating_sub(40 + 8))
+}
+
+fn mtu_ioctl(iface: &str) -> Option<u32> {
+    // SAFETY: plain socket + SIOCGIFMTU ioctl on a zeroed ifreq with a NUL-terminated name.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        if fd < 0 {
+            return None;
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in iface.bytes().take(15).enumerate() {
+            req.ifr_name[i] = b as libc::c_char;
+        }
+        let rc = libc::ioctl(fd, libc::SIOCGIFMTU, &mut req);
+        libc::close(fd);
+        (rc == 0).then(|| req.ifr_ifru.ifru_mtu as u32)
+    }
+}
+
+pub fn interface_exists(iface: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(iface) else { return false };
+    // SAFETY: NUL-terminated string.
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+}
+
+/// Attaches XDP and TC egress. XDP goes first: if it fails nothing is attached.
+pub fn attach(ebpf: &mut Ebpf, settings: &Settings) -> Result<()> {
+    let iface = settings.iface.as_str();
+    if !interface_exists(iface) {
+        return Err(AgentError::NoSuchInterface { iface: iface.into() });
+    }
+    let mode = match settings.xdp_mode {
+        XdpMode::Native => AyaXdpMode::Driver,
+        XdpMode::Generic => AyaXdpMode::Skb,
+    };
+    let xdp: &mut Xdp = ebpf.program_mut(names::XDP_CACHE).expect("loaded").try_into().expect("xdp");
+    xdp.attach(iface, mode).map_err(|source| classify_xdp_error(iface, source))?;
+    let tc: &mut SchedClassifier = ebpf.program_mut(names::TC_FILL).expect("loaded").try_into().expect("tc");
+    if let Err(source) = tc.attach(iface, TcAttachType::Egress) {
+        // Leave nothing half attached: dropping the XDP link detaches it.
+        let xdp: &mut Xdp = ebpf.program_mut(names::XDP_CACHE).expect("loaded").try_into().expect("xdp");
+        let _ = xdp.unload();
+        return Err(AgentError::Attach { program: names::TC_FILL, iface: iface.into(), fix: "the kernel needs TCX (6.6+) or clsact", source });
+    }
+    info!(iface, mode = ?settings.xdp_mode, "attached XDP hit path and TC egress fill");
+    Ok(())
+}
+
+fn classify_xdp_error(iface: &str, source: aya::programs::ProgramError) -> AgentError {
+    let text = format!("{source:?}");
+    if text.contains("EBUSY") || text.contains("Device or resource busy") || text.contains("File exists") || text.contains("os error 16") || text.contains("os error 17") {
+        return AgentError::XdpBusy { iface: iface.into(), detail: source.to_string() };
+    }
+    let fix = if text.contains("EOPNOTSUPP") || text.contains("os error 95") {
+        "the driver has no native XDP; pass --xdp-mode generic to use the (slower) generic mode"
+    } else {
+        "check `ip link show` for the interface and that the kernel supports XDP links (5.9+)"
+    };
+    AgentError::Attach { program: names::XDP_CACHE, iface: iface.into(), fix, source }
+}
+
+/// Attaches the XDP_PASS program to `iface` and pins the link at `pin`, so it stays after this
+/// process exits (a veth peer needs an XDP program for XDP_TX frames to arrive).
+pub fn attach_pass_pinned(iface: &str, pin: &std::path::Path) -> Result<()> {
+    if !interface_exists(iface) {
+        return Err(AgentError::NoSuchInterface { iface: iface.into() });
+    }
+    let mut ebpf = Ebpf::load(crate::EBPF_OBJECT)?;
+    let prog: &mut Xdp = ebpf.program_mut(names::XDP_PASS).expect("in object").try_into().expect("xdp");
+    prog.load().map_err(|source| AgentError::Program { program: names::XDP_PASS, source })?;
+    let id = prog.attach(iface, AyaXdpMode::Driver).map_err(|source| classify_xdp_error(iface, source))?;
+    let link = prog.take_link(id).map_err(|source| AgentError::Program { program: names::XDP_PASS, source })?;
+    let fd_link: aya::programs::links::FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| AgentError::Pin { path: pin.into(), detail: e.to_string() })?;
+    if let Some(parent) = pin.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let _ = std::fs::remove_file(pin);
+    fd_link.pin(pin).map_err(|e| AgentError::Pin { path: pin.into(), detail: e.to_string() })?;
+    Ok(())
+}

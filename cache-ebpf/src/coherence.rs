@@ -1,0 +1,122 @@
+//! What a write does to the cache: record its time and TTL for the key, clear the key from every
+//! size class, or flush everything. Called from the write scanner on XDP ingress, before
+//! memcached sees the write.
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use cache_common::{Config, Counter, Counters, REALTIME_MAXDELTA};
+
+use crate::maps::{CLASS0, CLASS1, CLASS2, CLASS3, KEY_META, STATE};
+use crate::stats::count;
+use crate::store::invalidate;
+use crate::time::coarse_ns;
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+/// memcached's clock ticks once a second and lags real time by up to a second: an item set
+/// with exptime E at time t may already be gone at t + E - 1. Expire ours a second (plus
+/// timer slack) early.
+const EXPIRY_MARGIN_NS: u64 = NS_PER_SEC + 10_000_000;
+
+/// How a write changes the key's TTL.
+#[derive(Clone, Copy)]
+pub enum Ttl {
+    /// append, prepend, incr, decr, delete: the TTL (if the item lives) is unchanged.
+    Keep,
+    /// A TTL we could not read: entries filled after this write must not be served.
+    Unknown,
+    /// memcached exptime semantics: 0 never, < 0 expired, <= 30 days relative, else unix time.
+    Exptime(i64),
+}
+
+/// Coarse monotonic time after which an item written now with `exptime` is gone.
+#[inline(always)]
+pub fn expiry_from_exptime(exptime: i64, now: u64, realtime_offset_ns: u64) -> u64 {
+    if exptime == 0 {
+        return u64::MAX;
+    }
+    if exptime < 0 {
+        return 0;
+    }
+    let deadline = if exptime <= REALTIME_MAXDELTA {
+        now + exptime as u64 * NS_PER_SEC
+    } else {
+        (exptime as u64 * NS_PER_SEC).saturating_sub(realtime_offset_ns)
+    };
+    deadline.saturating_sub(EXPIRY_MARGIN_NS)
+}
+
+/// A write to one key: called before memcached applies it.
+#[inline(always)]
+pub fn write_key(cfg: &Config, key_hash: u32, ttl: Ttl, counters: Option<*mut Counters>, source: Counter) {
+    let now = coarse_ns();
+    // Record the write time first, then clear under each bucket lock (see store::insert).
+    let recorded = match (cfg.key_meta_slots, ttl) {
+        (0, _) => false,
+        (slots, ttl) => match KEY_META.get_ptr_mut(key_hash % slots) {
+            Some(meta) => unsafe {
+                core::ptr::write_volatile(&raw mut (*meta).write_ts_ns, now);
+                match ttl {
+                    Ttl::Keep => {}
+                    Ttl::Unknown => {
+                        (*meta).ttl_expires_ns = 0;
+                        (*meta).ttl_tag = key_hash;
+                    }
+                    Ttl::Exptime(e) => {
+                        (*meta).ttl_expires_ns = expiry_from_exptime(e, now, cfg.realtime_offset_ns);
+                        (*meta).ttl_tag = key_hash;
+                    }
+                }
+                true
+            },
+            None => false,
+        },
+    };
+    if !recorded {
+        // Without a write time a racing fill could slip through: flush instead.
+        flush(counters, Counter::FlushUnsynced);
+        return;
+    }
+    let b = &cfg.class_buckets;
+    invalidate(&CLASS0, b[0], key_hash, counters, 0);
+    invalidate(&CLASS1, b[1], key_hash, counters, 1);
+    invalidate(&CLASS2, b[2], key_hash, counters, 2);
+    invalidate(&CLASS3, b[3], key_hash, counters, 3);
+    count(counters, source);
+}
+
+/// Invalidates the whole cache: every entry remembers the epoch it was filled in.
+#[inline(always)]
+pub fn flush(counters: Option<*mut Counters>, reason: Counter) {
+    if let Some(state) = STATE.get_ptr_mut(0) {
+        // Result unused: compiles to a plain atomic add, valid on every BPF CPU version.
+        unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*state).kernel_epoch, 1)
+        };
+    }
+    count(counters, reason);
+}
+
+/// `flush_all <delay>`: flush now, and refuse fills from GETs that arrive before the flush
+/// takes effect in memcached (plus memcached's one-second clock), so nothing filled in between
+/// survives it.
+#[inline(always)]
+pub fn flush_delayed(cfg: &Config, delay: i64, counters: Option<*mut Counters>) {
+    flush(counters, Counter::FlushAll);
+    if delay <= 0 {
+        return;
+    }
+    let now = coarse_ns();
+    let takes_effect = if delay <= REALTIME_MAXDELTA {
+        now + delay as u64 * NS_PER_SEC
+    } else {
+        (delay as u64 * NS_PER_SEC).saturating_sub(cfg.realtime_offset_ns)
+    };
+    let hold_until = takes_effect + 2 * NS_PER_SEC;
+    if let Some(state) = STATE.get_ptr_mut(0) {
+        unsafe {
+            if (*state).flush_hold_until_ns < hold_until {
+                (*state).flush_hold_until_ns = hold_until;
+            }
+        }
+    }
+}

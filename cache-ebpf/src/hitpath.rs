@@ -1,0 +1,617 @@
+//! The hit path: answer a UDP `get` from the cache with XDP_TX, or pass it to memcached.
+//!
+//! A request is served only when every key hits and the whole reply fits the frame; otherwise
+//! it passes untouched (a miss leaves a fill ticket for the TC program). The reply payload is
+//! byte-for-byte what memcached sends: the stored `VALUE <key> <flags> <bytes>\r\n<data>\r\n`
+//! texts in request order, then `END\r\n`, behind the request's frame header (same request id,
+//! seq 0, total 1).
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    cty::c_void,
+    helpers::generated::{
+        bpf_csum_diff, bpf_loop, bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes, bpf_xdp_store_bytes,
+    },
+    maps::lpm_trie::Key,
+    programs::XdpContext,
+};
+use cache_common::{
+    Config, Counter, Counters, END, FRAME_HEADER_LEN, MAX_KEY_LEN, MAX_KEYS_PER_GET, State, Ticket,
+    TicketKey, flags,
+    hash::{finish, seed, step},
+};
+
+use crate::maps::{
+    ALLOW_V4, ALLOW_V6, CLASS0, CLASS1, CLASS2, CLASS3, CONFIG, FILL_TICKETS, HIT_LATENCY, SCRATCH,
+    STATE,
+};
+use crate::net::{Frame, Headers, IPV4_LEN, IPV6_LEN, UDP_LEN};
+use crate::scratch::{BUF_MASK, BUF_SIZE, MAX_TEXT, Scratch, helper_len};
+use crate::stats::{count, count_n, record};
+use crate::store::{Found, Validity, lookup};
+use crate::time::{coarse_ns, precise_ns};
+
+/// Longest `get` line parsed (a 32-key multi-get of 30-byte keys is about 1000 bytes).
+const MAX_REQUEST: usize = 1472;
+const GET_LEN: usize = 4;
+
+#[inline(always)]
+fn rd(p: *const u32) -> u32 {
+    unsafe { core::ptr::read_volatile(p) }
+}
+
+#[inline(always)]
+fn wr(p: *mut u32, v: u32) {
+    unsafe { core::ptr::write_volatile(p, v) }
+}
+
+/// The hit-path program (tail-called by `xdp_cache` for every UDP `get`).
+pub fn run_get(ctx: &XdpContext) -> u32 {
+    let (Some(s), Some(cfg)) = (SCRATCH.get_ptr_mut(0), CONFIG.get(0)) else {
+        return xdp_action::XDP_PASS;
+    };
+    let h = crate::ingress::saved_headers(s);
+    let (head, instance) = unsafe { ((*s).pkt.head, (*s).pkt.instance as u8) };
+    let frame = Frame { start: ctx.data(), end: ctx.data_end() };
+    serve(ctx, &frame, h, &head, cfg, instance, crate::stats::counters())
+}
+
+#[inline(always)]
+fn serve(
+    ctx: &XdpContext,
+    frame: &Frame,
+    h: &Headers,
+    head: &[u8; FRAME_HEADER_LEN + 4],
+    cfg: &Config,
+    instance: u8,
+    c: Option<*mut Counters>,
+) -> u32 {
+    let timed = crate::net::forget_value((cfg.flags & flags::HIT_LATENCY) as usize) != 0;
+    let started = if timed { precise_ns() } else { 0 };
+    count(c, Counter::GetRequests);
+    let now = coarse_ns();
+    let fh = head;
+    // Only single-datagram requests: seq 0 of total 1.
+    if u16::from_be_bytes([fh[2], fh[3]]) != 0 || u16::from_be_bytes([fh[4], fh[5]]) != 1 {
+        return pass(c, Counter::PassUnsupported);
+    }
+    let request_id = u16::from_be_bytes([fh[0], fh[1]]);
+    if cfg.flags & flags::SERVE == 0 || now >= cfg.lease_until_ns {
+        return pass(c, Counter::PassNoLease);
+    }
+    if cfg.flags & flags::ALLOWLIST != 0 && !allowed(h) {
+        return pass(c, Counter::PassDenied);
+    }
+    let req_len = h.payload_len - FRAME_HEADER_LEN;
+    if req_len > MAX_REQUEST {
+        return pass(c, Counter::PassUnsupported);
+    }
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    if req_len < GET_LEN + 3 {
+        return pass(c, Counter::PassMalformed);
+    }
+    let n = helper_len(req_len);
+    let off = (h.payload_off + FRAME_HEADER_LEN) as u32;
+    if unsafe { bpf_xdp_load_bytes(ctx.ctx, off, (&raw mut (*s).req).cast(), n) } != 0 {
+        return pass(c, Counter::PassMalformed);
+    }
+    let Some(nkeys) = parse_keys(s, n as usize, instance) else {
+        return pass(c, Counter::PassUnsupported);
+    };
+    count_n(c, Counter::GetKeys, nkeys as u64);
+    let Some(state) = STATE.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
+
+    let mut hits = HitCtx {
+        now,
+        kernel_epoch: state.kernel_epoch as u32,
+        agent_epoch: cfg.agent_epoch,
+        instance: instance as u32,
+        staged: 0,
+        hits: 0,
+        outcome: OUTCOME_HIT,
+        text_total: 0,
+    };
+    unsafe { bpf_loop(nkeys, hit_step as *const () as *mut c_void, (&raw mut hits).cast(), 0) };
+    if hits.outcome != OUTCOME_HIT || hits.hits != nkeys {
+        if hits.outcome == OUTCOME_STALE {
+            count(c, Counter::Expired);
+        }
+        leave_ticket(h, cfg, state, instance, request_id, now);
+        let reason = match hits.outcome {
+            OUTCOME_TOO_BIG => Counter::PassTooBig,
+            _ if hits.hits > 0 => Counter::PassPartial,
+            _ => Counter::PassMiss,
+        };
+        return pass(c, reason);
+    }
+
+    let payload_len = FRAME_HEADER_LEN + hits.text_total as usize + END.len();
+    if payload_len > cfg.max_reply_payload as usize {
+        return pass(c, Counter::PassTooBig);
+    }
+    let l3_len = if h.is_v6 { IPV6_LEN } else { IPV4_LEN };
+    let new_len = h.l3_off + l3_len + UDP_LEN + payload_len;
+    let old_len = frame.len();
+    if cfg.max_amplification_pct != 0
+        && new_len * 100 > old_len * cfg.max_amplification_pct as usize
+    {
+        return pass(c, Counter::PassAmplification);
+    }
+    let saved = SavedHeaders::read(frame, h);
+    let Some(saved) = saved else {
+        return pass(c, Counter::PassMalformed);
+    };
+    if !resize(ctx, new_len as i32 - old_len as i32) {
+        return pass(c, Counter::PassNoRoom);
+    }
+    // From here on the request is gone: the frame is the reply.
+    if !write_reply(ctx, h, &saved, request_id, nkeys, payload_len, s) {
+        return xdp_action::XDP_DROP;
+    }
+    count(c, Counter::HitRequests);
+    count_n(c, Counter::HitKeys, nkeys as u64);
+    if timed {
+        record(HIT_LATENCY.get_ptr_mut(0), precise_ns() - started);
+    }
+    xdp_action::XDP_TX
+}
+
+#[inline(always)]
+fn pass(c: Option<*mut Counters>, reason: Counter) -> u32 {
+    count(c, reason);
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn allowed(h: &Headers) -> bool {
+    if h.is_v6 {
+        ALLOW_V6.get(Key::new(128, h.src)).is_some()
+    } else {
+        ALLOW_V4.get(Key::new(32, [h.src[0], h.src[1], h.src[2], h.src[3]])).is_some()
+    }
+}
+
+/// Splits `get <key> <key>...\r\n` (in `s.req[..len]`) into keys. Only the canonical form:
+/// single spaces, CRLF, 1 to 32 keys of 1 to 250 printable bytes. Anything else is None and
+/// goes to memcached.
+///
+/// The loop index is the only value the verifier tracks exactly; key start, count and hash go
+/// through scratch memory (volatile) so states of different iterations merge instead of
+/// multiplying.
+#[inline(always)]
+fn parse_keys(s: *mut Scratch, len: usize, instance: u8) -> Option<u32> {
+    let req = unsafe { &raw mut (*s).req };
+    let last = len - 1;
+    unsafe {
+        if (*req)[last & BUF_MASK] != b'\n' || (*req)[(last - 1) & BUF_MASK] != b'\r' {
+            return None;
+        }
+    }
+    let nkeys = unsafe { &raw mut (*s).nkeys };
+    let key_start = unsafe { &raw mut (*s).key_start };
+    let hash = unsafe { &raw mut (*s).hash };
+    let bad = unsafe { &raw mut (*s).bad };
+    // The scan runs in a bpf_loop over 8-byte pieces: verified once, whatever the length.
+    let limit = unsafe { &raw mut (*s).staged };
+    wr(limit, (len - 2) as u32);
+    wr(nkeys, 0);
+    wr(key_start, GET_LEN as u32);
+    wr(hash, seed(instance));
+    wr(bad, 0);
+    let pieces = ((len - 2 - GET_LEN + 7) / 8) as u32;
+    let mut pc = ParseCtx { instance: instance as u32, _pad: 0 };
+    unsafe { bpf_loop(pieces, parse_step as *const () as *mut c_void, (&raw mut pc).cast(), 0) };
+    finish_key(s, rd(limit) as usize & BUF_MASK, instance);
+    if rd(bad) != 0 {
+        return None;
+    }
+    let n = rd(nkeys);
+    if n == 0 || n as usize > MAX_KEYS_PER_GET {
+        return None;
+    }
+    Some(n)
+}
+
+#[repr(C)]
+struct ParseCtx {
+    instance: u32,
+    _pad: u32,
+}
+
+/// Scans bytes `4 + 8*index ..` of the request line (up to the CRLF).
+extern "C" fn parse_step(index: u64, ctx: *mut c_void) -> i64 {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else { return 1 };
+    let instance = unsafe { (*(ctx as *mut ParseCtx)).instance } as u8;
+    let req = unsafe { &raw mut (*s).req };
+    let hash = unsafe { &raw mut (*s).hash };
+    let bad = unsafe { &raw mut (*s).bad };
+    let end = rd(unsafe { &raw mut (*s).staged }) as usize;
+    let base = GET_LEN + (index as usize & 0xff) * 8;
+    for j in 0..8 {
+        let i = base + j;
+        if i >= end {
+            return 1;
+        }
+        let b = unsafe { (*req)[i & BUF_MASK] };
+        if b == b' ' {
+            finish_key(s, i, instance);
+        } else if b <= b' ' || b == 0x7f {
+            wr(bad, 1);
+        } else {
+            wr(hash, step(rd(hash), b));
+        }
+    }
+    0
+}
+
+#[inline(always)]
+fn finish_key(s: *mut Scratch, end: usize, instance: u8) {
+    let nkeys = unsafe { &raw mut (*s).nkeys };
+    let key_start = unsafe { &raw mut (*s).key_start };
+    let hash = unsafe { &raw mut (*s).hash };
+    let bad = unsafe { &raw mut (*s).bad };
+    let start = rd(key_start) as usize;
+    let len = end.wrapping_sub(start);
+    if len == 0 || len > MAX_KEY_LEN {
+        wr(bad, 1);
+    } else {
+        let n = rd(nkeys) as usize;
+        if n >= MAX_KEYS_PER_GET {
+            wr(bad, 1);
+        } else {
+            unsafe {
+                let k = &mut (*s).keys[n & (MAX_KEYS_PER_GET - 1)];
+                k.start = start as u16;
+                k.len = len as u16;
+                k.hash = finish(rd(hash));
+            }
+            wr(nkeys, n as u32 + 1);
+        }
+    }
+    wr(key_start, end as u32 + 1);
+    wr(hash, seed(instance));
+}
+
+const OUTCOME_HIT: u32 = 0;
+const OUTCOME_MISS: u32 = 1;
+const OUTCOME_STALE: u32 = 2;
+const OUTCOME_TOO_BIG: u32 = 3;
+
+/// bpf_loop context of the per-key lookup.
+#[repr(C)]
+struct HitCtx {
+    now: u64,
+    kernel_epoch: u32,
+    agent_epoch: u32,
+    instance: u32,
+    /// Next free 8-byte aligned offset in `Scratch::reply`.
+    staged: u32,
+    hits: u32,
+    outcome: u32,
+    text_total: u32,
+}
+
+/// Looks up key `index` in every class (smallest first) and stages its text.
+extern "C" fn hit_step(index: u64, ctx: *mut c_void) -> i64 {
+    let ctx = ctx as *mut HitCtx;
+    let (Some(s), Some(cfg)) = (SCRATCH.get_ptr_mut(0), CONFIG.get(0)) else {
+        return 1;
+    };
+    let hc = unsafe { &mut *ctx };
+    let v = Validity { now: hc.now, kernel_epoch: hc.kernel_epoch, agent_epoch: hc.agent_epoch };
+    let stage_at = hc.staged as usize & (BUF_MASK & !7);
+    if stage_at + MAX_TEXT > BUF_SIZE + MAX_TEXT {
+        hc.outcome = OUTCOME_TOO_BIG;
+        return 1;
+    }
+    let (k, inst) = (index as usize, hc.instance as u8);
+    let b = &cfg.class_buckets;
+    let mut found = lookup(&CLASS0, b[0], k, inst, &v, s, stage_at);
+    if let Found::Miss = found {
+        found = lookup(&CLASS1, b[1], k, inst, &v, s, stage_at);
+    }
+    if let Found::Miss = found {
+        found = lookup(&CLASS2, b[2], k, inst, &v, s, stage_at);
+    }
+    if let Found::Miss = found {
+        found = lookup(&CLASS3, b[3], k, inst, &v, s, stage_at);
+    }
+    match found {
+        Found::Hit(text_len) => {
+            if text_len as usize > MAX_TEXT || text_len == 0 {
+                hc.outcome = OUTCOME_MISS;
+                return 1;
+            }
+            unsafe {
+                let kr = &mut (*s).keys[index as usize & (MAX_KEYS_PER_GET - 1)];
+                kr.staged_at = stage_at as u16;
+                kr.text_len = text_len;
+            }
+            hc.hits += 1;
+            hc.text_total += text_len as u32;
+            hc.staged = (stage_at + text_len as usize + 7) as u32 & !7;
+            if hc.staged as usize > BUF_SIZE {
+                hc.outcome = OUTCOME_TOO_BIG;
+                return 1;
+            }
+            0
+        }
+        Found::Stale => {
+            hc.outcome = OUTCOME_STALE;
+            1
+        }
+        Found::Miss => {
+            hc.outcome = OUTCOME_MISS;
+            1
+        }
+    }
+}
+
+/// Records that this GET missed, so TC may fill the cache from memcached's reply.
+#[inline(always)]
+fn leave_ticket(h: &Headers, cfg: &Config, state: &State, instance: u8, request_id: u16, now: u64) {
+    if cfg.flags & flags::FILL == 0 {
+        return;
+    }
+    let key = TicketKey {
+        addr: h.src,
+        port: h.src_port,
+        request_id,
+        instance,
+        is_v6: h.is_v6 as u8,
+        _pad: 0,
+    };
+    let ticket = Ticket {
+        arrived_coarse_ns: now,
+        arrived_ns: precise_ns(),
+        kernel_epoch: state.kernel_epoch as u32,
+        agent_epoch: cfg.agent_epoch,
+    };
+    let _ = FILL_TICKETS.insert(&key, &ticket, 0);
+}
+
+/// The request's header fields the reply needs, read before the frame is resized.
+struct SavedHeaders {
+    eth: [u8; 12],
+    vlan: [u8; 4],
+    /// IPv4 TOS, or the first 4 bytes of the IPv6 header (version, class, flow label).
+    v6_word0: [u8; 4],
+    tos: u8,
+}
+
+impl SavedHeaders {
+    #[inline(always)]
+    fn read(frame: &Frame, h: &Headers) -> Option<Self> {
+        let eth = unsafe { *frame.bytes::<12>(0)? };
+        let vlan = if h.l3_off > 14 { unsafe { *frame.bytes::<4>(12)? } } else { [0; 4] };
+        let first = unsafe { *frame.bytes::<4>(h.l3_off)? };
+        Some(SavedHeaders { eth, vlan, v6_word0: first, tos: first[1] })
+    }
+}
+
+/// Grows or shrinks the frame by `delta` bytes. Tail growth is the cheap way but veth (and
+/// drivers with small buffers) often refuse it; head growth works inside the 256-byte XDP
+/// headroom; a mix covers the rest. On failure the frame is as it was.
+#[inline(always)]
+fn resize(ctx: &XdpContext, delta: i32) -> bool {
+    unsafe {
+        if delta <= 0 {
+            return delta == 0 || bpf_xdp_adjust_tail(ctx.ctx, delta) == 0;
+        }
+        if bpf_xdp_adjust_tail(ctx.ctx, delta) == 0 {
+            return true;
+        }
+        if bpf_xdp_adjust_head(ctx.ctx, -delta) == 0 {
+            return true;
+        }
+        for head in [192i32, 128, 64] {
+            if head < delta && bpf_xdp_adjust_head(ctx.ctx, -head) == 0 {
+                if bpf_xdp_adjust_tail(ctx.ctx, delta - head) == 0 {
+                    return true;
+                }
+                bpf_xdp_adjust_head(ctx.ctx, head);
+            }
+        }
+    }
+    false
+}
+
+#[inline(always)]
+fn fold(mut sum: u64) -> u16 {
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// Ones' complement sum (native order) of `len` staged bytes at the aligned offset `at`, by
+/// bpf_csum_diff in 512-byte pieces (the text is zero-padded to a multiple of 4 first).
+#[inline(always)]
+fn sum_staged(s: *mut Scratch, at: usize, len: usize) -> u16 {
+    let base = unsafe { (&raw mut (*s).reply) as *mut u8 };
+    unsafe { *(base.add((at + len) & BUF_MASK) as *mut [u8; 4]) = [0; 4] };
+    let padded = (len + 3) & !3;
+    let mut acc = 0u64;
+    for piece in 0..3usize {
+        let off = piece * 512;
+        if off >= padded {
+            break;
+        }
+        let rest = padded - off;
+        let size = (if rest > 512 { 512 } else { rest }) & 0x3fc;
+        let src = unsafe { base.add(at + off) };
+        let sum = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, src.cast(), size as u32, 0) };
+        acc += sum as u32 as u64;
+    }
+    fold(acc)
+}
+
+#[inline(always)]
+fn sum_bytes(bytes: &[u8]) -> u64 {
+    let mut acc = 0u64;
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        acc += u16::from_ne_bytes([bytes[i], bytes[i + 1]]) as u64;
+        i += 2;
+    }
+    if i < bytes.len() {
+        acc += u16::from_ne_bytes([bytes[i], 0]) as u64;
+    }
+    acc
+}
+
+/// bpf_loop context of the per-key payload writes.
+#[repr(C)]
+struct EmitCtx {
+    /// The xdp_md pointer, as an integer (the callback cannot take the context otherwise).
+    xdp: u64,
+    pos: u32,
+    payload_off: u32,
+    is_v6: u32,
+    failed: u32,
+    csum: u64,
+}
+
+/// Copies key `index`'s staged text into the packet (and adds it to the IPv6 checksum).
+extern "C" fn emit_step(index: u64, ctx: *mut c_void) -> i64 {
+    let e = unsafe { &mut *(ctx as *mut EmitCtx) };
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        e.failed = 1;
+        return 1;
+    };
+    let kr = unsafe { (*s).keys[index as usize & (MAX_KEYS_PER_GET - 1)] };
+    let len = kr.text_len as usize;
+    if len == 0 || len > MAX_TEXT {
+        e.failed = 1;
+        return 1;
+    }
+    let len = helper_len(len) as usize;
+    let at = kr.staged_at as usize & (BUF_MASK & !7);
+    let src = unsafe { ((&raw mut (*s).reply) as *mut u8).add(at) };
+    let pos = e.pos as usize;
+    let xdp = e.xdp as *mut aya_ebpf::bindings::xdp_md;
+    if unsafe { bpf_xdp_store_bytes(xdp, pos as u32, src.cast(), len as u32) } != 0 {
+        e.failed = 1;
+        return 1;
+    }
+    if e.is_v6 != 0 {
+        let part = sum_staged(s, at, len);
+        // A text starting at an odd payload offset lands byte-swapped in the sum.
+        let odd = (pos - e.payload_off as usize) & 1 == 1;
+        e.csum += if odd { part.swap_bytes() } else { part } as u64;
+    }
+    e.pos = (pos + len) as u32;
+    0
+}
+
+/// Writes headers (addresses and ports swapped) and the payload into the resized frame.
+#[inline(always)]
+fn write_reply(
+    ctx: &XdpContext,
+    h: &Headers,
+    saved: &SavedHeaders,
+    request_id: u16,
+    nkeys: u32,
+    payload_len: usize,
+    s: *mut Scratch,
+) -> bool {
+    let frame = Frame { start: ctx.data(), end: ctx.data_end() };
+    let l3 = h.l3_off;
+    let l3_len = if h.is_v6 { IPV6_LEN } else { IPV4_LEN };
+    let l4 = l3 + l3_len;
+    let payload_off = l4 + UDP_LEN;
+    let udp_len = (UDP_LEN + payload_len) as u16;
+
+    // Ethernet (and the VLAN tag, kept as it was).
+    let Some(eth) = frame.bytes::<14>(0) else { return false };
+    let eth = unsafe { &mut *eth };
+    eth[0..6].copy_from_slice(&saved.eth[6..12]);
+    eth[6..12].copy_from_slice(&saved.eth[0..6]);
+    if l3 > 14 {
+        let Some(tag) = frame.bytes::<4>(12) else { return false };
+        unsafe { *tag = saved.vlan };
+        let Some(et) = frame.bytes::<2>(16) else { return false };
+        unsafe { *et = if h.is_v6 { [0x86, 0xdd] } else { [0x08, 0x00] } };
+    } else {
+        eth[12..14].copy_from_slice(if h.is_v6 { &[0x86, 0xdd] } else { &[0x08, 0x00] });
+    }
+
+    if h.is_v6 {
+        let Some(ip) = frame.bytes::<{ IPV6_LEN }>(l3) else { return false };
+        let ip = unsafe { &mut *ip };
+        ip[0..4].copy_from_slice(&saved.v6_word0);
+        ip[4..6].copy_from_slice(&udp_len.to_be_bytes());
+        ip[6] = crate::net::IPPROTO_UDP;
+        ip[7] = 64;
+        ip[8..24].copy_from_slice(&h.dst);
+        ip[24..40].copy_from_slice(&h.src);
+    } else {
+        let Some(ip) = frame.bytes::<{ IPV4_LEN }>(l3) else { return false };
+        let ip = unsafe { &mut *ip };
+        let total = (IPV4_LEN + UDP_LEN + payload_len) as u16;
+        ip[0] = 0x45;
+        ip[1] = saved.tos;
+        ip[2..4].copy_from_slice(&total.to_be_bytes());
+        ip[4..6].copy_from_slice(&[0, 0]);
+        ip[6..8].copy_from_slice(&[0x40, 0]); // DF
+        ip[8] = 64;
+        ip[9] = crate::net::IPPROTO_UDP;
+        ip[10..12].copy_from_slice(&[0, 0]);
+        ip[12..16].copy_from_slice(&h.dst[..4]);
+        ip[16..20].copy_from_slice(&h.src[..4]);
+        let csum = !fold(sum_bytes(&ip[..]));
+        ip[10..12].copy_from_slice(&csum.to_ne_bytes());
+    }
+
+    let Some(udp) = frame.bytes::<{ UDP_LEN + FRAME_HEADER_LEN }>(l4) else { return false };
+    let udp = unsafe { &mut *udp };
+    udp[0..2].copy_from_slice(&h.dst_port.to_be_bytes());
+    udp[2..4].copy_from_slice(&h.src_port.to_be_bytes());
+    udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
+    udp[6..8].copy_from_slice(&[0, 0]);
+    udp[8..10].copy_from_slice(&request_id.to_be_bytes());
+    udp[10..16].copy_from_slice(&[0, 0, 0, 1, 0, 0]);
+    let mut csum_acc = if h.is_v6 {
+        sum_bytes(&h.src) + sum_bytes(&h.dst) + sum_bytes(&(udp_len as u32).to_be_bytes())
+            + sum_bytes(&[0, 0, 0, crate::net::IPPROTO_UDP]) + sum_bytes(&udp[..])
+    } else {
+        0
+    };
+
+    let mut emit = EmitCtx {
+        xdp: ctx.ctx as u64,
+        pos: (payload_off + FRAME_HEADER_LEN) as u32,
+        payload_off: payload_off as u32,
+        is_v6: h.is_v6 as u32,
+        failed: 0,
+        csum: 0,
+    };
+    unsafe { bpf_loop(nkeys, emit_step as *const () as *mut c_void, (&raw mut emit).cast(), 0) };
+    if emit.failed != 0 {
+        return false;
+    }
+    csum_acc += emit.csum;
+    let pos = emit.pos as usize;
+    let end = *END;
+    if unsafe { bpf_xdp_store_bytes(ctx.ctx, pos as u32, end.as_ptr() as *mut c_void, END.len() as u32) } != 0 {
+        return false;
+    }
+    if h.is_v6 {
+        let part = fold(sum_bytes(&end));
+        let odd = (pos - payload_off) & 1 == 1;
+        csum_acc += if odd { part.swap_bytes() } else { part } as u64;
+        let mut csum = !fold(csum_acc);
+        if csum == 0 {
+            csum = 0xffff;
+        }
+        let frame = Frame { start: ctx.data(), end: ctx.data_end() };
+        let Some(c) = frame.bytes::<2>(l4 + 6) else { return false };
+        unsafe { *c = csum.to_ne_bytes() };
+    }
+    true
+}

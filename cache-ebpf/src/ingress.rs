@@ -1,0 +1,287 @@
+//! XDP ingress dispatch: which packets are memcached requests, and what happens to each.
+//! UDP `get` goes to the hit path; every other UDP request and every TCP segment to memcached
+//! goes through the write scanner. Everything else passes untouched.
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    cty::c_void,
+    helpers::generated::{bpf_loop, bpf_xdp_load_bytes},
+    programs::XdpContext,
+};
+use cache_common::{Config, Counter, Counters, FRAME_HEADER_LEN, FlowKey, GET, MAX_INSTANCES};
+
+use crate::coherence::{Ttl, flush, write_key};
+use crate::maps::{CONFIG, JUMP, JUMP_GET, JUMP_SCAN, SCRATCH, TCP_FLOWS};
+use crate::net::{
+    Frame, HEADER_SPAN_MASK, Headers, IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN, parse,
+};
+use crate::scanner::scan_chunk;
+use crate::scratch::{BUF_SIZE, MAX_PENDING, Scratch, helper_len};
+use crate::stats::{count, counters};
+use crate::store::copy_words;
+
+pub fn run(ctx: &XdpContext) -> u32 {
+    let frame = Frame { start: ctx.data(), end: ctx.data_end() };
+    let Some(h) = parse(&frame) else {
+        return xdp_action::XDP_PASS;
+    };
+    let (Some(cfg), Some(s)) = (CONFIG.get(0), SCRATCH.get_ptr_mut(0)) else {
+        return xdp_action::XDP_PASS;
+    };
+    let c = counters();
+    if h.proto == IPPROTO_UDP {
+        let Some(instance) = instance_for(cfg, h.dst_port, false) else {
+            return xdp_action::XDP_PASS;
+        };
+        // One bounds check for the frame header and the command: with variable offsets the
+        // verifier only trusts the exact pointer that was checked.
+        let Some(head) = frame.bytes::<{ FRAME_HEADER_LEN + 4 }>(h.payload_off) else {
+            return xdp_action::XDP_PASS;
+        };
+        let head = unsafe { *head };
+        save(s, &h, instance, &head);
+        if head[FRAME_HEADER_LEN..] == *GET {
+            unsafe { JUMP.tail_call(ctx, JUMP_GET) };
+            // Only reached if the hit path is not installed: memcached answers.
+            return xdp_action::XDP_PASS;
+        }
+        // Any other datagram may be a write: scan it from a fresh state.
+        count(c, Counter::UdpOther);
+        unsafe {
+            (*s).flow.reset(0);
+            (*s).pkt.scan_off = (h.payload_off + FRAME_HEADER_LEN) as u32;
+            (*s).pkt.scan_len = h.payload_len.saturating_sub(FRAME_HEADER_LEN) as u32;
+            (*s).pkt.is_tcp = 0;
+        }
+    } else if h.proto == IPPROTO_TCP {
+        let Some(instance) = instance_for(cfg, h.dst_port, true) else {
+            return xdp_action::XDP_PASS;
+        };
+        save(s, &h, instance, &[0; 12]);
+        let Some((off, len)) = tcp_segment(&h, s, c) else {
+            return xdp_action::XDP_PASS;
+        };
+        unsafe {
+            (*s).pkt.scan_off = off as u32;
+            (*s).pkt.scan_len = len as u32;
+            (*s).pkt.is_tcp = 1;
+        }
+    } else {
+        return xdp_action::XDP_PASS;
+    }
+    unsafe { JUMP.tail_call(ctx, JUMP_SCAN) };
+    // The scanner is not installed: a write could slip past, so nothing cached may stay.
+    flush(c, Counter::FlushUnsynced);
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn save(s: *mut Scratch, h: &Headers, instance: u8, head: &[u8; 12]) {
+    unsafe {
+        let p = &mut (*s).pkt;
+        p.l3_off = h.l3_off as u32;
+        p.l4_off = h.l4_off as u32;
+        p.payload_off = h.payload_off as u32;
+        p.payload_len = h.payload_len as u32;
+        p.is_v6 = h.is_v6 as u32;
+        p.instance = instance as u32;
+        p.src_port = h.src_port as u32;
+        p.dst_port = h.dst_port as u32;
+        p.tcp_seq = h.tcp_seq;
+        p.tcp_flags = h.tcp_flags as u32;
+        p.src = h.src;
+        p.dst = h.dst;
+        p.head = *head;
+    }
+}
+
+/// The headers `run` saved, read back in a tail-called program. Kept in scratch, not on the
+/// 512-byte stack.
+#[inline(always)]
+pub fn saved_headers(s: *mut Scratch) -> &'static Headers {
+    let p = unsafe { &(*s).pkt };
+    let rd = |v: &u32| unsafe { core::ptr::read_volatile(v) };
+    let h = Headers {
+        l3_off: rd(&p.l3_off) as usize & 0xff,
+        l4_off: rd(&p.l4_off) as usize & 0xff,
+        payload_off: rd(&p.payload_off) as usize & HEADER_SPAN_MASK,
+        payload_len: rd(&p.payload_len) as usize & 0xffff,
+        is_v6: rd(&p.is_v6) != 0,
+        proto: 0,
+        src_port: rd(&p.src_port) as u16,
+        dst_port: rd(&p.dst_port) as u16,
+        tcp_seq: rd(&p.tcp_seq),
+        tcp_flags: rd(&p.tcp_flags) as u8,
+        src: p.src,
+        dst: p.dst,
+    };
+    unsafe {
+        (*s).hdr = h;
+        &(*s).hdr
+    }
+}
+
+/// The write scanner program (tail-called): scans what `run` chose, applies the writes, and
+/// for TCP stores the flow's state back.
+pub fn run_scan(ctx: &XdpContext) -> u32 {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else { return xdp_action::XDP_PASS };
+    let c = counters();
+    let h = *saved_headers(s);
+    let (off, len, instance, is_tcp) = unsafe {
+        let p = &(*s).pkt;
+        (p.scan_off as usize & 0xffff, p.scan_len as usize & 0xffff, p.instance as u8, p.is_tcp != 0)
+    };
+    let followed = scan(ctx, s, off, len, instance);
+    apply_pending(s);
+    if is_tcp {
+        let key = flow_key(&h);
+        if let Some(flow) = TCP_FLOWS.get_ptr_mut(&key) {
+            unsafe {
+                let seq = (*flow).next_seq;
+                copy_words(flow, &raw const (*s).flow);
+                (*flow).next_seq = seq.wrapping_add(len as u32);
+                if !followed {
+                    (*flow).mode_lost();
+                }
+            }
+        }
+        if h.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            let _ = TCP_FLOWS.remove(&key);
+        }
+    }
+    if !followed {
+        flush(c, Counter::FlushUnsynced);
+    }
+    xdp_action::XDP_PASS
+}
+
+/// Which configured memcached instance listens on `port`.
+#[inline(always)]
+pub fn instance_for(cfg: &Config, port: u16, tcp: bool) -> Option<u8> {
+    for i in 0..MAX_INSTANCES {
+        let inst = cfg.instances[i];
+        let p = if tcp { inst.tcp_port } else { inst.udp_port };
+        if p != 0 && p == port {
+            // Forgotten, or each instance index is its own verifier state downstream.
+            return Some(crate::net::forget_value(i) as u8);
+        }
+    }
+    None
+}
+
+/// Loads the payload into scratch and scans it. False if the stream was lost or is longer than
+/// one buffer (jumbo frames: the stream is then treated as lost).
+#[inline(always)]
+fn scan(ctx: &XdpContext, s: *mut Scratch, off: usize, len: usize, instance: u8) -> bool {
+    unsafe {
+        (*s).pending_len = 0;
+        (*s).pending_overflow = 0;
+    }
+    if len == 0 {
+        return true;
+    }
+    if len > BUF_SIZE {
+        return false;
+    }
+    let n = helper_len(len);
+    if unsafe { bpf_xdp_load_bytes(ctx.ctx, off as u32, (&raw mut (*s).req).cast(), n) } != 0 {
+        return false;
+    }
+    scan_chunk(n, instance) && unsafe { (*s).pending_overflow == 0 }
+}
+
+/// Applies the writes the scanner queued, in order (a bpf_loop, so the verifier checks one
+/// write, not every count of them).
+#[inline(always)]
+fn apply_pending(s: *mut Scratch) {
+    let n = unsafe { (*s).pending_len };
+    if n == 0 {
+        return;
+    }
+    let n = if n as usize > MAX_PENDING { MAX_PENDING as u32 } else { n };
+    let mut unused = 0u64;
+    unsafe { bpf_loop(n, apply_step as *const () as *mut c_void, (&raw mut unused).cast(), 0) };
+}
+
+extern "C" fn apply_step(index: u64, _ctx: *mut c_void) -> i64 {
+    let (Some(s), Some(cfg)) = (SCRATCH.get_ptr_mut(0), CONFIG.get(0)) else {
+        return 1;
+    };
+    let p = unsafe { &raw const (*s).pending[index as usize & (MAX_PENDING - 1)] };
+    let (key_hash, kind, exptime, source) =
+        unsafe { ((*p).key_hash, (*p).ttl_kind, (*p).exptime, (*p).source) };
+    let ttl = match kind {
+        0 => Ttl::Keep,
+        2 => Ttl::Exptime(exptime),
+        _ => Ttl::Unknown,
+    };
+    let source = match source {
+        x if x == Counter::InvalidateMeta as u32 => Counter::InvalidateMeta,
+        x if x == Counter::InvalidateBinary as u32 => Counter::InvalidateBinary,
+        _ => Counter::InvalidateText,
+    };
+    write_key(cfg, key_hash, ttl, counters(), source);
+    0
+}
+
+#[inline(always)]
+fn flow_key(h: &Headers) -> FlowKey {
+    FlowKey { addr: h.src, client_port: h.src_port, server_port: h.dst_port, is_v6: h.is_v6 as u8, _pad: [0; 3] }
+}
+
+/// Decides what of a TCP segment to scan, with the flow's state loaded into scratch.
+/// None: nothing to scan (or the segment was handled by a flush).
+#[inline(always)]
+fn tcp_segment(h: &Headers, s: *mut Scratch, c: Option<*mut Counters>) -> Option<(usize, usize)> {
+    let key = flow_key(h);
+    if h.tcp_flags & TCP_SYN != 0 {
+        // A new connection: we see it from its first byte, so we can follow it exactly.
+        unsafe {
+            (*s).flow.reset(h.tcp_seq.wrapping_add(1));
+            let _ = TCP_FLOWS.insert(&key, &(*s).flow, 0);
+        }
+        return None;
+    }
+    if h.payload_len == 0 {
+        if h.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            let _ = TCP_FLOWS.remove(&key);
+        }
+        return None;
+    }
+    count(c, Counter::TcpSegments);
+    let Some(flow) = TCP_FLOWS.get_ptr_mut(&key) else {
+        // Opened before we were attached (or evicted): we cannot know where commands start.
+        flush(c, Counter::FlushUnsynced);
+        return None;
+    };
+    let state = unsafe { &mut *flow };
+    if state.is_lost() {
+        flush(c, Counter::FlushUnsynced);
+        return None;
+    }
+    let len = h.payload_len as u32;
+    let expected = state.next_seq;
+    let behind = expected.wrapping_sub(h.tcp_seq);
+    let mut skip = 0u32;
+    if behind != 0 {
+        if (behind as i32) > 0 {
+            // A retransmission: memcached may apply the write later than we saw it.
+            flush(c, Counter::FlushUnsynced);
+            if behind >= len {
+                return None;
+            }
+            skip = behind;
+        } else {
+            // A gap: bytes we never saw. The stream is lost for good.
+            state.mode_lost();
+            flush(c, Counter::FlushUnsynced);
+            return None;
+        }
+    }
+    unsafe {
+        copy_words(&raw mut (*s).flow, flow);
+        // next_seq is advanced by the caller from the segment start it expects.
+        (*flow).next_seq = h.tcp_seq.wrapping_add(skip);
+    }
+    Some((h.payload_off + skip as usize, (len - skip) as usize))
+}

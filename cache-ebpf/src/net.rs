@@ -1,0 +1,197 @@
+//! Header parsing. One bounds-checked accessor touches the packet; everything else goes through
+//! [`Headers`], the parsed view of Ethernet (one 802.1Q tag), IPv4 (with options, never
+//! fragments) or IPv6 (no extension headers), and UDP or TCP.
+
+pub const ETH_LEN: usize = 14;
+pub const VLAN_LEN: usize = 4;
+pub const IPV4_LEN: usize = 20;
+pub const IPV6_LEN: usize = 40;
+pub const UDP_LEN: usize = 8;
+/// Every header offset is below this (Ethernet, VLAN, IPv4 with options, TCP with options
+/// come to at most 198 bytes).
+pub const HEADER_SPAN_MASK: usize = 0x3ff;
+
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+
+/// The packet between `start` and `end` (xdp_md / __sk_buff data pointers).
+#[derive(Clone, Copy)]
+pub struct Frame {
+    pub start: usize,
+    pub end: usize,
+}
+
+impl Frame {
+    /// A pointer to `N` bytes at `off`, or None if they are not all inside the frame.
+    /// Offsets are masked to the header span: parse() hands out offsets the verifier knows nothing
+    /// about (see [`forget`]), and a packet pointer may only move by a bounded amount.
+    #[inline(always)]
+    pub fn bytes<const N: usize>(&self, off: usize) -> Option<*mut [u8; N]> {
+        let p = self.start + (off & HEADER_SPAN_MASK);
+        if p + N > self.end {
+            return None;
+        }
+        Some(p as *mut [u8; N])
+    }
+
+    #[inline(always)]
+    pub fn be16_at(&self, off: usize) -> Option<u16> {
+        self.bytes::<2>(off).map(|p| u16::from_be_bytes(unsafe { *p }))
+    }
+
+    #[inline(always)]
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+}
+
+/// What the parsers learned about a frame.
+#[derive(Clone, Copy)]
+pub struct Headers {
+    /// Offset of the IP header (after Ethernet and an optional VLAN tag).
+    pub l3_off: usize,
+    /// Offset of the UDP or TCP header.
+    pub l4_off: usize,
+    /// Offset and length of the L4 payload (IP/UDP lengths, not the frame: no Ethernet padding).
+    pub payload_off: usize,
+    pub payload_len: usize,
+    pub is_v6: bool,
+    pub proto: u8,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// TCP only.
+    pub tcp_seq: u32,
+    pub tcp_flags: u8,
+    /// Source and destination addresses; IPv4 in the first four bytes.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+/// Parses up to the L4 payload. None for anything that is not plain UDP/TCP over IP.
+#[inline(always)]
+pub fn parse(frame: &Frame) -> Option<Headers> {
+    let mut l3_off = ETH_LEN;
+    let mut ethertype = frame.be16_at(12)?;
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        ethertype = frame.be16_at(16)?;
+        l3_off += VLAN_LEN;
+    }
+    let mut h = Headers {
+        l3_off,
+        l4_off: 0,
+        payload_off: 0,
+        payload_len: 0,
+        is_v6: false,
+        proto: 0,
+        src_port: 0,
+        dst_port: 0,
+        tcp_seq: 0,
+        tcp_flags: 0,
+        src: [0; 16],
+        dst: [0; 16],
+    };
+    // Bytes of L4 (header + payload) according to the IP header.
+    let l4_total;
+    if ethertype == ETH_P_IPV4 {
+        let ip = frame.bytes::<IPV4_LEN>(l3_off)?;
+        let ip = unsafe { &*ip };
+        if ip[0] >> 4 != 4 {
+            return None;
+        }
+        let ihl = ((ip[0] & 0x0f) as usize) * 4;
+        if ihl < IPV4_LEN {
+            return None;
+        }
+        // More-fragments flag or a fragment offset: never ours to touch.
+        if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+            return None;
+        }
+        let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+        if total < ihl {
+            return None;
+        }
+        h.proto = ip[9];
+        h.src[..4].copy_from_slice(&ip[12..16]);
+        h.dst[..4].copy_from_slice(&ip[16..20]);
+        h.l4_off = l3_off + ihl;
+        l4_total = total - ihl;
+    } else if ethertype == ETH_P_IPV6 {
+        let ip = frame.bytes::<IPV6_LEN>(l3_off)?;
+        let ip = unsafe { &*ip };
+        if ip[0] >> 4 != 6 {
+            return None;
+        }
+        h.is_v6 = true;
+        h.proto = ip[6];
+        h.src.copy_from_slice(&ip[8..24]);
+        h.dst.copy_from_slice(&ip[24..40]);
+        h.l4_off = l3_off + IPV6_LEN;
+        l4_total = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+    } else {
+        return None;
+    }
+    if h.proto == IPPROTO_UDP {
+        let udp = unsafe { &*frame.bytes::<UDP_LEN>(h.l4_off)? };
+        h.src_port = u16::from_be_bytes([udp[0], udp[1]]);
+        h.dst_port = u16::from_be_bytes([udp[2], udp[3]]);
+        let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
+        if udp_len < UDP_LEN || udp_len > l4_total {
+            return None;
+        }
+        h.payload_off = h.l4_off + UDP_LEN;
+        h.payload_len = udp_len - UDP_LEN;
+    } else if h.proto == IPPROTO_TCP {
+        let tcp = unsafe { &*frame.bytes::<20>(h.l4_off)? };
+        h.src_port = u16::from_be_bytes([tcp[0], tcp[1]]);
+        h.dst_port = u16::from_be_bytes([tcp[2], tcp[3]]);
+        h.tcp_seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        let doff = ((tcp[12] >> 4) as usize) * 4;
+        h.tcp_flags = tcp[13];
+        if doff < 20 || doff > l4_total {
+            return None;
+        }
+        h.payload_off = h.l4_off + doff;
+        h.payload_len = l4_total - doff;
+    } else {
+        return None;
+    }
+    Some(forget(h))
+}
+
+/// Passes the parsed offsets and flags through scratch memory so the verifier forgets their
+/// exact values. Otherwise every header shape (VLAN or not, IPv4 or IPv6, each IHL) enters
+/// the rest of the program as a separate state and the program is verified once per shape.
+#[inline(always)]
+pub fn forget_value(v: usize) -> usize {
+    let Some(s) = crate::maps::SCRATCH.get_ptr_mut(0) else { return v };
+    let cell = unsafe { &raw mut (*s).launder };
+    unsafe {
+        core::ptr::write_volatile(cell, v as u32);
+        core::ptr::read_volatile(cell) as usize
+    }
+}
+
+#[inline(always)]
+fn forget(mut h: Headers) -> Headers {
+    let Some(s) = crate::maps::SCRATCH.get_ptr_mut(0) else { return h };
+    let cell = unsafe { &raw mut (*s).launder };
+    let mut pass = |v: usize| unsafe {
+        core::ptr::write_volatile(cell, v as u32);
+        core::ptr::read_volatile(cell) as usize
+    };
+    h.l3_off = pass(h.l3_off) & 0xff;
+    h.l4_off = pass(h.l4_off) & 0xff;
+    h.payload_off = pass(h.payload_off) & HEADER_SPAN_MASK;
+    h.payload_len = pass(h.payload_len) & 0xffff;
+    h.is_v6 = pass(h.is_v6 as usize) != 0;
+    h.proto = pass(h.proto as usize) as u8;
+    h
+}

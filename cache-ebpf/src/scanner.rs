@@ -1,0 +1,549 @@
+//! The write scanner: follows the client-to-memcached byte stream (TCP per flow, or one UDP
+//! datagram) exactly as memcached tokenizes it, and invalidates every key a write touches
+//! before memcached sees the write.
+//!
+//! It understands the text protocol (storage commands and their data blocks, delete, incr,
+//! decr, touch, gat, gats, flush_all), the meta protocol (ms, md, ma, and mg with flags that
+//! change the item) and the binary protocol (24-byte header, extras, key, body). The state
+//! lives in [`FlowState`], so a command split across segments, or a value spanning many, is
+//! followed exactly.
+//!
+//! The conservative rule: whenever the scanner cannot be sure where it is in a stream (a TCP
+//! flow first seen mid-stream, for example opened before the agent started; a gap; a
+//! retransmission; a line longer than memcached accepts; a key it cannot hash such as a
+//! base64 meta key), it flushes the whole cache. A flow it lost stays unsynced, and every later
+//! segment of it flushes again, until the connection closes. Correctness never depends on
+//! guessing where a command starts.
+
+use aya_ebpf::{cty::c_void, helpers::generated::bpf_loop};
+use cache_common::{
+    BINARY_REQUEST_MAGIC, Config, Counter, Counters, MAX_KEY_LEN,
+    hash::{finish, seed, step},
+};
+
+use crate::coherence::{Ttl, flush, flush_delayed};
+use crate::scratch::{MAX_PENDING, Scratch};
+use crate::maps::{CONFIG, SCRATCH};
+use crate::scratch::BUF_MASK;
+use crate::stats::counters;
+
+const MODE_LINE: u8 = 0;
+const MODE_DATA: u8 = 1;
+const MODE_BIN_HEADER: u8 = 2;
+const MODE_BIN_BODY: u8 = 3;
+/// The stream can no longer be followed.
+const MODE_LOST: u8 = 4;
+
+/// memcached closes a connection whose command line exceeds 2048 bytes (except get/gets).
+const MAX_LINE: u32 = 2048;
+const BIN_HEADER_LEN: u32 = 24;
+
+// Command kinds, decided when the first token ends.
+const CMD_OTHER: u8 = 0;
+const CMD_GET: u8 = 1;
+const CMD_SET: u8 = 2; // set, add, replace: key, flags, exptime, bytes
+const CMD_APPEND: u8 = 3; // append, prepend: TTL unchanged
+const CMD_CAS: u8 = 4;
+const CMD_DELETE: u8 = 5;
+const CMD_INCR: u8 = 6; // incr, decr
+const CMD_TOUCH: u8 = 7;
+const CMD_GAT: u8 = 8; // gat, gats: exptime then keys
+const CMD_FLUSH: u8 = 9;
+const CMD_MS: u8 = 10;
+const CMD_MD: u8 = 11;
+const CMD_MA: u8 = 12;
+const CMD_MG: u8 = 13;
+
+// FlowState::flags bits for the current line.
+const F_BASE64: u8 = 1 << 0;
+const F_MUTATES: u8 = 1 << 1;
+const F_TTL_UNKNOWN: u8 = 1 << 2;
+const F_HAVE_TTL: u8 = 1 << 3;
+const F_NUM_BAD: u8 = 1 << 4;
+const F_NUM_NEG: u8 = 1 << 5;
+const F_KEY_TOO_LONG: u8 = 1 << 6;
+const F_HAVE_LEN: u8 = 1 << 7;
+
+/// Scanner state of one stream.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FlowState {
+    /// TCP only: the sequence number of the next byte we expect.
+    pub next_seq: u32,
+    pub mode: u8,
+    pub cmd: u8,
+    pub token: u8,
+    pub tok_first: u8,
+    pub tok_len: u16,
+    pub flags: u8,
+    pub bin_opcode: u8,
+    pub line_len: u32,
+    /// Bytes left to skip in a data block or binary body.
+    pub skip: u32,
+    pub hash: u32,
+    pub key_hash: u32,
+    /// First (up to) 8 bytes of the command token, packed little-endian.
+    pub word: u64,
+    pub num: u64,
+    pub exptime: i64,
+    /// Data block length (storage commands, ms) or flush delay.
+    pub len: i64,
+    pub bin_got: u32,
+    pub bin_body_len: u32,
+    pub bin_pos: u32,
+    pub bin_key_len: u16,
+    pub bin_ext_len: u8,
+    pub _pad: u8,
+    pub bin_ext: [u8; 8],
+    pub bin_header: [u8; 32],
+}
+
+impl FlowState {
+    /// Back to the start of a command line, in place (no stack temporaries: the BPF stack
+    /// is 512 bytes).
+    #[inline(always)]
+    pub fn reset(&mut self, next_seq: u32) {
+        self.next_seq = next_seq;
+        self.mode = MODE_LINE;
+        self.cmd = CMD_OTHER;
+        self.token = 0;
+        self.tok_first = 0;
+        self.tok_len = 0;
+        self.flags = 0;
+        self.bin_opcode = 0;
+        self.line_len = 0;
+        self.skip = 0;
+        self.hash = 0;
+        self.key_hash = 0;
+        self.word = 0;
+        self.num = 0;
+        self.exptime = 0;
+        self.len = 0;
+        self.bin_got = 0;
+        self.bin_body_len = 0;
+        self.bin_pos = 0;
+        self.bin_key_len = 0;
+        self.bin_ext_len = 0;
+    }
+
+    #[inline(always)]
+    pub fn mode_lost(&mut self) {
+        self.mode = MODE_LOST;
+    }
+
+    #[inline(always)]
+    pub fn is_lost(&self) -> bool {
+        self.mode == MODE_LOST
+    }
+}
+
+const fn word(s: &[u8]) -> u64 {
+    let mut w = 0u64;
+    let mut i = 0;
+    while i < s.len() {
+        w |= (s[i] as u64) << (8 * i);
+        i += 1;
+    }
+    w
+}
+
+#[inline(always)]
+fn classify(w: u64, len: u16) -> u8 {
+    match (len, w) {
+        (3, x) if x == word(b"get") => CMD_GET,
+        (4, x) if x == word(b"gets") => CMD_GET,
+        (3, x) if x == word(b"set") || x == word(b"add") => CMD_SET,
+        (7, x) if x == word(b"replace") => CMD_SET,
+        (6, x) if x == word(b"append") => CMD_APPEND,
+        (7, x) if x == word(b"prepend") => CMD_APPEND,
+        (3, x) if x == word(b"cas") => CMD_CAS,
+        (6, x) if x == word(b"delete") => CMD_DELETE,
+        (4, x) if x == word(b"incr") || x == word(b"decr") => CMD_INCR,
+        (5, x) if x == word(b"touch") => CMD_TOUCH,
+        (3, x) if x == word(b"gat") => CMD_GAT,
+        (4, x) if x == word(b"gats") => CMD_GAT,
+        (9, _) if w == word(b"flush_al") => CMD_FLUSH, // "flush_all": 9 bytes, first 8 packed
+        (2, x) if x == word(b"ms") => CMD_MS,
+        (2, x) if x == word(b"md") => CMD_MD,
+        (2, x) if x == word(b"ma") => CMD_MA,
+        (2, x) if x == word(b"mg") => CMD_MG,
+        _ => CMD_OTHER,
+    }
+}
+
+/// Whether the current token is a key that must be hashed.
+#[inline(always)]
+fn is_key_token(st: &FlowState) -> bool {
+    match st.cmd {
+        CMD_SET | CMD_APPEND | CMD_CAS | CMD_DELETE | CMD_INCR | CMD_TOUCH | CMD_MS | CMD_MD
+        | CMD_MA | CMD_MG => st.token == 1,
+        CMD_GAT => st.token >= 2,
+        _ => false,
+    }
+}
+
+/// Whether the current token is a meta flag (`<letter><optional token>`).
+#[inline(always)]
+fn is_meta_flag(st: &FlowState) -> bool {
+    match st.cmd {
+        CMD_MS => st.token >= 3,
+        CMD_MD | CMD_MA | CMD_MG => st.token >= 2,
+        _ => false,
+    }
+}
+
+#[inline(always)]
+fn number(st: &FlowState) -> Option<i64> {
+    if st.flags & F_NUM_BAD != 0 {
+        return None;
+    }
+    let n = st.num as i64;
+    Some(if st.flags & F_NUM_NEG != 0 { -n } else { n })
+}
+
+#[inline(always)]
+fn ttl_from(st: &FlowState) -> Ttl {
+    if st.flags & F_TTL_UNKNOWN != 0 {
+        Ttl::Unknown
+    } else {
+        Ttl::Exptime(st.exptime)
+    }
+}
+
+/// Everything a step needs besides the state.
+struct Env<'a> {
+    cfg: &'a Config,
+    counters: Option<*mut Counters>,
+    instance: u8,
+    s: *mut Scratch,
+}
+
+/// Records a write for [`crate::ingress`] to apply once the chunk is scanned: the per-byte
+/// step stays small (no locks, no key bookkeeping), which keeps verification cheap.
+#[inline(always)]
+fn queue_write(s: *mut Scratch, key_hash: u32, ttl: Ttl, source: Counter) {
+    unsafe {
+        let n = (*s).pending_len as usize;
+        if n >= MAX_PENDING {
+            (*s).pending_overflow = 1;
+            return;
+        }
+        let p = &mut (*s).pending[n & (MAX_PENDING - 1)];
+        p.key_hash = key_hash;
+        p.source = source as u32;
+        let (kind, exptime) = match ttl {
+            Ttl::Keep => (0, 0),
+            Ttl::Unknown => (1, 0),
+            Ttl::Exptime(e) => (2, e),
+        };
+        p.ttl_kind = kind;
+        p.exptime = exptime;
+        (*s).pending_len = n as u32 + 1;
+    }
+}
+
+#[inline(always)]
+fn token_byte(st: &mut FlowState, b: u8, env: &Env) {
+    if st.tok_len == 0 {
+        st.tok_first = b;
+        st.hash = seed(env.instance);
+        st.num = 0;
+        st.flags &= !(F_NUM_BAD | F_NUM_NEG);
+    }
+    if st.tok_len < u16::MAX {
+        st.tok_len += 1;
+    }
+    if st.token == 0 && st.tok_len <= 8 {
+        st.word |= (b as u64) << (8 * ((st.tok_len - 1) & 7));
+    }
+    if is_key_token(st) {
+        st.hash = step(st.hash, b);
+    }
+    let flag_letter = is_meta_flag(st) && st.tok_len == 1;
+    if b.is_ascii_digit() {
+        if st.num > 1_000_000_000_000 {
+            st.flags |= F_NUM_BAD;
+        }
+        st.num = st.num * 10 + (b - b'0') as u64;
+    } else if b == b'-' && st.tok_len == 1 {
+        st.flags |= F_NUM_NEG;
+    } else if !flag_letter {
+        st.flags |= F_NUM_BAD;
+    }
+}
+
+#[inline(always)]
+fn end_token(st: &mut FlowState, env: &Env) {
+    if st.tok_len == 0 {
+        return;
+    }
+    let t = st.token;
+    if t == 0 {
+        st.cmd = classify(st.word, st.tok_len);
+    } else if is_key_token(st) {
+        if st.tok_len as usize > MAX_KEY_LEN {
+            st.flags |= F_KEY_TOO_LONG;
+        }
+        st.key_hash = finish(st.hash);
+        if st.cmd == CMD_GAT {
+            // Every key of a gat changes its TTL.
+            queue_write(env.s, st.key_hash, ttl_from(st), Counter::InvalidateText);
+        }
+    } else if is_meta_flag(st) {
+        match st.tok_first {
+            b'b' => st.flags |= F_BASE64,
+            b'T' => {
+                st.flags |= F_MUTATES | F_HAVE_TTL;
+                match number(st) {
+                    Some(n) => st.exptime = n,
+                    None => st.flags |= F_TTL_UNKNOWN,
+                }
+            }
+            // Vivify on miss (its TTL is the token), set CAS, invalidate: all change the item.
+            b'N' | b'E' | b'I' => st.flags |= F_MUTATES | F_TTL_UNKNOWN,
+            _ => {}
+        }
+    } else {
+        let n = number(st);
+        match (st.cmd, t) {
+            (CMD_SET | CMD_APPEND | CMD_CAS, 3) | (CMD_TOUCH, 2) | (CMD_GAT, 1) => match n {
+                Some(n) => st.exptime = n,
+                None => st.flags |= F_TTL_UNKNOWN,
+            },
+            (CMD_SET | CMD_APPEND | CMD_CAS, 4) | (CMD_MS, 2) | (CMD_FLUSH, 1) => {
+                if let Some(n) = n {
+                    st.len = n;
+                    st.flags |= F_HAVE_LEN;
+                }
+            }
+            _ => {}
+        }
+    }
+    if st.token < u8::MAX {
+        st.token += 1;
+    }
+    st.tok_len = 0;
+}
+
+/// The line is complete: apply the command's effect, then reset for the next one.
+#[inline(always)]
+fn end_line(st: &mut FlowState, env: &Env) {
+    let key = st.key_hash;
+    let has_len = st.flags & F_HAVE_LEN != 0 && st.len >= 0 && st.len < (1 << 30);
+    let base64 = st.flags & F_BASE64 != 0;
+    let mut data = 0u32;
+    match st.cmd {
+        CMD_SET | CMD_CAS | CMD_APPEND => {
+            if st.flags & F_KEY_TOO_LONG != 0 {
+                // memcached's handling of the data block is not certain here: give up.
+                st.mode = MODE_LOST;
+                return;
+            }
+            if key != 0 {
+                let ttl = if st.cmd == CMD_APPEND { Ttl::Keep } else { ttl_from(st) };
+                queue_write(env.s, key, ttl, Counter::InvalidateText);
+            }
+            if has_len {
+                data = st.len as u32 + 2;
+            }
+        }
+        CMD_DELETE | CMD_INCR if key != 0 => {
+            queue_write(env.s, key, Ttl::Keep, Counter::InvalidateText);
+        }
+        CMD_TOUCH if key != 0 => {
+            queue_write(env.s, key, ttl_from(st), Counter::InvalidateText);
+        }
+        CMD_FLUSH => {
+            let delay = if has_len { st.len } else { 0 };
+            flush_delayed(env.cfg, delay, env.counters);
+        }
+        CMD_MS | CMD_MD | CMD_MA | CMD_MG => {
+            let writes = st.cmd != CMD_MG || st.flags & F_MUTATES != 0;
+            if writes && key != 0 {
+                if base64 {
+                    flush(env.counters, Counter::FlushUnsynced);
+                } else {
+                    let ttl = match st.cmd {
+                        // ms without T stores with exptime 0.
+                        CMD_MS => ttl_from(st),
+                        _ if st.flags & (F_HAVE_TTL | F_TTL_UNKNOWN) != 0 => ttl_from(st),
+                        _ => Ttl::Keep,
+                    };
+                    queue_write(env.s, key, ttl, Counter::InvalidateMeta);
+                }
+            }
+            if st.cmd == CMD_MS && has_len {
+                data = st.len as u32 + 2;
+            }
+        }
+        _ => {}
+    }
+    st.reset(st.next_seq);
+    if data != 0 {
+        st.mode = MODE_DATA;
+        st.skip = data;
+    }
+}
+
+#[inline(always)]
+fn binary_header_done(st: &mut FlowState) {
+    let h = &st.bin_header;
+    st.bin_opcode = h[1];
+    st.bin_key_len = u16::from_be_bytes([h[2], h[3]]);
+    st.bin_ext_len = h[4];
+    st.bin_body_len = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
+    st.bin_pos = 0;
+    if st.bin_key_len as u32 + st.bin_ext_len as u32 > st.bin_body_len || st.bin_body_len > (1 << 30) {
+        st.mode = MODE_LOST;
+        return;
+    }
+    st.mode = MODE_BIN_BODY;
+}
+
+#[inline(always)]
+fn binary_done(st: &mut FlowState, env: &Env) {
+    let key = if st.bin_key_len > 0 { finish(st.hash) } else { 0 };
+    let e = st.bin_ext;
+    let exptime_at = |at: usize| u32::from_be_bytes([e[at], e[at + 1], e[at + 2], e[at + 3]]) as i64;
+    let ext = st.bin_ext_len;
+    match st.bin_opcode {
+        // set, add, replace and their quiet forms: extras = flags, exptime.
+        0x01 | 0x02 | 0x03 | 0x11 | 0x12 | 0x13 if key != 0 => {
+            let ttl = if ext >= 8 { Ttl::Exptime(exptime_at(4)) } else { Ttl::Unknown };
+            queue_write(env.s, key, ttl, Counter::InvalidateBinary);
+        }
+        // delete, append, prepend (and quiet).
+        0x04 | 0x14 | 0x0e | 0x0f | 0x19 | 0x1a if key != 0 => {
+            queue_write(env.s, key, Ttl::Keep, Counter::InvalidateBinary);
+        }
+        // incr, decr (and quiet) may create the item with the TTL in extras.
+        0x05 | 0x06 | 0x15 | 0x16 if key != 0 => {
+            queue_write(env.s, key, Ttl::Unknown, Counter::InvalidateBinary);
+        }
+        // touch, gat, gatq, gatk, gatkq: extras = exptime.
+        0x1c | 0x1d | 0x1e | 0x23 | 0x24 if key != 0 => {
+            let ttl = if ext >= 4 { Ttl::Exptime(exptime_at(0)) } else { Ttl::Unknown };
+            queue_write(env.s, key, ttl, Counter::InvalidateBinary);
+        }
+        // flush, flushq: optional delay in extras.
+        0x08 | 0x18 => {
+            let delay = if ext >= 4 { exptime_at(0) } else { 0 };
+            flush_delayed(env.cfg, delay, env.counters);
+        }
+        _ => {}
+    }
+    st.reset(st.next_seq);
+}
+
+/// bpf_loop context: where we are in the chunk in `Scratch::req`.
+#[repr(C)]
+struct StepCtx {
+    pos: u32,
+    len: u32,
+    instance: u32,
+    _pad: u32,
+}
+
+/// One bpf_loop iteration: consumes one byte, or a whole run of data-block bytes.
+extern "C" fn scan_step(_index: u64, ctx: *mut c_void) -> i64 {
+    let ctx = ctx as *mut StepCtx;
+    let (Some(s), Some(cfg)) = (SCRATCH.get_ptr_mut(0), CONFIG.get(0)) else {
+        return 1;
+    };
+    let env = Env { cfg, counters: counters(), instance: unsafe { (*ctx).instance } as u8, s };
+    let (pos, len) = unsafe { ((*ctx).pos, (*ctx).len) };
+    if pos >= len {
+        return 1;
+    }
+    let st = unsafe { &mut (*s).flow };
+    let left = len - pos;
+    match st.mode {
+        MODE_DATA => {
+            let n = if st.skip < left { st.skip } else { left };
+            st.skip -= n;
+            if st.skip == 0 {
+                st.mode = MODE_LINE;
+            }
+            unsafe { (*ctx).pos = pos + n };
+            return 0;
+        }
+        MODE_BIN_BODY => {
+            let value_at = st.bin_ext_len as u32 + st.bin_key_len as u32;
+            if st.bin_pos >= value_at {
+                let rest = st.bin_body_len - st.bin_pos;
+                let n = if rest < left { rest } else { left };
+                st.bin_pos += n;
+                unsafe { (*ctx).pos = pos + n };
+                if st.bin_pos >= st.bin_body_len {
+                    binary_done(st, &env);
+                }
+                return 0;
+            }
+        }
+        MODE_LOST => return 1,
+        _ => {}
+    }
+    let b = unsafe { (*s).req[pos as usize & BUF_MASK] };
+    unsafe { (*ctx).pos = pos + 1 };
+    match st.mode {
+        MODE_BIN_HEADER => {
+            st.bin_header[(st.bin_got & 31) as usize] = b;
+            st.bin_got += 1;
+            if st.bin_got >= BIN_HEADER_LEN {
+                binary_header_done(st);
+                if st.mode == MODE_BIN_BODY && st.bin_body_len == 0 {
+                    binary_done(st, &env);
+                }
+            }
+        }
+        MODE_BIN_BODY => {
+            let p = st.bin_pos;
+            if p < st.bin_ext_len as u32 {
+                st.bin_ext[(p & 7) as usize] = if p < 8 { b } else { st.bin_ext[(p & 7) as usize] };
+            } else {
+                st.hash = step(st.hash, b);
+            }
+            st.bin_pos = p + 1;
+            if st.bin_pos >= st.bin_body_len {
+                binary_done(st, &env);
+            }
+        }
+        _ => {
+            if st.line_len == 0 && b == BINARY_REQUEST_MAGIC {
+                st.mode = MODE_BIN_HEADER;
+                st.bin_header[0] = b;
+                st.bin_got = 1;
+                st.hash = seed(env.instance);
+                return 0;
+            }
+            st.line_len += 1;
+            if st.line_len > MAX_LINE && st.cmd != CMD_GET {
+                st.mode = MODE_LOST;
+                return 1;
+            }
+            match b {
+                b'\n' => {
+                    end_token(st, &env);
+                    end_line(st, &env);
+                }
+                b' ' | b'\r' => end_token(st, &env),
+                _ => token_byte(st, b, &env),
+            }
+        }
+    }
+    if st.mode == MODE_LOST { 1 } else { 0 }
+}
+
+/// Scans `len` bytes already loaded into `Scratch::req`, continuing the state in
+/// `Scratch::flow`. Returns false if the stream was lost.
+#[inline(always)]
+pub fn scan_chunk(len: u32, instance: u8) -> bool {
+    let mut ctx = StepCtx { pos: 0, len, instance: instance as u32, _pad: 0 };
+    unsafe {
+        bpf_loop(len, scan_step as *mut c_void, (&raw mut ctx).cast(), 0);
+    }
+    match SCRATCH.get_ptr_mut(0) {
+        Some(s) => unsafe { !(*s).flow.is_lost() },
+        None => false,
+    }
+}
