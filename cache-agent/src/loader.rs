@@ -80,8 +80,12 @@ pub fn initial_config(settings: &Settings) -> Config {
     }
 }
 
+/// memcached splits UDP replies into datagrams of at most this payload (UDP_MAX_PAYLOAD_SIZE):
+/// a bigger reply from the kernel would differ from what memcached sends.
+const MEMCACHED_UDP_MAX_PAYLOAD: u32 = 1400;
+
 /// The largest UDP payload a reply frame may carry on `iface`: its MTU minus IP and UDP headers
-/// (the IPv6 header is the larger; IPv4 replies could carry 20 bytes more).
+/// (the IPv6 header is the larger), and never more than memcached puts in one datagram.
 pub fn max_reply_payload(iface: &str) -> Result<u32> {
     let path = format!("/sys/class/net/{iface}/mtu");
     let mtu = match std::fs::read_to_string(&path) {
@@ -89,7 +93,7 @@ pub fn max_reply_payload(iface: &str) -> Result<u32> {
         // /sys may belong to another network namespace (nsenter): ask the kernel instead.
         Err(_) => mtu_ioctl(iface).unwrap_or(1500),
     };
-    Ok(mtu.saturating_sub(40 + 8))
+    Ok(mtu.saturating_sub(40 + 8).min(MEMCACHED_UDP_MAX_PAYLOAD))
 }
 
 fn mtu_ioctl(iface: &str) -> Option<u32> {

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what it needs (scripts/setup.sh), builds
+# the eBPF object and the workspace, checks formatting and lints, then runs every test.
+# Needs root: the end-to-end tests create network namespaces and attach XDP programs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+
+echo "== fmt"
+cargo fmt --all -- --check
+echo "== clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== build"
+cargo build --workspace --all-targets
+echo "== tests"
+# Test binaries run one after another; inside one, at most two tests at a time (2-core box,
+# each end-to-end test runs its own memcached, agent and verifier).
+cargo test --workspace -- --test-threads=2
