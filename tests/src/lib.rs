@@ -49,6 +49,8 @@ impl Rig {
     pub fn start_agent(&mut self, args: &[&str]) {
         self.bed.start_agent(args).unwrap_or_else(|e| panic!("agent: {e}"));
         self.wait_serving(true, Duration::from_secs(15));
+        // A new agent flushes and holds fills for the write-settle time plus a second.
+        std::thread::sleep(Duration::from_millis(1300));
     }
 
     /// Waits until the agent's `status` says serving == `want`.

@@ -1,0 +1,290 @@
+//! Coherence (needs root): after any write, on any protocol and transport, the kernel never
+//! answers with the old value. Each test warms the cache (the kernel answered the key), writes,
+//! and then reads: the reply must be what memcached itself returns now.
+
+use std::{
+    io::Write,
+    net::TcpStream,
+    time::{Duration, Instant},
+};
+
+use tests::{Rig, next_id, value_text};
+
+const WARM: Duration = Duration::from_secs(5);
+
+/// What memcached itself returns for a plain get of `key` (over TCP, never cached).
+fn authoritative(rig: &Rig, key: &str) -> Vec<u8> {
+    rig.tcp(format!("get {key}\r\n").as_bytes(), &[b"END\r\n"])
+}
+
+/// Reads `key` over UDP several times: every reply must equal memcached's current answer.
+fn assert_fresh(rig: &Rig, key: &str, expected: &[u8], what: &str) {
+    assert_eq!(authoritative(rig, key), expected, "{what}: memcached itself disagrees with the test");
+    for i in 0..8 {
+        let reply = rig.udp_get(&[key]);
+        assert_eq!(reply.payload, expected, "{what}: stale or wrong reply #{i} for {key}");
+    }
+}
+
+fn item(key: &str, flags: u32, value: &[u8]) -> Vec<u8> {
+    [value_text(key, flags, value), b"END\r\n".to_vec()].concat()
+}
+
+const MISS: &[u8] = b"END\r\n";
+
+#[test]
+fn text_protocol_writes_invalidate() {
+    let rig = Rig::with_agent("cotext", 31, &[]);
+    let warm = |key: &str, value: &[u8]| {
+        rig.set(key, value, 0, 0);
+        rig.warm(key, WARM);
+    };
+
+    warm("del", b"old");
+    assert_eq!(rig.tcp_line("delete del\r\n"), "DELETED\r\n");
+    assert_fresh(&rig, "del", MISS, "delete");
+
+    warm("app", b"old");
+    assert_eq!(rig.tcp(b"append app 0 0 4\r\n-new\r\n", &[b"\r\n"]), b"STORED\r\n");
+    assert_fresh(&rig, "app", &item("app", 0, b"old-new"), "append");
+
+    warm("pre", b"old");
+    assert_eq!(rig.tcp(b"prepend pre 0 0 4\r\nnew-\r\n", &[b"\r\n"]), b"STORED\r\n");
+    assert_fresh(&rig, "pre", &item("pre", 0, b"new-old"), "prepend");
+
+    warm("num", b"10");
+    assert_eq!(rig.tcp_line("incr num 5\r\n"), "15\r\n");
+    assert_fresh(&rig, "num", &item("num", 0, b"15"), "incr");
+    rig.warm("num", WARM);
+    assert_eq!(rig.tcp_line("decr num 3\r\n"), "12\r\n");
+    assert_fresh(&rig, "num", &item("num", 0, b"12"), "decr");
+
+    warm("rep", b"old");
+    assert_eq!(rig.tcp(b"replace rep 4 0 3\r\nnew\r\n", &[b"\r\n"]), b"STORED\r\n");
+    assert_fresh(&rig, "rep", &item("rep", 4, b"new"), "replace");
+
+    warm("cas", b"old");
+    let gets = String::from_utf8(rig.tcp(b"gets cas\r\n", &[b"END\r\n"])).unwrap();
+    let unique = gets.lines().next().unwrap().split(' ').nth(4).unwrap().to_owned();
+    let req = format!("cas cas 0 0 3 {unique}\r\nnew\r\n");
+    assert_eq!(rig.tcp(req.as_bytes(), &[b"\r\n"]), b"STORED\r\n");
+    assert_fresh(&rig, "cas", &item("cas", 0, b"new"), "cas");
+
+    warm("nor", b"old");
+    rig.tcp(b"set nor 0 0 3 noreply\r\nnew\r\nget nor\r\n", &[b"END\r\n"]);
+    assert_fresh(&rig, "nor", &item("nor", 0, b"new"), "set noreply");
+}
+
+#[test]
+fn pipelined_and_split_writes_invalidate() {
+    let rig = Rig::with_agent("copipe", 32, &[]);
+    for k in ["p1", "p2", "p3", "p4"] {
+        rig.set(k, b"old", 0, 0);
+        rig.warm(k, WARM);
+    }
+    // Many commands in one segment, values containing command-like text and CRLF.
+    let batch = b"set p1 0 0 15\r\ndelete p2\r\nxx\r\n\r\ndelete p2 noreply\r\nset p3 0 0 3 noreply\r\nnew\r\nincr nothing 1\r\nget p4\r\nappend p4 0 0 1 noreply\r\n!\r\nget p4\r\n";
+    let reply = rig.tcp(batch, &[b"VALUE p4 0 4\r\nold!\r\nEND\r\n"]);
+    assert!(reply.ends_with(b"old!\r\nEND\r\n"), "{}", String::from_utf8_lossy(&reply));
+    assert_fresh(&rig, "p1", &item("p1", 0, b"delete p2\r\nxx\r\n"), "pipelined set");
+    assert_fresh(&rig, "p2", MISS, "pipelined delete");
+    assert_fresh(&rig, "p3", &item("p3", 0, b"new"), "pipelined set noreply");
+    assert_fresh(&rig, "p4", &item("p4", 0, b"old!"), "pipelined append");
+
+    // One command split over several TCP segments, even inside the key and the value.
+    rig.set("split-key", b"old", 0, 0);
+    rig.warm("split-key", WARM);
+    let addr = rig.server(false);
+    rig.bed.in_client(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        for part in [&b"set spl"[..], b"it-key 0 0 9\r\nnew", b"-value\r\n"] {
+            s.write_all(part).unwrap();
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        let mut buf = [0u8; 16];
+        let n = std::io::Read::read(&mut s, &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"STORED\r\n");
+    });
+    assert_fresh(&rig, "split-key", &item("split-key", 0, b"new-value"), "split set");
+}
+
+#[test]
+fn meta_and_binary_writes_invalidate() {
+    let rig = Rig::with_agent("cometa", 33, &[]);
+    let warm = |key: &str| {
+        rig.set(key, b"old", 0, 0);
+        rig.warm(key, WARM);
+    };
+    warm("ms");
+    assert_eq!(rig.tcp_line("ms ms 3 F5\r\nnew\r\n"), "HD\r\n");
+    assert_fresh(&rig, "ms", &item("ms", 5, b"new"), "meta set");
+    warm("md");
+    assert_eq!(rig.tcp_line("md md\r\n"), "HD\r\n");
+    assert_fresh(&rig, "md", MISS, "meta delete");
+    rig.set("ma", b"7", 0, 0);
+    rig.warm("ma", WARM);
+    assert_eq!(rig.tcp_line("ma ma\r\n"), "HD\r\n");
+    assert_fresh(&rig, "ma", &item("ma", 0, b"8"), "meta arithmetic");
+    warm("mgt");
+    assert_eq!(rig.tcp_line("mg mgt T1\r\n"), "HD\r\n");
+    std::thread::sleep(Duration::from_millis(2200));
+    assert_fresh(&rig, "mgt", MISS, "meta get with a new TTL, expired");
+
+    // Binary protocol: set then delete, 24-byte header, extras, key, value.
+    warm("bin");
+    let mut set = vec![0x80, 0x01, 0, 3, 8, 0, 0, 0, 0, 0, 0, 14, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    set.extend_from_slice(&[0, 0, 0, 9, 0, 0, 0, 0]); // flags 9, exptime 0
+    set.extend_from_slice(b"binnew");
+    let reply = rig.tcp(&set, &[]);
+    assert!(reply.len() >= 24 && reply[0] == 0x81 && reply[6..8] == [0, 0], "binary set: {reply:?}");
+    assert_fresh(&rig, "bin", &item("bin", 9, b"new"), "binary set");
+    rig.warm("bin", WARM);
+    let del = [0x80, 0x04, 0, 3, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'b', b'i', b'n'];
+    let reply = rig.tcp(&del, &[]);
+    assert!(reply.len() >= 24 && reply[6..8] == [0, 0], "binary delete: {reply:?}");
+    assert_fresh(&rig, "bin", MISS, "binary delete");
+}
+
+#[test]
+fn writes_over_udp_and_ipv6_invalidate() {
+    let rig = Rig::with_agent("coudp", 34, &[]);
+    rig.set("u1", b"old", 0, 0);
+    rig.warm("u1", WARM);
+    let reply = rig.udp(b"delete u1\r\n", next_id(), false);
+    assert_eq!(reply.payload, b"DELETED\r\n");
+    assert_fresh(&rig, "u1", MISS, "delete over UDP");
+
+    rig.set("u2", b"old", 0, 0);
+    rig.warm("u2", WARM);
+    let reply = rig.udp(b"set u2 0 0 3\r\nnew\r\n", next_id(), false);
+    assert_eq!(reply.payload, b"STORED\r\n");
+    assert_fresh(&rig, "u2", &item("u2", 0, b"new"), "set over UDP");
+
+    rig.set("v6", b"old", 0, 0);
+    rig.warm("v6", WARM);
+    let addr = rig.server(true);
+    rig.bed.in_client(move || {
+        let reply = tests::tcp_exchange(addr, b"set v6 0 0 3\r\nnew\r\n", &[b"\r\n".to_vec()]);
+        assert_eq!(reply, b"STORED\r\n");
+    });
+    assert_fresh(&rig, "v6", &item("v6", 0, b"new"), "set over IPv6 TCP");
+}
+
+#[test]
+fn ttl_expiry_touch_gat_and_flush_all_are_honoured() {
+    let rig = Rig::with_agent("cottl", 35, &[]);
+    rig.set("ttl", b"short", 0, 3);
+    rig.warm("ttl", WARM);
+    std::thread::sleep(Duration::from_millis(3200));
+    assert_fresh(&rig, "ttl", MISS, "exptime 3");
+
+    rig.set("touch", b"v", 0, 0);
+    rig.warm("touch", WARM);
+    assert_eq!(rig.tcp_line("touch touch 2\r\n"), "TOUCHED\r\n");
+    std::thread::sleep(Duration::from_millis(2600));
+    assert_fresh(&rig, "touch", MISS, "touch 2");
+
+    rig.set("gat", b"v", 0, 0);
+    rig.warm("gat", WARM);
+    rig.tcp(b"gat 2 gat\r\n", &[b"END\r\n"]);
+    std::thread::sleep(Duration::from_millis(2600));
+    assert_fresh(&rig, "gat", MISS, "gat 2");
+
+    rig.set("fl", b"v", 0, 0);
+    rig.warm("fl", WARM);
+    assert_eq!(rig.tcp_line("flush_all\r\n"), "OK\r\n");
+    assert_fresh(&rig, "fl", MISS, "flush_all");
+
+    rig.set("fld", b"v", 0, 0);
+    assert_eq!(rig.tcp_line("flush_all 2\r\n"), "OK\r\n");
+    let until = Instant::now() + Duration::from_millis(3500);
+    while Instant::now() < until {
+        // Before the flush takes effect memcached still has it; after, nobody may.
+        let reply = rig.udp_get(&["fld"]);
+        let now_auth = authoritative(&rig, "fld");
+        assert!(reply.payload == now_auth || reply.payload == item("fld", 0, b"v"), "flush_all 2");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_fresh(&rig, "fld", MISS, "flush_all 2 after it took effect");
+}
+
+#[test]
+fn a_get_racing_a_write_never_refills_the_old_value() {
+    let rig = Rig::with_agent("corace", 36, &[]);
+    rig.set("race", b"old", 0, 0);
+    rig.warm("race", WARM);
+    let pid = rig.bed.memcached_pid() as i32;
+    // memcached stops; the SET and the GETs queue up behind it, in either order inside it.
+    unsafe { libc_kill(pid, 19) };
+    let addr = rig.server(false);
+    let writer = rig.bed.in_client(move || {
+        std::thread::spawn(move || tests::tcp_exchange(addr, b"set race 0 0 3\r\nnew\r\n", &[b"\r\n".to_vec()]))
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let udp_addr = rig.server(false);
+    let readers = rig.bed.in_client(move || {
+        std::thread::spawn(move || (0..5).map(|_| tests::udp_exchange(udp_addr, b"get race\r\n", next_id())).collect::<Vec<_>>())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    unsafe { libc_kill(pid, 18) };
+    assert_eq!(writer.join().unwrap(), b"STORED\r\n");
+    let _ = readers.join();
+    // From now on, and for as long as we look, only the new value.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert_eq!(rig.udp_get(&["race"]).payload, item("race", 0, b"new"), "stale refill after the race");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_connection_opened_before_the_agent_still_invalidates() {
+    let mut rig = Rig::new("coearly", 37);
+    rig.set("early", b"old", 0, 0);
+    let addr = rig.server(false);
+    // Opened before the agent attaches: the kernel never saw where its commands start.
+    let conn = rig.bed.in_client(move || TcpStream::connect(addr).unwrap());
+    rig.start_agent(&[]);
+    rig.warm("early", WARM);
+    let mut conn = conn;
+    conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    conn.write_all(b"delete early\r\n").unwrap();
+    let mut buf = [0u8; 32];
+    let n = std::io::Read::read(&mut conn, &mut buf).unwrap();
+    assert_eq!(&buf[..n], b"DELETED\r\n");
+    assert_fresh(&rig, "early", MISS, "delete on a connection older than the agent");
+}
+
+#[test]
+fn multi_gets_mixing_cached_uncached_and_absent_keys_return_everything_memcached_holds() {
+    let rig = Rig::with_agent("comix", 38, &[]);
+    for i in 0..32 {
+        rig.set(&format!("mx{i}"), format!("v{i}").as_bytes(), i, 0);
+    }
+    for i in (0..32).step_by(3) {
+        rig.warm(&format!("mx{i}"), WARM);
+    }
+    for width in [1usize, 2, 7, 16, 31, 32] {
+        let keys: Vec<String> = (0..width)
+            .map(|i| if i % 5 == 4 { format!("absent{i}") } else { format!("mx{}", (i * 7) % 32) })
+            .collect();
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let want = authoritative_multi(&rig, &refs);
+        let got = rig.udp_get(&refs);
+        assert_eq!(got.payload, want, "multi-get of {width}");
+    }
+}
+
+fn authoritative_multi(rig: &Rig, keys: &[&str]) -> Vec<u8> {
+    rig.tcp(format!("get {}\r\n", keys.join(" ")).as_bytes(), &[b"END\r\n"])
+}
+
+unsafe fn libc_kill(pid: i32, sig: i32) {
+    unsafe extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    unsafe { kill(pid, sig) };
+}
+
