@@ -6,7 +6,8 @@
 //! - [`kernel`]: typed access to the maps (configuration, counters, histograms, invalidation).
 //! - [`coherence`]: the lease, memcached's health and restarts, and the `watch` backstop.
 //! - [`stats`]: counters read from pinned maps, for `cache-agent stats` and `status`.
-//! - [`metrics`], [`http`]: Prometheus metrics on /metrics.
+//! - [`metrics`], [`http`]: Prometheus metrics on /metrics; [`notify`]: systemd readiness and
+//!   watchdog.
 //! - [`error`]: the crate's error type.
 
 pub mod coherence;
@@ -16,6 +17,7 @@ pub mod http;
 pub mod kernel;
 pub mod loader;
 pub mod metrics;
+pub mod notify;
 pub mod stats;
 
 /// The eBPF object built from cache-ebpf by build.rs.

@@ -154,6 +154,8 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
     let lease = tokio::spawn(coherence::lease_loop(Arc::clone(&shared)));
     let watch = settings.watch.then(|| tokio::spawn(coherence::watch_loop(Arc::clone(&shared))));
     let metrics = tokio::spawn(cache_agent::http::serve(settings.metrics_addr, Arc::clone(&shared)));
+    cache_agent::notify::ready();
+    let watchdog = tokio::spawn(cache_agent::notify::watchdog_loop());
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -161,6 +163,8 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
         _ = term.recv() => info!("SIGTERM: detaching"),
         _ = int.recv() => info!("SIGINT: detaching"),
     }
+    cache_agent::notify::stopping();
+    watchdog.abort();
     lease.abort();
     if let Some(w) = watch {
         w.abort();

@@ -2,7 +2,8 @@
 //! detached ("plain") and attached ("accel"), optionally also against the zero-work XDP
 //! reflector, interleaved round by round (plain, accel, [reflector], plain, accel, …) so drift
 //! affects every arm alike. Prints per-arm throughput, p50, p99, server CPU per request and the
-//! share of GET keys answered by the kernel, and the ratios to plain.
+//! share of GET keys answered by the kernel, and the ratios to plain. An accelerated round starts
+//! once the agent reports `"serving": true` (at most 15 s), then warms up the in-kernel cache.
 //!
 //! Server CPU per request = (memcached's utime+stime from `/proc/PID/stat` + machine-wide
 //! softirq time from `/proc/stat`) over a round / replies in that round. On a single-host veth
@@ -172,6 +173,27 @@ pub fn parse_agent_stats(json: &str) -> Option<(u64, u64)> {
     Some((find("hit_keys")?, find("get_keys")?))
 }
 
+/// Longest wait for a freshly started agent to report `"serving": true`.
+const SERVING_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Waits until `cache-agent stats --json` says `"serving": true` (agents that do not report the
+/// field are taken as serving at once).
+fn wait_serving(tb: &Testbed) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < SERVING_TIMEOUT {
+        let out = tb.agent_cmd(&["stats", "--json", "--iface", tb.server_iface()]);
+        let serving = out
+            .ok()
+            .and_then(|o| serde_json::from_str::<serde_json::Value>(&o).ok())
+            .map(|v| v.get("serving").is_none_or(|s| s.as_bool() == Some(true)));
+        if serving == Some(true) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    tracing::warn!(waited = ?SERVING_TIMEOUT, "agent did not report serving; measuring anyway");
+}
+
 fn agent_stats(tb: &Testbed) -> Option<(u64, u64)> {
     match tb.agent_cmd(&["stats", "--json", "--iface", tb.server_iface()]) {
         Ok(out) => parse_agent_stats(&out),
@@ -254,7 +276,7 @@ fn run_on(cfg: &CompareConfig, tb: &mut Testbed) -> Result<CompareReport, Loadge
             tb.stop_reflector();
             let setup = match st.arm {
                 Arm::Plain => Ok(()),
-                Arm::Accel => tb.start_agent(&agent_args),
+                Arm::Accel => tb.start_agent(&agent_args).inspect(|()| wait_serving(tb)),
                 Arm::Reflector => tb.start_reflector(),
             };
             if let Err(e) = setup {

@@ -524,6 +524,20 @@ mod tests {
     }
 
     #[test]
+    fn every_shipped_workload_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Workload::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 2);
+    }
+
+    #[test]
     fn unknown_fields_are_rejected() {
         let e = toml::from_str::<Workload>("[mix]\ngets = 1.0\n");
         assert!(e.is_err());

@@ -3,8 +3,8 @@
 //! CPUs with the memcached tests.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use loadgen::rng::Rng;
@@ -13,11 +13,15 @@ use loadgen::schedule::{Clock, Pacer};
 use loadgen::units::HumanDuration;
 use loadgen::workload::{Arrivals, LoadMode, Workload};
 
+/// Both tests keep CPUs busy (spinning waits, a busy-polling responder); run them one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
 /// A paced loop that waits with `Clock::wait_until` achieves the target rate (sends / wall time)
 /// within 2 % (fixed gaps) or 5 % (Poisson, whose count itself varies by about 1 %), and the
 /// median start is within 100 µs of its intended time.
 #[test]
 fn paced_loop_rate_accuracy_in_real_time() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     for arrivals in [Arrivals::Fixed, Arrivals::Poisson] {
         let clock = Clock::start();
         let mut rng = Rng::new(5, 0);
@@ -85,6 +89,7 @@ fn open_loop(addr: SocketAddr, rate: f64, arrivals: Arrivals) -> loadgen::RunRep
 /// and no shortfall is reported; at an unreachable rate the shortfall is reported.
 #[test]
 fn udp_open_loop_hits_target_rate_and_reports_shortfall() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (addr, stop, h) = responder();
     for arrivals in [Arrivals::Poisson, Arrivals::Fixed] {
         let r = open_loop(addr, 20_000.0, arrivals);

@@ -12,6 +12,8 @@ use std::{
 
 use loadgen::{Testbed, TestbedConfig};
 
+pub mod history;
+
 /// A testbed with memcached and (optionally) the agent attached.
 pub struct Rig {
     pub bed: Testbed,
@@ -164,9 +166,20 @@ fn tracing_init() -> Result<(), ()> {
 }
 
 pub fn tcp_exchange(addr: SocketAddr, request: &[u8], terminators: &[Vec<u8>]) -> Vec<u8> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect memcached");
+    try_tcp_exchange(addr, request, terminators).expect("connect memcached")
+}
+
+/// Like [`tcp_exchange`], but None when memcached cannot be reached.
+pub fn try_tcp_exchange(addr: SocketAddr, request: &[u8], terminators: &[Vec<u8>]) -> Option<Vec<u8>> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    Some(exchange_on(&mut s, request, terminators))
+}
+
+fn exchange_on(s: &mut TcpStream, request: &[u8], terminators: &[Vec<u8>]) -> Vec<u8> {
     s.set_read_timeout(Some(Duration::from_millis(2000))).unwrap();
-    s.write_all(request).unwrap();
+    if s.write_all(request).is_err() {
+        return Vec::new();
+    }
     let mut out = Vec::new();
     let mut buf = [0u8; 65536];
     loop {

@@ -1,0 +1,127 @@
+//! Concurrency and faults under load (needs root): zero stale reads, whatever happens to the
+//! agent or memcached. Misses are allowed and reported.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tests::{
+    Rig,
+    history::{self, Load, Outcome},
+};
+
+fn load(rig: &Rig, flushes: bool, ttls: bool) -> Load {
+    Load {
+        tcp: rig.server(false),
+        udp: rig.server(false),
+        keys: (0..6).map(|i| format!("hot{i}")).collect(),
+        writers: 3,
+        readers: 3,
+        flushes,
+        ttls,
+    }
+}
+
+/// Runs the load in the client namespace for `secs`, doing `during` (after `at`) meanwhile.
+fn run_with(rig: &mut Rig, secs: u64, flushes: bool, ttls: bool, at: Duration, during: impl FnOnce(&mut Rig)) -> Outcome {
+    let stop = Arc::new(AtomicBool::new(false));
+    let l = load(rig, flushes, ttls);
+    let s = Arc::clone(&stop);
+    let runner = rig.bed.in_client(move || std::thread::spawn(move || history::run(&l, s)));
+    let started = Instant::now();
+    std::thread::sleep(at);
+    during(rig);
+    let rest = Duration::from_secs(secs).saturating_sub(started.elapsed());
+    std::thread::sleep(rest);
+    stop.store(true, Ordering::Relaxed);
+    let h = runner.join().unwrap();
+    let out = history::check(&h);
+    eprintln!("reads {} (misses {}), writes {}, stale {}", out.reads, out.misses, out.writes, out.stale.len());
+    out
+}
+
+fn assert_no_stale(out: &Outcome, what: &str) {
+    assert!(out.reads > 100, "{what}: too few reads to mean anything ({})", out.reads);
+    assert!(out.stale.is_empty(), "{what}: {} stale reads, first: {:#?}", out.stale.len(), &out.stale[..out.stale.len().min(5)]);
+}
+
+fn seconds() -> u64 {
+    std::env::var("COHERENCE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(30)
+}
+
+#[test]
+fn randomized_concurrent_writers_and_readers_never_read_stale() {
+    let mut rig = Rig::with_agent("farand", 41, &[]);
+    let out = run_with(&mut rig, seconds(), true, true, Duration::ZERO, |_| {});
+    assert_no_stale(&out, "randomized");
+    assert!(rig.counter("hit_keys") > 0, "the kernel never answered: the test proves nothing");
+}
+
+#[test]
+fn killing_the_agent_under_load_fails_open() {
+    let mut rig = Rig::with_agent("fakill", 42, &[]);
+    let out = run_with(&mut rig, 10, false, false, Duration::from_secs(4), |rig| {
+        rig.bed.kill_agent();
+    });
+    assert_no_stale(&out, "kill -9 agent");
+    // With the agent gone, memcached answers: its get_hits moves with our GETs.
+    rig.set("after", b"v", 0, 0);
+    let before = rig.mc_stat("get_hits");
+    for _ in 0..5 {
+        rig.udp_get(&["after"]);
+    }
+    assert_eq!(rig.mc_stat("get_hits"), before + 5);
+    // A new agent starts cleanly over the leftovers.
+    rig.start_agent(&[]);
+    rig.warm("after", Duration::from_secs(5));
+}
+
+#[test]
+fn restarting_memcached_under_load_serves_nothing_old() {
+    let mut rig = Rig::with_agent("farest", 43, &[]);
+    let out = run_with(&mut rig, 12, false, false, Duration::from_secs(4), |rig| {
+        rig.bed.stop_memcached();
+        rig.bed.start_memcached().unwrap();
+    });
+    assert_no_stale(&out, "memcached restart");
+}
+
+#[test]
+fn stopping_memcached_under_load_serves_nothing_stale() {
+    let mut rig = Rig::with_agent("fastop", 44, &[]);
+    let out = run_with(&mut rig, 12, false, false, Duration::from_secs(4), |rig| {
+        let pid = rig.bed.memcached_pid() as i32;
+        unsafe { signal(pid, 19) };
+        std::thread::sleep(Duration::from_secs(3));
+        unsafe { signal(pid, 18) };
+    });
+    assert_no_stale(&out, "SIGSTOP memcached");
+}
+
+#[test]
+fn a_hung_agent_stops_serving_within_its_lease() {
+    let rig = Rig::with_agent("fahang", 45, &["--lease-ms", "1000"]);
+    rig.set("lease", b"v", 0, 0);
+    rig.warm("lease", Duration::from_secs(5));
+    let pid = rig.bed.agent_pid().unwrap() as i32;
+    unsafe { signal(pid, 19) };
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = rig.mc_stat("get_hits");
+    for _ in 0..5 {
+        rig.udp_get(&["lease"]);
+    }
+    let after = rig.mc_stat("get_hits");
+    unsafe { signal(pid, 18) };
+    assert_eq!(after, before + 5, "the kernel kept serving after the lease expired");
+}
+
+unsafe fn signal(pid: i32, sig: i32) {
+    unsafe extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    unsafe { kill(pid, sig) };
+}
