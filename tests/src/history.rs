@@ -59,6 +59,8 @@ pub struct Load {
     pub flushes: bool,
     /// Include short TTLs (touch, set with exptime).
     pub ttls: bool,
+    /// Each writer's pause between operations (lets entries live long enough to be served).
+    pub pause: Duration,
 }
 
 /// Runs the load until `stop` is set; returns the history.
@@ -67,7 +69,7 @@ pub fn run(load: &Load, stop: Arc<AtomicBool>) -> Vec<Op> {
     let mut handles = Vec::new();
     for w in 0..load.writers {
         let (history, stop, keys, addr) = (Arc::clone(&history), Arc::clone(&stop), load.keys.clone(), load.tcp);
-        let (flushes, ttls) = (load.flushes, load.ttls);
+        let (flushes, ttls, pause) = (load.flushes, load.ttls, load.pause);
         handles.push(std::thread::spawn(move || {
             let mut rng = 0x9e37_79b9u64 ^ (w as u64 * 7919);
             let mut seq = 0u64;
@@ -80,7 +82,7 @@ pub fn run(load: &Load, stop: Arc<AtomicBool>) -> Vec<Op> {
                 let token = format!("w{w}.{seq};");
                 let choice = (rng >> 20) % 100;
                 let invoked = Instant::now();
-                let (request, kind) = if flushes && choice < 1 {
+                let (request, kind) = if flushes && choice < 1 && (rng >> 50) % 4 == 0 {
                     ("flush_all\r\n".to_string(), Kind::FlushAll)
                 } else if choice < 15 {
                     (format!("delete {key}\r\n"), Kind::Delete)
@@ -110,7 +112,7 @@ pub fn run(load: &Load, stop: Arc<AtomicBool>) -> Vec<Op> {
                     history.lock().unwrap().push(Op { key, kind, invoked, completed });
                 }
                 // Otherwise (NOT_STORED, NOT_FOUND...) the write changed nothing.
-                std::thread::sleep(Duration::from_millis(2));
+                std::thread::sleep(pause);
             }
         }));
     }

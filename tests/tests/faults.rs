@@ -18,11 +18,14 @@ fn load(rig: &Rig, flushes: bool, ttls: bool) -> Load {
     Load {
         tcp: rig.server(false),
         udp: rig.server(false),
-        keys: (0..6).map(|i| format!("hot{i}")).collect(),
+        keys: (0..12).map(|i| format!("hot{i}")).collect(),
         writers: 3,
         readers: 3,
         flushes,
         ttls,
+        // Each key is written about every 600 ms: long enough past the write-settle time
+        // for entries to be filled and served between writes.
+        pause: Duration::from_millis(150),
     }
 }
 
@@ -58,7 +61,9 @@ fn randomized_concurrent_writers_and_readers_never_read_stale() {
     let mut rig = Rig::with_agent("farand", 41, &[]);
     let out = run_with(&mut rig, seconds(), true, true, Duration::ZERO, |_| {});
     assert_no_stale(&out, "randomized");
-    assert!(rig.counter("hit_keys") > 0, "the kernel never answered: the test proves nothing");
+    let (hits, keys) = (rig.counter("hit_keys"), rig.counter("get_keys"));
+    eprintln!("kernel answered {hits} of {keys} keys");
+    assert!(hits * 10 > keys, "the kernel answered only {hits} of {keys}: the test proves little");
 }
 
 #[test]

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The main job, from a fresh machine: installs what it needs, builds, brings up a veth testbed
+# with a real memcached (UDP on), and runs BMC's workload (16-byte keys, 32-byte values,
+# Zipf 0.99, 100k keys) against memcached alone and with the accelerator attached,
+# interleaved in rounds, then prints the measured gain and the share of GETs the kernel
+# answered. Needs root. Extra arguments go to `loadgen compare` (e.g. --rounds 5 --reflector).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+cargo build --release -p cache-agent -p loadgen
+export CACHE_AGENT_BIN="$PWD/target/release/cache-agent"
+exec target/release/loadgen compare \
+  --workload loadgen/workloads/bmc.toml \
+  --name demo --subnet 200 \
+  --rounds 3 --round 4s --no-progress "$@"
