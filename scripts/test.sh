@@ -10,10 +10,10 @@ export PATH="$HOME/.cargo/bin:$PATH"
 echo "== fmt"
 cargo fmt --all -- --check
 echo "== clippy"
-cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy --all-targets -- -D warnings
 echo "== build"
-cargo build --workspace --all-targets
+cargo build --all-targets
 echo "== tests"
 # Test binaries run one after another; inside one, at most two tests at a time (2-core box,
 # each end-to-end test runs its own memcached, agent and verifier).
-cargo test --workspace -- --test-threads=2
+cargo test -- --test-threads=2

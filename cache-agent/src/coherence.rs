@@ -90,7 +90,8 @@ impl Shared {
 
     /// Invalidates every entry and refuses fills from GETs seen in the next settle window.
     pub fn resync(&self, reason: &str) {
-        let hold = kernel::coarse_now_ns() + self.settings.write_settle.as_nanos() as u64 + 1_000_000_000;
+        let hold =
+            kernel::coarse_now_ns() + self.settings.write_settle.as_nanos() as u64 + 1_000_000_000;
         self.publish(|c| {
             c.agent_epoch = c.agent_epoch.wrapping_add(1).max(1);
             c.fill_hold_until_ns = hold;
@@ -118,7 +119,13 @@ struct Probe {
 }
 
 impl Probe {
-    async fn request(&mut self, addr: std::net::SocketAddr, cmd: &str, until: &str, limit: Duration) -> Option<Vec<String>> {
+    async fn request(
+        &mut self,
+        addr: std::net::SocketAddr,
+        cmd: &str,
+        until: &str,
+        limit: Duration,
+    ) -> Option<Vec<String>> {
         if self.stream.is_none() {
             let s = timeout(limit, TcpStream::connect(addr)).await.ok()?.ok()?;
             let _ = s.set_nodelay(true);
@@ -153,9 +160,15 @@ impl Probe {
     async fn identity(&mut self, addr: std::net::SocketAddr, limit: Duration) -> Option<Identity> {
         let lines = self.request(addr, "stats\r\n", "END", limit).await?;
         let get = |name: &str| {
-            lines.iter().find_map(|l| l.strip_prefix(&format!("STAT {name} ")).and_then(|v| v.parse().ok()))
+            lines.iter().find_map(|l| {
+                l.strip_prefix(&format!("STAT {name} "))
+                    .and_then(|v| v.parse().ok())
+            })
         };
-        Some(Identity { pid: get("pid")?, uptime: get("uptime")? })
+        Some(Identity {
+            pid: get("pid")?,
+            uptime: get("uptime")?,
+        })
     }
 }
 
@@ -190,7 +203,11 @@ pub async fn lease_loop(shared: Arc<Shared>) {
             shared.renew();
         } else {
             if healthy {
-                warn!(memcached_ok = ok, watch_ok = shared.watch_ok.load(Ordering::Relaxed), "stopped serving until memcached and the watch stream are back");
+                warn!(
+                    memcached_ok = ok,
+                    watch_ok = shared.watch_ok.load(Ordering::Relaxed),
+                    "stopped serving until memcached and the watch stream are back"
+                );
                 shared.revoke();
             }
             healthy = false;
@@ -227,7 +244,10 @@ async fn follow_watch(shared: &Shared, addr: std::net::SocketAddr) -> std::io::R
         }
     }
     if !line.starts_with("OK") {
-        return Err(std::io::Error::other(format!("memcached refused watch: {}", line.trim())));
+        return Err(std::io::Error::other(format!(
+            "memcached refused watch: {}",
+            line.trim()
+        )));
     }
     // Events before this point were not seen: start from a clean cache.
     shared.resync("watch stream (re)connected");
@@ -266,12 +286,13 @@ pub fn watch_key(line: &str) -> Option<Vec<u8>> {
     let b = raw.as_bytes();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() + 0 && i + 2 <= b.len() - 1 {
-            if let Ok(v) = u8::from_str_radix(&raw[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(&raw[i + 1..i + 3], 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
         }
         out.push(b[i]);
         i += 1;
@@ -287,7 +308,10 @@ mod tests {
     fn watch_lines_yield_decoded_keys() {
         let line = "ts=1.2 gid=7 type=item_store key=user%3A1 status=stored cmd=set ttl=0 clsid=1";
         assert_eq!(watch_key(line).unwrap(), b"user:1");
-        assert_eq!(watch_key("ts=1 gid=2 type=eviction key=abc ttl=-1").unwrap(), b"abc");
+        assert_eq!(
+            watch_key("ts=1 gid=2 type=eviction key=abc ttl=-1").unwrap(),
+            b"abc"
+        );
         assert!(watch_key("OK").is_none());
     }
 }

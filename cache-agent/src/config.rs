@@ -119,10 +119,14 @@ impl Settings {
     pub fn resolve(cli: &RunArgs) -> Result<Settings> {
         let file = match &cli.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| AgentError::ConfigFile { path: path.clone(), source: Box::new(e) })?;
-                toml::from_str::<RunArgs>(&text)
-                    .map_err(|e| AgentError::ConfigFile { path: path.clone(), source: Box::new(e) })?
+                let text = std::fs::read_to_string(path).map_err(|e| AgentError::ConfigFile {
+                    path: path.clone(),
+                    source: Box::new(e),
+                })?;
+                toml::from_str::<RunArgs>(&text).map_err(|e| AgentError::ConfigFile {
+                    path: path.clone(),
+                    source: Box::new(e),
+                })?
             }
             None => RunArgs::default(),
         };
@@ -131,11 +135,21 @@ impl Settings {
                 cli.$f.clone().or(file.$f.clone())
             };
         }
-        let iface = pick!(iface).ok_or_else(|| missing("iface", "--iface eth1 (the interface memcached's clients reach it through)"))?;
+        let iface = pick!(iface).ok_or_else(|| {
+            missing(
+                "iface",
+                "--iface eth1 (the interface memcached's clients reach it through)",
+            )
+        })?;
         if iface.is_empty() || iface.len() > 15 {
-            return Err(bad("iface", format!("`{iface}` is not an interface name"), "pass a name of at most 15 characters"));
+            return Err(bad(
+                "iface",
+                format!("`{iface}` is not an interface name"),
+                "pass a name of at most 15 characters",
+            ));
         }
-        let memcached_text = pick!(memcached).ok_or_else(|| missing("memcached", "--memcached 127.0.0.1:11211"))?;
+        let memcached_text =
+            pick!(memcached).ok_or_else(|| missing("memcached", "--memcached 127.0.0.1:11211"))?;
         let memcached = parse_socket_addr(&memcached_text)?;
         let udp_port = pick!(udp_port).unwrap_or(memcached.port());
         if udp_port == 0 {
@@ -144,21 +158,36 @@ impl Settings {
         let xdp_mode = match pick!(xdp_mode).as_deref().unwrap_or("native") {
             "native" | "driver" => XdpMode::Native,
             "generic" | "skb" => XdpMode::Generic,
-            other => return Err(bad("xdp-mode", format!("`{other}` is unknown"), "use `native` or `generic`")),
+            other => {
+                return Err(bad(
+                    "xdp-mode",
+                    format!("`{other}` is unknown"),
+                    "use `native` or `generic`",
+                ));
+            }
         };
         let capacity_bytes = parse_size(pick!(capacity).as_deref().unwrap_or("64M"))?;
         if capacity_bytes < 1 << 20 {
-            return Err(bad("capacity", format!("{capacity_bytes} bytes is too small"), "use at least 1M"));
+            return Err(bad(
+                "capacity",
+                format!("{capacity_bytes} bytes is too small"),
+                "use at least 1M",
+            ));
         }
         let shares = pick!(class_shares).unwrap_or_else(|| vec![40, 30, 20, 10]);
         if shares.len() != CLASS_COUNT || shares.iter().sum::<u32>() != 100 {
-            return Err(bad("class-shares", format!("{shares:?}"), "give 4 percentages that add up to 100, e.g. 40,30,20,10"));
+            return Err(bad(
+                "class-shares",
+                format!("{shares:?}"),
+                "give 4 percentages that add up to 100, e.g. 40,30,20,10",
+            ));
         }
         let mut class_buckets = [0u32; CLASS_COUNT];
         let mut slots = 0u64;
         for c in 0..CLASS_COUNT {
             let bytes = capacity_bytes * shares[c] as u64 / 100;
-            let buckets = (bytes / BUCKET_BYTES[c] as u64).clamp(if shares[c] > 0 { 1 } else { 0 }, u32::MAX as u64 / 2);
+            let buckets = (bytes / BUCKET_BYTES[c] as u64)
+                .clamp(if shares[c] > 0 { 1 } else { 0 }, u32::MAX as u64 / 2);
             class_buckets[c] = buckets as u32;
             slots += buckets * cache_common::WAYS as u64;
         }
@@ -168,11 +197,27 @@ impl Settings {
         let write_settle = Duration::from_millis(pick!(write_settle_ms).unwrap_or(250));
         let lease = Duration::from_millis(pick!(lease_ms).unwrap_or(1000));
         if lease < Duration::from_millis(200) || lease > Duration::from_secs(60) {
-            return Err(bad("lease-ms", format!("{} ms", lease.as_millis()), "use 200 to 60000"));
+            return Err(bad(
+                "lease-ms",
+                format!("{} ms", lease.as_millis()),
+                "use 200 to 60000",
+            ));
         }
-        let metrics_addr = parse_socket_addr(pick!(metrics_addr).as_deref().unwrap_or("127.0.0.1:9477"))
-            .map_err(|_| bad("metrics-addr", "is not HOST:PORT".into(), "e.g. 127.0.0.1:9477"))?;
-        let allow = pick!(allow).unwrap_or_default().iter().map(|s| parse_cidr(s)).collect::<Result<Vec<_>>>()?;
+        let metrics_addr = parse_socket_addr(
+            pick!(metrics_addr).as_deref().unwrap_or("127.0.0.1:9477"),
+        )
+        .map_err(|_| {
+            bad(
+                "metrics-addr",
+                "is not HOST:PORT".into(),
+                "e.g. 127.0.0.1:9477",
+            )
+        })?;
+        let allow = pick!(allow)
+            .unwrap_or_default()
+            .iter()
+            .map(|s| parse_cidr(s))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Settings {
             tcp_port: memcached.port(),
             iface,
@@ -194,14 +239,22 @@ impl Settings {
             json_logs: match pick!(log_format).as_deref().unwrap_or("text") {
                 "text" => false,
                 "json" => true,
-                other => return Err(bad("log-format", format!("`{other}` is unknown"), "use `text` or `json`")),
+                other => {
+                    return Err(bad(
+                        "log-format",
+                        format!("`{other}` is unknown"),
+                        "use `text` or `json`",
+                    ));
+                }
             },
         })
     }
 
     /// Bytes of map memory the cache will take (buckets plus per-key bookkeeping).
     pub fn map_bytes(&self) -> u64 {
-        let buckets: u64 = (0..CLASS_COUNT).map(|c| self.class_buckets[c] as u64 * BUCKET_BYTES[c] as u64).sum();
+        let buckets: u64 = (0..CLASS_COUNT)
+            .map(|c| self.class_buckets[c] as u64 * BUCKET_BYTES[c] as u64)
+            .sum();
         buckets + self.key_meta_slots as u64 * size_of::<KeyMeta>() as u64
     }
 }
@@ -211,16 +264,28 @@ pub fn pin_dir(root: &std::path::Path, iface: &str) -> PathBuf {
 }
 
 fn missing(field: &'static str, example: &str) -> AgentError {
-    AgentError::Config { field, problem: "is required".into(), fix: format!("pass {example}") }
+    AgentError::Config {
+        field,
+        problem: "is required".into(),
+        fix: format!("pass {example}"),
+    }
 }
 
 fn bad(field: &'static str, problem: String, fix: &str) -> AgentError {
-    AgentError::Config { field, problem, fix: fix.into() }
+    AgentError::Config {
+        field,
+        problem,
+        fix: fix.into(),
+    }
 }
 
 fn secs(field: &'static str, s: f64) -> Result<Duration> {
     if !(s.is_finite() && s > 0.0 && s <= 86400.0) {
-        return Err(bad(field, format!("{s} seconds"), "use a number of seconds between 0 and 86400"));
+        return Err(bad(
+            field,
+            format!("{s} seconds"),
+            "use a number of seconds between 0 and 86400",
+        ));
     }
     Ok(Duration::from_secs_f64(s))
 }
@@ -230,7 +295,13 @@ fn parse_socket_addr(s: &str) -> Result<SocketAddr> {
     s.to_socket_addrs()
         .ok()
         .and_then(|mut a| a.next())
-        .ok_or_else(|| bad("memcached", format!("`{s}` is not HOST:PORT"), "e.g. 127.0.0.1:11211 or [::1]:11211"))
+        .ok_or_else(|| {
+            bad(
+                "memcached",
+                format!("`{s}` is not HOST:PORT"),
+                "e.g. 127.0.0.1:11211 or [::1]:11211",
+            )
+        })
 }
 
 /// `64M`, `1G`, `1048576`.
@@ -244,24 +315,44 @@ pub fn parse_size(s: &str) -> Result<u64> {
                 "K" => 1 << 10,
                 "M" => 1 << 20,
                 "G" => 1 << 30,
-                _ => return Err(bad("capacity", format!("`{s}` has an unknown unit"), "use K, M or G, e.g. 256M")),
+                _ => {
+                    return Err(bad(
+                        "capacity",
+                        format!("`{s}` has an unknown unit"),
+                        "use K, M or G, e.g. 256M",
+                    ));
+                }
             };
             (&t[..i], mult)
         }
         None => (t, 1),
     };
-    let n: u64 = num.trim().parse().map_err(|_| bad("capacity", format!("`{s}` is not a size"), "e.g. 256M"))?;
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| bad("capacity", format!("`{s}` is not a size"), "e.g. 256M"))?;
     Ok(n * mult)
 }
 
 pub fn parse_cidr(s: &str) -> Result<Cidr> {
     let fix = "use CIDR notation, e.g. 10.0.0.0/8 or 2001:db8::/32";
     let (a, p) = s.trim().split_once('/').unwrap_or((s.trim(), ""));
-    let addr: std::net::IpAddr = a.parse().map_err(|_| bad("allow", format!("`{s}` is not an address"), fix))?;
+    let addr: std::net::IpAddr = a
+        .parse()
+        .map_err(|_| bad("allow", format!("`{s}` is not an address"), fix))?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
-    let prefix = if p.is_empty() { max } else { p.parse().map_err(|_| bad("allow", format!("`{s}` has a bad prefix"), fix))? };
+    let prefix = if p.is_empty() {
+        max
+    } else {
+        p.parse()
+            .map_err(|_| bad("allow", format!("`{s}` has a bad prefix"), fix))?
+    };
     if prefix > max {
-        return Err(bad("allow", format!("`{s}` prefix is longer than {max}"), fix));
+        return Err(bad(
+            "allow",
+            format!("`{s}` prefix is longer than {max}"),
+            fix,
+        ));
     }
     Ok(Cidr { addr, prefix })
 }
@@ -271,7 +362,11 @@ mod tests {
     use super::*;
 
     fn args(iface: &str, mc: &str) -> RunArgs {
-        RunArgs { iface: Some(iface.into()), memcached: Some(mc.into()), ..Default::default() }
+        RunArgs {
+            iface: Some(iface.into()),
+            memcached: Some(mc.into()),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -289,7 +384,9 @@ mod tests {
         a.capacity = Some("12X".into());
         let e = Settings::resolve(&a).unwrap_err().to_string();
         assert!(e.contains("`capacity`") && e.contains("Fix:"), "{e}");
-        let e = Settings::resolve(&RunArgs::default()).unwrap_err().to_string();
+        let e = Settings::resolve(&RunArgs::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`iface`"), "{e}");
     }
 
@@ -298,7 +395,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("agent-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("agent.toml");
-        std::fs::write(&path, "iface = \"from-file\"\nmemcached = \"127.0.0.1:1\"\ncapacity = \"2M\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "iface = \"from-file\"\nmemcached = \"127.0.0.1:1\"\ncapacity = \"2M\"\n",
+        )
+        .unwrap();
         let mut a = args("from-flag", "127.0.0.1:11211");
         a.config = Some(path);
         let s = Settings::resolve(&a).unwrap();

@@ -27,20 +27,28 @@ fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> AgentError 
 }
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Map> {
-    ebpf.map_mut(name).ok_or(AgentError::Map { map: name, source: aya::maps::MapError::InvalidName { name: name.into() } })
+    ebpf.map_mut(name).ok_or(AgentError::Map {
+        map: name,
+        source: aya::maps::MapError::InvalidName { name: name.into() },
+    })
 }
 
 fn map_ref<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a Map> {
-    ebpf.map(name).ok_or(AgentError::Map { map: name, source: aya::maps::MapError::InvalidName { name: name.into() } })
+    ebpf.map(name).ok_or(AgentError::Map {
+        map: name,
+        source: aya::maps::MapError::InvalidName { name: name.into() },
+    })
 }
 
 pub fn write_config(ebpf: &mut Ebpf, config: &Config) -> Result<()> {
-    let mut array: Array<&mut MapData, Config> = Array::try_from(map_mut(ebpf, names::CONFIG)?).map_err(map_err(names::CONFIG))?;
+    let mut array: Array<&mut MapData, Config> =
+        Array::try_from(map_mut(ebpf, names::CONFIG)?).map_err(map_err(names::CONFIG))?;
     array.set(0, config, 0).map_err(map_err(names::CONFIG))
 }
 
 pub fn read_config(ebpf: &Ebpf) -> Result<Config> {
-    let array: Array<&MapData, Config> = Array::try_from(map_ref(ebpf, names::CONFIG)?).map_err(map_err(names::CONFIG))?;
+    let array: Array<&MapData, Config> =
+        Array::try_from(map_ref(ebpf, names::CONFIG)?).map_err(map_err(names::CONFIG))?;
     array.get(&0, 0).map_err(map_err(names::CONFIG))
 }
 
@@ -50,13 +58,17 @@ pub fn write_allowlist(ebpf: &mut Ebpf, allow: &[crate::config::Cidr]) -> Result
         match cidr.addr {
             std::net::IpAddr::V4(a) => {
                 let mut trie: LpmTrie<&mut MapData, [u8; 4], u8> =
-                    LpmTrie::try_from(map_mut(ebpf, names::ALLOW_V4)?).map_err(map_err(names::ALLOW_V4))?;
-                trie.insert(&Key::new(cidr.prefix as u32, a.octets()), 1, 0).map_err(map_err(names::ALLOW_V4))?;
+                    LpmTrie::try_from(map_mut(ebpf, names::ALLOW_V4)?)
+                        .map_err(map_err(names::ALLOW_V4))?;
+                trie.insert(&Key::new(cidr.prefix as u32, a.octets()), 1, 0)
+                    .map_err(map_err(names::ALLOW_V4))?;
             }
             std::net::IpAddr::V6(a) => {
                 let mut trie: LpmTrie<&mut MapData, [u8; 16], u8> =
-                    LpmTrie::try_from(map_mut(ebpf, names::ALLOW_V6)?).map_err(map_err(names::ALLOW_V6))?;
-                trie.insert(&Key::new(cidr.prefix as u32, a.octets()), 1, 0).map_err(map_err(names::ALLOW_V6))?;
+                    LpmTrie::try_from(map_mut(ebpf, names::ALLOW_V6)?)
+                        .map_err(map_err(names::ALLOW_V6))?;
+                trie.insert(&Key::new(cidr.prefix as u32, a.octets()), 1, 0)
+                    .map_err(map_err(names::ALLOW_V6))?;
             }
         }
     }
@@ -64,7 +76,13 @@ pub fn write_allowlist(ebpf: &mut Ebpf, allow: &[crate::config::Cidr]) -> Result
 }
 
 /// Maps `cache-agent stats` reads from another process.
-pub const PINNED_MAPS: [&str; 5] = [names::COUNTERS, names::HIT_LATENCY, names::MISS_LATENCY, names::CONFIG, names::STATE];
+pub const PINNED_MAPS: [&str; 5] = [
+    names::COUNTERS,
+    names::HIT_LATENCY,
+    names::MISS_LATENCY,
+    names::CONFIG,
+    names::STATE,
+];
 
 pub fn pin_maps(ebpf: &Ebpf, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)?;
@@ -73,7 +91,10 @@ pub fn pin_maps(ebpf: &Ebpf, dir: &Path) -> Result<()> {
         let _ = std::fs::remove_file(&path);
         map_ref(ebpf, name)?
             .pin(&path)
-            .map_err(|e| AgentError::Pin { path: path.clone(), detail: e.to_string() })?;
+            .map_err(|e| AgentError::Pin {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
     }
     Ok(())
 }
@@ -84,14 +105,18 @@ pub fn snapshot_from_pins(dir: &Path) -> Result<Snapshot> {
         MapData::from_pin(dir.join(name)).map_err(map_err(name))
     };
     let counters: PerCpuArray<MapData, Counters> =
-        PerCpuArray::try_from(Map::PerCpuArray(open(names::COUNTERS)?)).map_err(map_err(names::COUNTERS))?;
+        PerCpuArray::try_from(Map::PerCpuArray(open(names::COUNTERS)?))
+            .map_err(map_err(names::COUNTERS))?;
     let hit: PerCpuArray<MapData, Histogram> =
-        PerCpuArray::try_from(Map::PerCpuArray(open(names::HIT_LATENCY)?)).map_err(map_err(names::HIT_LATENCY))?;
+        PerCpuArray::try_from(Map::PerCpuArray(open(names::HIT_LATENCY)?))
+            .map_err(map_err(names::HIT_LATENCY))?;
     let miss: PerCpuArray<MapData, Histogram> =
-        PerCpuArray::try_from(Map::PerCpuArray(open(names::MISS_LATENCY)?)).map_err(map_err(names::MISS_LATENCY))?;
+        PerCpuArray::try_from(Map::PerCpuArray(open(names::MISS_LATENCY)?))
+            .map_err(map_err(names::MISS_LATENCY))?;
     let config: Array<MapData, Config> =
         Array::try_from(Map::Array(open(names::CONFIG)?)).map_err(map_err(names::CONFIG))?;
-    let state: Array<MapData, State> = Array::try_from(Map::Array(open(names::STATE)?)).map_err(map_err(names::STATE))?;
+    let state: Array<MapData, State> =
+        Array::try_from(Map::Array(open(names::STATE)?)).map_err(map_err(names::STATE))?;
     Ok(Snapshot {
         counters: sum_counters(&counters)?,
         hit_latency: sum_histograms(&hit)?,
@@ -106,10 +131,13 @@ pub fn snapshot(ebpf: &Ebpf) -> Result<Snapshot> {
     let counters: PerCpuArray<&MapData, Counters> =
         PerCpuArray::try_from(map_ref(ebpf, names::COUNTERS)?).map_err(map_err(names::COUNTERS))?;
     let hit: PerCpuArray<&MapData, Histogram> =
-        PerCpuArray::try_from(map_ref(ebpf, names::HIT_LATENCY)?).map_err(map_err(names::HIT_LATENCY))?;
+        PerCpuArray::try_from(map_ref(ebpf, names::HIT_LATENCY)?)
+            .map_err(map_err(names::HIT_LATENCY))?;
     let miss: PerCpuArray<&MapData, Histogram> =
-        PerCpuArray::try_from(map_ref(ebpf, names::MISS_LATENCY)?).map_err(map_err(names::MISS_LATENCY))?;
-    let state: Array<&MapData, State> = Array::try_from(map_ref(ebpf, names::STATE)?).map_err(map_err(names::STATE))?;
+        PerCpuArray::try_from(map_ref(ebpf, names::MISS_LATENCY)?)
+            .map_err(map_err(names::MISS_LATENCY))?;
+    let state: Array<&MapData, State> =
+        Array::try_from(map_ref(ebpf, names::STATE)?).map_err(map_err(names::STATE))?;
     Ok(Snapshot {
         counters: sum_counters(&counters)?,
         hit_latency: sum_histograms(&hit)?,
@@ -119,7 +147,9 @@ pub fn snapshot(ebpf: &Ebpf) -> Result<Snapshot> {
     })
 }
 
-fn sum_counters<T: std::borrow::Borrow<MapData>>(map: &PerCpuArray<T, Counters>) -> Result<[u64; COUNTER_COUNT]> {
+fn sum_counters<T: std::borrow::Borrow<MapData>>(
+    map: &PerCpuArray<T, Counters>,
+) -> Result<[u64; COUNTER_COUNT]> {
     let per_cpu = map.get(&0, 0).map_err(map_err(names::COUNTERS))?;
     let mut out = [0u64; COUNTER_COUNT];
     for cpu in per_cpu.iter() {
@@ -130,7 +160,9 @@ fn sum_counters<T: std::borrow::Borrow<MapData>>(map: &PerCpuArray<T, Counters>)
     Ok(out)
 }
 
-fn sum_histograms<T: std::borrow::Borrow<MapData>>(map: &PerCpuArray<T, Histogram>) -> Result<Histogram> {
+fn sum_histograms<T: std::borrow::Borrow<MapData>>(
+    map: &PerCpuArray<T, Histogram>,
+) -> Result<Histogram> {
     let per_cpu = map.get(&0, 0).map_err(map_err(names::HIT_LATENCY))?;
     let mut out = Histogram::default();
     for cpu in per_cpu.iter() {
@@ -151,7 +183,10 @@ pub fn invalidate_key(ebpf: &Ebpf, udp_port: u16, key: &[u8]) -> Result<(), Prog
         .ok_or(ProgramError::NotLoaded)?
         .try_into()?;
     let frame = synthetic_udp_frame(udp_port, &[b"delete ", key, b"\r\n"].concat());
-    prog.test_run(TestRunOptions { data_in: Some(&frame), ..TestRunOptions::new() })?;
+    prog.test_run(TestRunOptions {
+        data_in: Some(&frame),
+        ..TestRunOptions::new()
+    })?;
     Ok(())
 }
 
@@ -161,7 +196,20 @@ pub fn synthetic_udp_frame(port: u16, payload: &[u8]) -> Vec<u8> {
     let ip_len = 20 + udp_len;
     let mut f = Vec::with_capacity(14 + ip_len);
     f.extend_from_slice(&[2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00]);
-    f.extend_from_slice(&[0x45, 0, (ip_len >> 8) as u8, ip_len as u8, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+    f.extend_from_slice(&[
+        0x45,
+        0,
+        (ip_len >> 8) as u8,
+        ip_len as u8,
+        0,
+        0,
+        0x40,
+        0,
+        64,
+        17,
+        0,
+        0,
+    ]);
     f.extend_from_slice(&[127, 0, 0, 1, 127, 0, 0, 1]);
     let sum = ipv4_checksum(&f[14..34]);
     f[24..26].copy_from_slice(&sum.to_be_bytes());
@@ -175,7 +223,10 @@ pub fn synthetic_udp_frame(port: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 pub fn ipv4_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header.chunks(2).map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32).sum();
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -193,7 +244,10 @@ pub fn realtime_offset_ns() -> u64 {
 }
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec; clock ids are constants.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

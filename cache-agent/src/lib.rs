@@ -10,6 +10,11 @@
 //!   watchdog.
 //! - [`error`]: the crate's error type.
 
+#![allow(
+    clippy::result_large_err,
+    reason = "errors are rare and carry aya's error values whole, for the message"
+)]
+
 pub mod coherence;
 pub mod config;
 pub mod error;
@@ -21,4 +26,5 @@ pub mod notify;
 pub mod stats;
 
 /// The eBPF object built from cache-ebpf by build.rs.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cache-ebpf"));
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cache-ebpf"));

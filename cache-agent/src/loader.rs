@@ -32,30 +32,73 @@ pub fn load(settings: &Settings) -> Result<Ebpf> {
     loader.map_max_entries(names::FILL_TICKETS, TICKETS);
     loader.map_max_entries(names::TCP_FLOWS, FLOWS);
     let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
-    for name in [names::XDP_GET, names::XDP_SCAN, names::XDP_CACHE, names::XDP_PASS, names::XDP_REFLECTOR] {
-        let prog: &mut Xdp = ebpf.program_mut(name).expect("in object").try_into().expect("xdp");
-        prog.load().map_err(|source| AgentError::Program { program: name, source })?;
+    for name in [
+        names::XDP_GET,
+        names::XDP_SCAN,
+        names::XDP_CACHE,
+        names::XDP_PASS,
+        names::XDP_REFLECTOR,
+    ] {
+        let prog: &mut Xdp = ebpf
+            .program_mut(name)
+            .expect("in object")
+            .try_into()
+            .expect("xdp");
+        prog.load().map_err(|source| AgentError::Program {
+            program: name,
+            source,
+        })?;
     }
     // The entry program tail-calls these; the map stays open as long as `ebpf` lives (closing
     // the last user fd of a program array empties it).
-    for (index, name) in [(names::JUMP_GET, names::XDP_GET), (names::JUMP_SCAN, names::XDP_SCAN)] {
+    for (index, name) in [
+        (names::JUMP_GET, names::XDP_GET),
+        (names::JUMP_SCAN, names::XDP_SCAN),
+    ] {
         let fd = {
-            let prog: &Xdp = ebpf.program(name).expect("in object").try_into().expect("xdp");
-            prog.fd().map_err(|source| AgentError::Program { program: name, source })?.try_clone()?
+            let prog: &Xdp = ebpf
+                .program(name)
+                .expect("in object")
+                .try_into()
+                .expect("xdp");
+            prog.fd()
+                .map_err(|source| AgentError::Program {
+                    program: name,
+                    source,
+                })?
+                .try_clone()?
         };
-        let mut jump: ProgramArray<&mut MapData> = ProgramArray::try_from(ebpf.map_mut(names::JUMP).expect("in object"))
-            .map_err(|source| AgentError::Map { map: names::JUMP, source })?;
-        jump.set(index, &fd, 0).map_err(|source| AgentError::Map { map: names::JUMP, source })?;
+        let mut jump: ProgramArray<&mut MapData> = ProgramArray::try_from(
+            ebpf.map_mut(names::JUMP).expect("in object"),
+        )
+        .map_err(|source| AgentError::Map {
+            map: names::JUMP,
+            source,
+        })?;
+        jump.set(index, &fd, 0).map_err(|source| AgentError::Map {
+            map: names::JUMP,
+            source,
+        })?;
     }
-    let tc: &mut SchedClassifier = ebpf.program_mut(names::TC_FILL).expect("in object").try_into().expect("tc");
-    tc.load().map_err(|source| AgentError::Program { program: names::TC_FILL, source })?;
+    let tc: &mut SchedClassifier = ebpf
+        .program_mut(names::TC_FILL)
+        .expect("in object")
+        .try_into()
+        .expect("tc");
+    tc.load().map_err(|source| AgentError::Program {
+        program: names::TC_FILL,
+        source,
+    })?;
     Ok(ebpf)
 }
 
 /// The configuration the kernel starts with: serving off until the first lease renewal.
 pub fn initial_config(settings: &Settings) -> Config {
     let mut instances = [Instance::default(); MAX_INSTANCES];
-    instances[0] = Instance { tcp_port: settings.tcp_port, udp_port: settings.udp_port };
+    instances[0] = Instance {
+        tcp_port: settings.tcp_port,
+        udp_port: settings.udp_port,
+    };
     let mut f = flags::FILL;
     if settings.hit_latency {
         f |= flags::HIT_LATENCY;
@@ -109,12 +152,14 @@ fn mtu_ioctl(iface: &str) -> Option<u32> {
         }
         let rc = libc::ioctl(fd, libc::SIOCGIFMTU, &mut req);
         libc::close(fd);
-        (rc == 0).then(|| req.ifr_ifru.ifru_mtu as u32)
+        (rc == 0).then_some(req.ifr_ifru.ifru_mtu as u32)
     }
 }
 
 pub fn interface_exists(iface: &str) -> bool {
-    let Ok(name) = std::ffi::CString::new(iface) else { return false };
+    let Ok(name) = std::ffi::CString::new(iface) else {
+        return false;
+    };
     // SAFETY: NUL-terminated string.
     unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
 }
@@ -123,20 +168,40 @@ pub fn interface_exists(iface: &str) -> bool {
 pub fn attach(ebpf: &mut Ebpf, settings: &Settings) -> Result<()> {
     let iface = settings.iface.as_str();
     if !interface_exists(iface) {
-        return Err(AgentError::NoSuchInterface { iface: iface.into() });
+        return Err(AgentError::NoSuchInterface {
+            iface: iface.into(),
+        });
     }
     let mode = match settings.xdp_mode {
         XdpMode::Native => AyaXdpMode::Driver,
         XdpMode::Generic => AyaXdpMode::Skb,
     };
-    let xdp: &mut Xdp = ebpf.program_mut(names::XDP_CACHE).expect("loaded").try_into().expect("xdp");
-    xdp.attach(iface, mode).map_err(|source| classify_xdp_error(iface, source))?;
-    let tc: &mut SchedClassifier = ebpf.program_mut(names::TC_FILL).expect("loaded").try_into().expect("tc");
+    let xdp: &mut Xdp = ebpf
+        .program_mut(names::XDP_CACHE)
+        .expect("loaded")
+        .try_into()
+        .expect("xdp");
+    xdp.attach(iface, mode)
+        .map_err(|source| classify_xdp_error(iface, source))?;
+    let tc: &mut SchedClassifier = ebpf
+        .program_mut(names::TC_FILL)
+        .expect("loaded")
+        .try_into()
+        .expect("tc");
     if let Err(source) = tc.attach(iface, TcAttachType::Egress) {
         // Leave nothing half attached: dropping the XDP link detaches it.
-        let xdp: &mut Xdp = ebpf.program_mut(names::XDP_CACHE).expect("loaded").try_into().expect("xdp");
+        let xdp: &mut Xdp = ebpf
+            .program_mut(names::XDP_CACHE)
+            .expect("loaded")
+            .try_into()
+            .expect("xdp");
         let _ = xdp.unload();
-        return Err(AgentError::Attach { program: names::TC_FILL, iface: iface.into(), fix: "the kernel needs TCX (6.6+) or clsact", source });
+        return Err(AgentError::Attach {
+            program: names::TC_FILL,
+            iface: iface.into(),
+            fix: "the kernel needs TCX (6.6+) or clsact",
+            source,
+        });
     }
     info!(iface, mode = ?settings.xdp_mode, "attached XDP hit path and TC egress fill");
     Ok(())
@@ -144,33 +209,68 @@ pub fn attach(ebpf: &mut Ebpf, settings: &Settings) -> Result<()> {
 
 fn classify_xdp_error(iface: &str, source: aya::programs::ProgramError) -> AgentError {
     let text = format!("{source:?}");
-    if text.contains("EBUSY") || text.contains("Device or resource busy") || text.contains("File exists") || text.contains("os error 16") || text.contains("os error 17") {
-        return AgentError::XdpBusy { iface: iface.into(), detail: source.to_string() };
+    if text.contains("EBUSY")
+        || text.contains("Device or resource busy")
+        || text.contains("File exists")
+        || text.contains("os error 16")
+        || text.contains("os error 17")
+    {
+        return AgentError::XdpBusy {
+            iface: iface.into(),
+            detail: source.to_string(),
+        };
     }
     let fix = if text.contains("EOPNOTSUPP") || text.contains("os error 95") {
         "the driver has no native XDP; pass --xdp-mode generic to use the (slower) generic mode"
     } else {
         "check `ip link show` for the interface and that the kernel supports XDP links (5.9+)"
     };
-    AgentError::Attach { program: names::XDP_CACHE, iface: iface.into(), fix, source }
+    AgentError::Attach {
+        program: names::XDP_CACHE,
+        iface: iface.into(),
+        fix,
+        source,
+    }
 }
 
 /// Attaches the XDP_PASS program to `iface` and pins the link at `pin`, so it stays after this
 /// process exits (a veth peer needs an XDP program for XDP_TX frames to arrive).
 pub fn attach_pass_pinned(iface: &str, pin: &std::path::Path) -> Result<()> {
     if !interface_exists(iface) {
-        return Err(AgentError::NoSuchInterface { iface: iface.into() });
+        return Err(AgentError::NoSuchInterface {
+            iface: iface.into(),
+        });
     }
     let mut ebpf = Ebpf::load(crate::EBPF_OBJECT)?;
-    let prog: &mut Xdp = ebpf.program_mut(names::XDP_PASS).expect("in object").try_into().expect("xdp");
-    prog.load().map_err(|source| AgentError::Program { program: names::XDP_PASS, source })?;
-    let id = prog.attach(iface, AyaXdpMode::Driver).map_err(|source| classify_xdp_error(iface, source))?;
-    let link = prog.take_link(id).map_err(|source| AgentError::Program { program: names::XDP_PASS, source })?;
-    let fd_link: aya::programs::links::FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| AgentError::Pin { path: pin.into(), detail: e.to_string() })?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(names::XDP_PASS)
+        .expect("in object")
+        .try_into()
+        .expect("xdp");
+    prog.load().map_err(|source| AgentError::Program {
+        program: names::XDP_PASS,
+        source,
+    })?;
+    let id = prog
+        .attach(iface, AyaXdpMode::Driver)
+        .map_err(|source| classify_xdp_error(iface, source))?;
+    let link = prog.take_link(id).map_err(|source| AgentError::Program {
+        program: names::XDP_PASS,
+        source,
+    })?;
+    let fd_link: aya::programs::links::FdLink =
+        link.try_into()
+            .map_err(|e: aya::programs::links::LinkError| AgentError::Pin {
+                path: pin.into(),
+                detail: e.to_string(),
+            })?;
     if let Some(parent) = pin.parent() {
         std::fs::create_dir_all(parent)?;
     }
     let _ = std::fs::remove_file(pin);
-    fd_link.pin(pin).map_err(|e| AgentError::Pin { path: pin.into(), detail: e.to_string() })?;
+    fd_link.pin(pin).map_err(|e| AgentError::Pin {
+        path: pin.into(),
+        detail: e.to_string(),
+    })?;
     Ok(())
 }

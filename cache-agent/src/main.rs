@@ -1,5 +1,7 @@
 //! The `cache-agent` binary: CLI, logging, and the `run` lifecycle.
 
+#![allow(clippy::result_large_err, reason = "see lib.rs")]
+
 use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
@@ -83,7 +85,11 @@ fn main() -> ExitCode {
         Command::Stats(t) => show_stats(t),
         Command::Status(t) => show_status(t),
         Command::Detach(t) => detach(t),
-        Command::XdpPass { iface, detach, pin_root } => xdp_pass(&iface, detach, &pin_root),
+        Command::XdpPass {
+            iface,
+            detach,
+            pin_root,
+        } => xdp_pass(&iface, detach, &pin_root),
         Command::Reflector { iface, port } => reflector(&iface, port),
     };
     match result {
@@ -109,20 +115,43 @@ fn pid_file(iface: &str) -> PathBuf {
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = Settings::resolve(&args)?;
     init_logging(settings.json_logs);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(run_async(settings))
 }
 
 async fn run_async(settings: Settings) -> anyhow::Result<()> {
     // Refuse to start half-way: memcached must answer before anything is attached.
     let addr = settings.memcached;
-    match tokio::time::timeout(std::time::Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await {
+    match tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    {
         Ok(Ok(_)) => {}
-        Ok(Err(e)) => return Err(AgentError::MemcachedUnreachable { addr: addr.to_string(), detail: e.to_string() }.into()),
-        Err(_) => return Err(AgentError::MemcachedUnreachable { addr: addr.to_string(), detail: "timed out".into() }.into()),
+        Ok(Err(e)) => {
+            return Err(AgentError::MemcachedUnreachable {
+                addr: addr.to_string(),
+                detail: e.to_string(),
+            }
+            .into());
+        }
+        Err(_) => {
+            return Err(AgentError::MemcachedUnreachable {
+                addr: addr.to_string(),
+                detail: "timed out".into(),
+            }
+            .into());
+        }
     }
     if !loader::interface_exists(&settings.iface) {
-        return Err(AgentError::NoSuchInterface { iface: settings.iface.clone() }.into());
+        return Err(AgentError::NoSuchInterface {
+            iface: settings.iface.clone(),
+        }
+        .into());
     }
     let mut ebpf = loader::load(&settings)?;
     let mut config = loader::initial_config(&settings);
@@ -152,8 +181,13 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
 
     let shared = Shared::new(ebpf, config, settings.clone());
     let lease = tokio::spawn(coherence::lease_loop(Arc::clone(&shared)));
-    let watch = settings.watch.then(|| tokio::spawn(coherence::watch_loop(Arc::clone(&shared))));
-    let metrics = tokio::spawn(cache_agent::http::serve(settings.metrics_addr, Arc::clone(&shared)));
+    let watch = settings
+        .watch
+        .then(|| tokio::spawn(coherence::watch_loop(Arc::clone(&shared))));
+    let metrics = tokio::spawn(cache_agent::http::serve(
+        settings.metrics_addr,
+        Arc::clone(&shared),
+    ));
     cache_agent::notify::ready();
     let watchdog = tokio::spawn(cache_agent::notify::watchdog_loop());
 
@@ -181,7 +215,11 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
 fn show_stats(t: Target) -> anyhow::Result<()> {
     let dir = pin_dir(&t.pin_root, &t.iface);
     if !dir.exists() {
-        return Err(AgentError::NotRunning { iface: t.iface, path: dir }.into());
+        return Err(AgentError::NotRunning {
+            iface: t.iface,
+            path: dir,
+        }
+        .into());
     }
     let snap = kernel::snapshot_from_pins(&dir)?;
     if t.json {
@@ -195,13 +233,20 @@ fn show_stats(t: Target) -> anyhow::Result<()> {
 fn show_status(t: Target) -> anyhow::Result<()> {
     let dir = pin_dir(&t.pin_root, &t.iface);
     if !dir.exists() {
-        return Err(AgentError::NotRunning { iface: t.iface, path: dir }.into());
+        return Err(AgentError::NotRunning {
+            iface: t.iface,
+            path: dir,
+        }
+        .into());
     }
     let snap = kernel::snapshot_from_pins(&dir)?;
     let pid = std::fs::read_to_string(pid_file(&t.iface)).unwrap_or_default();
     let m = stats::counters_by_name(&snap);
     let entries: i64 = (0..4)
-        .map(|c| m[format!("slots_filled_{c}").as_str()] as i64 - m[format!("slots_cleared_{c}").as_str()] as i64)
+        .map(|c| {
+            m[format!("slots_filled_{c}").as_str()] as i64
+                - m[format!("slots_cleared_{c}").as_str()] as i64
+        })
         .sum();
     let status = serde_json::json!({
         "iface": t.iface,
@@ -263,13 +308,21 @@ fn reflector(iface: &str, port: u16) -> anyhow::Result<()> {
     init_logging(false);
     let mut ebpf = aya::Ebpf::load(cache_agent::EBPF_OBJECT)?;
     let mut config = cache_common::Config::default();
-    config.instances[0] = cache_common::Instance { tcp_port: port, udp_port: port };
+    config.instances[0] = cache_common::Instance {
+        tcp_port: port,
+        udp_port: port,
+    };
     kernel::write_config(&mut ebpf, &config)?;
-    let prog: &mut Xdp = ebpf.program_mut(cache_common::names::XDP_REFLECTOR).context("program")?.try_into()?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(cache_common::names::XDP_REFLECTOR)
+        .context("program")?
+        .try_into()?;
     prog.load()?;
     prog.attach(iface, XdpMode::Driver)?;
     info!(iface, port, "reflector attached");
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let mut term = signal(SignalKind::terminate())?;
         tokio::select! {

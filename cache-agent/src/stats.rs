@@ -7,14 +7,22 @@ use cache_common::{COUNTER_NAMES, flags};
 use crate::kernel::{Snapshot, coarse_now_ns};
 
 pub fn counters_by_name(snap: &Snapshot) -> BTreeMap<&'static str, u64> {
-    COUNTER_NAMES.iter().copied().zip(snap.counters.iter().copied()).collect()
+    COUNTER_NAMES
+        .iter()
+        .copied()
+        .zip(snap.counters.iter().copied())
+        .collect()
 }
 
 /// Share of requested keys answered by the kernel.
 pub fn hit_ratio(snap: &Snapshot) -> f64 {
     let m = counters_by_name(snap);
     let keys = m["get_keys"];
-    if keys == 0 { 0.0 } else { m["hit_keys"] as f64 / keys as f64 }
+    if keys == 0 {
+        0.0
+    } else {
+        m["hit_keys"] as f64 / keys as f64
+    }
 }
 
 pub fn to_json(snap: &Snapshot) -> serde_json::Value {

@@ -72,8 +72,12 @@ pub enum Counter {
 pub const COUNTER_COUNT: usize = Counter::SlotsCleared3 as usize + 1;
 
 impl Counter {
-    pub const SLOTS_FILLED: [Counter; 4] =
-        [Counter::SlotsFilled0, Counter::SlotsFilled1, Counter::SlotsFilled2, Counter::SlotsFilled3];
+    pub const SLOTS_FILLED: [Counter; 4] = [
+        Counter::SlotsFilled0,
+        Counter::SlotsFilled1,
+        Counter::SlotsFilled2,
+        Counter::SlotsFilled3,
+    ];
     pub const SLOTS_CLEARED: [Counter; 4] = [
         Counter::SlotsCleared0,
         Counter::SlotsCleared1,
@@ -91,7 +95,9 @@ pub struct Counters {
 
 impl Default for Counters {
     fn default() -> Self {
-        Self { values: [0; COUNTER_COUNT] }
+        Self {
+            values: [0; COUNTER_COUNT],
+        }
     }
 }
 
@@ -122,7 +128,11 @@ pub struct Histogram {
 #[inline(always)]
 pub fn histogram_bucket(ns: u64) -> usize {
     let log = 63 - (ns | 1).leading_zeros() as usize;
-    if log >= HISTOGRAM_BUCKETS { HISTOGRAM_BUCKETS - 1 } else { log }
+    if log >= HISTOGRAM_BUCKETS {
+        HISTOGRAM_BUCKETS - 1
+    } else {
+        log
+    }
 }
 
 /// Counter names in COUNTERS order (snake_case of [`Counter`]); `cache-agent stats` prints these.

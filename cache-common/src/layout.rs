@@ -3,7 +3,10 @@
 /// `bpf_spin_lock` as the verifier knows it: the BTF type must carry exactly this name.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-#[allow(non_camel_case_types, reason = "the verifier matches the BTF type name")]
+#[allow(
+    non_camel_case_types,
+    reason = "the verifier matches the BTF type name"
+)]
 pub struct bpf_spin_lock {
     pub val: u32,
 }

@@ -47,7 +47,13 @@ pub fn expiry_from_exptime(exptime: i64, now: u64, realtime_offset_ns: u64) -> u
 
 /// A write to one key: called before memcached applies it.
 #[inline(always)]
-pub fn write_key(cfg: &Config, key_hash: u32, ttl: Ttl, counters: Option<*mut Counters>, source: Counter) {
+pub fn write_key(
+    cfg: &Config,
+    key_hash: u32,
+    ttl: Ttl,
+    counters: Option<*mut Counters>,
+    source: Counter,
+) {
     let now = coarse_ns();
     // Record the write time first, then clear under each bucket lock (see store::insert).
     let recorded = match (cfg.key_meta_slots, ttl) {
@@ -62,7 +68,8 @@ pub fn write_key(cfg: &Config, key_hash: u32, ttl: Ttl, counters: Option<*mut Co
                         (*meta).ttl_tag = key_hash;
                     }
                     Ttl::Exptime(e) => {
-                        (*meta).ttl_expires_ns = expiry_from_exptime(e, now, cfg.realtime_offset_ns);
+                        (*meta).ttl_expires_ns =
+                            expiry_from_exptime(e, now, cfg.realtime_offset_ns);
                         (*meta).ttl_tag = key_hash;
                     }
                 }

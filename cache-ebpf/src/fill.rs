@@ -26,13 +26,22 @@ use crate::time::{coarse_ns, precise_ns};
 pub const TC_NEXT: i32 = -1;
 
 pub fn run(ctx: &TcContext) -> i32 {
-    let frame = Frame { start: ctx.data(), end: ctx.data_end() };
-    let Some(h) = parse(&frame) else { return TC_NEXT };
+    let frame = Frame {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
+    let Some(h) = parse(&frame) else {
+        return TC_NEXT;
+    };
     if h.proto != IPPROTO_UDP || h.payload_len < FRAME_HEADER_LEN + VALUE.len() {
         return TC_NEXT;
     }
-    let Some(cfg) = CONFIG.get(0) else { return TC_NEXT };
-    let Some(instance) = instance_for(cfg, h.src_port, false) else { return TC_NEXT };
+    let Some(cfg) = CONFIG.get(0) else {
+        return TC_NEXT;
+    };
+    let Some(instance) = instance_for(cfg, h.src_port, false) else {
+        return TC_NEXT;
+    };
     let Some(head) = frame.bytes::<{ FRAME_HEADER_LEN + 6 }>(h.payload_off) else {
         return TC_NEXT;
     };
@@ -58,8 +67,19 @@ pub fn run(ctx: &TcContext) -> i32 {
         count(c, Counter::FillRefusedNoTicket);
         return TC_NEXT;
     };
-    record(MISS_LATENCY.get_ptr_mut(0), precise_ns().wrapping_sub(ticket.arrived_ns));
-    let reason = fill(ctx, cfg, &ticket, instance, h.payload_off + FRAME_HEADER_LEN, h.payload_len - FRAME_HEADER_LEN, c);
+    record(
+        MISS_LATENCY.get_ptr_mut(0),
+        precise_ns().wrapping_sub(ticket.arrived_ns),
+    );
+    let reason = fill(
+        ctx,
+        cfg,
+        &ticket,
+        instance,
+        h.payload_off + FRAME_HEADER_LEN,
+        h.payload_len - FRAME_HEADER_LEN,
+        c,
+    );
     count(c, reason);
     TC_NEXT
 }
@@ -78,23 +98,37 @@ fn fill(
     if cfg.flags & flags::FILL == 0 || now >= cfg.lease_until_ns {
         return Counter::FillRefusedHold;
     }
-    let Some(state) = STATE.get(0) else { return Counter::FillRefusedHold };
+    let Some(state) = STATE.get(0) else {
+        return Counter::FillRefusedHold;
+    };
     if state.kernel_epoch as u32 != ticket.kernel_epoch || cfg.agent_epoch != ticket.agent_epoch {
         return Counter::FillRefusedEpoch;
     }
-    if ticket.arrived_coarse_ns < cfg.fill_hold_until_ns || ticket.arrived_coarse_ns < state.flush_hold_until_ns {
+    if ticket.arrived_coarse_ns < cfg.fill_hold_until_ns
+        || ticket.arrived_coarse_ns < state.flush_hold_until_ns
+    {
         return Counter::FillRefusedHold;
     }
     // The datagram is one item, optionally followed by END.
     if len > MAX_TEXT + END.len() {
         return Counter::FillRefusedTooBig;
     }
-    let Some(s) = SCRATCH.get_ptr_mut(0) else { return Counter::FillRefusedHold };
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return Counter::FillRefusedHold;
+    };
     if len == 0 {
         return Counter::FillRefusedMalformed;
     }
     let n = helper_len(len);
-    if unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), off as u32, (&raw mut (*s).reply).cast(), n) } != 0 {
+    if unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            off as u32,
+            (&raw mut (*s).reply).cast(),
+            n,
+        )
+    } != 0
+    {
         return Counter::FillRefusedMalformed;
     }
     let Some(line) = parse_value_line(s, instance) else {
@@ -141,7 +175,11 @@ fn fill(
         get_arrived_ns: ticket.arrived_coarse_ns,
         settle_ns: cfg.write_settle_ns,
     };
-    let v = Validity { now, kernel_epoch: state.kernel_epoch as u32, agent_epoch: cfg.agent_epoch };
+    let v = Validity {
+        now,
+        kernel_epoch: state.kernel_epoch as u32,
+        agent_epoch: cfg.agent_epoch,
+    };
     let b = &cfg.class_buckets;
     let stored = if text_len <= TEXT_CAPACITY[0] {
         insert(&CLASS0, b[0], &item, meta, &v, s, c, 0)
@@ -239,7 +277,13 @@ fn parse_value_line(s: *mut Scratch, instance: u8) -> Option<ValueLine> {
         return None;
     }
     if bytes > MAX_TEXT {
-        return Some(ValueLine { key_hash: 0, key_len, header_len, bytes: MAX_TEXT + 1, has_cas });
+        return Some(ValueLine {
+            key_hash: 0,
+            key_len,
+            header_len,
+            bytes: MAX_TEXT + 1,
+            has_cas,
+        });
     }
     // Through memory: each loop exit refined these differently; the rest of the fill must
     // be verified once, not once per exit.
@@ -251,7 +295,13 @@ fn parse_value_line(s: *mut Scratch, instance: u8) -> Option<ValueLine> {
     let header_len = forget(header_len);
     let bytes = forget(bytes);
     let key_hash = forget(finish(hash) as usize) as u32;
-    Some(ValueLine { key_hash, key_len, header_len, bytes, has_cas })
+    Some(ValueLine {
+        key_hash,
+        key_len,
+        header_len,
+        bytes,
+        has_cas,
+    })
 }
 
 #[allow(dead_code)]

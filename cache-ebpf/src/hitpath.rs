@@ -10,7 +10,8 @@ use aya_ebpf::{
     bindings::xdp_action,
     cty::c_void,
     helpers::generated::{
-        bpf_csum_diff, bpf_loop, bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes, bpf_xdp_store_bytes,
+        bpf_csum_diff, bpf_loop, bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
+        bpf_xdp_store_bytes,
     },
     maps::lpm_trie::Key,
     programs::XdpContext,
@@ -52,8 +53,19 @@ pub fn run_get(ctx: &XdpContext) -> u32 {
     };
     let h = crate::ingress::saved_headers(s);
     let (head, instance) = unsafe { ((*s).pkt.head, (*s).pkt.instance as u8) };
-    let frame = Frame { start: ctx.data(), end: ctx.data_end() };
-    serve(ctx, &frame, h, &head, cfg, instance, crate::stats::counters())
+    let frame = Frame {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
+    serve(
+        ctx,
+        &frame,
+        h,
+        &head,
+        cfg,
+        instance,
+        crate::stats::counters(),
+    )
 }
 
 #[inline(always)]
@@ -115,7 +127,14 @@ fn serve(
         outcome: OUTCOME_HIT,
         text_total: 0,
     };
-    unsafe { bpf_loop(nkeys, hit_step as *const () as *mut c_void, (&raw mut hits).cast(), 0) };
+    unsafe {
+        bpf_loop(
+            nkeys,
+            hit_step as *const () as *mut c_void,
+            (&raw mut hits).cast(),
+            0,
+        )
+    };
     if hits.outcome != OUTCOME_HIT || hits.hits != nkeys {
         if hits.outcome == OUTCOME_STALE {
             count(c, Counter::Expired);
@@ -149,7 +168,7 @@ fn serve(
         return pass(c, Counter::PassNoRoom);
     }
     // From here on the request is gone: the frame is the reply.
-    if !write_reply(ctx, h, &saved, request_id, nkeys, payload_len, s) {
+    if !write_reply(ctx, h, &saved, request_id, nkeys, payload_len) {
         return xdp_action::XDP_DROP;
     }
     count(c, Counter::HitRequests);
@@ -171,7 +190,9 @@ fn allowed(h: &Headers) -> bool {
     if h.is_v6 {
         ALLOW_V6.get(Key::new(128, h.src)).is_some()
     } else {
-        ALLOW_V4.get(Key::new(32, [h.src[0], h.src[1], h.src[2], h.src[3]])).is_some()
+        ALLOW_V4
+            .get(Key::new(32, [h.src[0], h.src[1], h.src[2], h.src[3]]))
+            .is_some()
     }
 }
 
@@ -203,8 +224,18 @@ fn parse_keys(s: *mut Scratch, len: usize, instance: u8) -> Option<u32> {
     wr(hash, seed(instance));
     wr(bad, 0);
     let pieces = ((len - 2 - GET_LEN + 7) / 8) as u32;
-    let mut pc = ParseCtx { instance: instance as u32, _pad: 0 };
-    unsafe { bpf_loop(pieces, parse_step as *const () as *mut c_void, (&raw mut pc).cast(), 0) };
+    let mut pc = ParseCtx {
+        instance: instance as u32,
+        _pad: 0,
+    };
+    unsafe {
+        bpf_loop(
+            pieces,
+            parse_step as *const () as *mut c_void,
+            (&raw mut pc).cast(),
+            0,
+        )
+    };
     finish_key(s, rd(limit) as usize & BUF_MASK, instance);
     if rd(bad) != 0 {
         return None;
@@ -224,7 +255,9 @@ struct ParseCtx {
 
 /// Scans bytes `4 + 8*index ..` of the request line (up to the CRLF).
 extern "C" fn parse_step(index: u64, ctx: *mut c_void) -> i64 {
-    let Some(s) = SCRATCH.get_ptr_mut(0) else { return 1 };
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
     let instance = unsafe { (*(ctx as *mut ParseCtx)).instance } as u8;
     let req = unsafe { &raw mut (*s).req };
     let hash = unsafe { &raw mut (*s).hash };
@@ -302,7 +335,11 @@ extern "C" fn hit_step(index: u64, ctx: *mut c_void) -> i64 {
         return 1;
     };
     let hc = unsafe { &mut *ctx };
-    let v = Validity { now: hc.now, kernel_epoch: hc.kernel_epoch, agent_epoch: hc.agent_epoch };
+    let v = Validity {
+        now: hc.now,
+        kernel_epoch: hc.kernel_epoch,
+        agent_epoch: hc.agent_epoch,
+    };
     let stage_at = hc.staged as usize & (BUF_MASK & !7);
     if stage_at + MAX_TEXT > BUF_SIZE + MAX_TEXT {
         hc.outcome = OUTCOME_TOO_BIG;
@@ -387,9 +424,18 @@ impl SavedHeaders {
     #[inline(always)]
     fn read(frame: &Frame, h: &Headers) -> Option<Self> {
         let eth = unsafe { *frame.bytes::<12>(0)? };
-        let vlan = if h.l3_off > 14 { unsafe { *frame.bytes::<4>(12)? } } else { [0; 4] };
+        let vlan = if h.l3_off > 14 {
+            unsafe { *frame.bytes::<4>(12)? }
+        } else {
+            [0; 4]
+        };
         let first = unsafe { *frame.bytes::<4>(h.l3_off)? };
-        Some(SavedHeaders { eth, vlan, v6_word0: first, tos: first[1] })
+        Some(SavedHeaders {
+            eth,
+            vlan,
+            v6_word0: first,
+            tos: first[1],
+        })
     }
 }
 
@@ -518,9 +564,11 @@ fn write_reply(
     request_id: u16,
     nkeys: u32,
     payload_len: usize,
-    s: *mut Scratch,
 ) -> bool {
-    let frame = Frame { start: ctx.data(), end: ctx.data_end() };
+    let frame = Frame {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
     let l3 = h.l3_off;
     let l3_len = if h.is_v6 { IPV6_LEN } else { IPV4_LEN };
     let l4 = l3 + l3_len;
@@ -528,21 +576,33 @@ fn write_reply(
     let udp_len = (UDP_LEN + payload_len) as u16;
 
     // Ethernet (and the VLAN tag, kept as it was).
-    let Some(eth) = frame.bytes::<14>(0) else { return false };
+    let Some(eth) = frame.bytes::<14>(0) else {
+        return false;
+    };
     let eth = unsafe { &mut *eth };
     eth[0..6].copy_from_slice(&saved.eth[6..12]);
     eth[6..12].copy_from_slice(&saved.eth[0..6]);
     if l3 > 14 {
-        let Some(tag) = frame.bytes::<4>(12) else { return false };
+        let Some(tag) = frame.bytes::<4>(12) else {
+            return false;
+        };
         unsafe { *tag = saved.vlan };
-        let Some(et) = frame.bytes::<2>(16) else { return false };
+        let Some(et) = frame.bytes::<2>(16) else {
+            return false;
+        };
         unsafe { *et = if h.is_v6 { [0x86, 0xdd] } else { [0x08, 0x00] } };
     } else {
-        eth[12..14].copy_from_slice(if h.is_v6 { &[0x86, 0xdd] } else { &[0x08, 0x00] });
+        eth[12..14].copy_from_slice(if h.is_v6 {
+            &[0x86, 0xdd]
+        } else {
+            &[0x08, 0x00]
+        });
     }
 
     if h.is_v6 {
-        let Some(ip) = frame.bytes::<{ IPV6_LEN }>(l3) else { return false };
+        let Some(ip) = frame.bytes::<{ IPV6_LEN }>(l3) else {
+            return false;
+        };
         let ip = unsafe { &mut *ip };
         ip[0..4].copy_from_slice(&saved.v6_word0);
         ip[4..6].copy_from_slice(&udp_len.to_be_bytes());
@@ -551,7 +611,9 @@ fn write_reply(
         ip[8..24].copy_from_slice(&h.dst);
         ip[24..40].copy_from_slice(&h.src);
     } else {
-        let Some(ip) = frame.bytes::<{ IPV4_LEN }>(l3) else { return false };
+        let Some(ip) = frame.bytes::<{ IPV4_LEN }>(l3) else {
+            return false;
+        };
         let ip = unsafe { &mut *ip };
         let total = (IPV4_LEN + UDP_LEN + payload_len) as u16;
         ip[0] = 0x45;
@@ -568,7 +630,9 @@ fn write_reply(
         ip[10..12].copy_from_slice(&csum.to_ne_bytes());
     }
 
-    let Some(udp) = frame.bytes::<{ UDP_LEN + FRAME_HEADER_LEN }>(l4) else { return false };
+    let Some(udp) = frame.bytes::<{ UDP_LEN + FRAME_HEADER_LEN }>(l4) else {
+        return false;
+    };
     let udp = unsafe { &mut *udp };
     udp[0..2].copy_from_slice(&h.dst_port.to_be_bytes());
     udp[2..4].copy_from_slice(&h.src_port.to_be_bytes());
@@ -577,8 +641,11 @@ fn write_reply(
     udp[8..10].copy_from_slice(&request_id.to_be_bytes());
     udp[10..16].copy_from_slice(&[0, 0, 0, 1, 0, 0]);
     let mut csum_acc = if h.is_v6 {
-        sum_bytes(&h.src) + sum_bytes(&h.dst) + sum_bytes(&(udp_len as u32).to_be_bytes())
-            + sum_bytes(&[0, 0, 0, crate::net::IPPROTO_UDP]) + sum_bytes(&udp[..])
+        sum_bytes(&h.src)
+            + sum_bytes(&h.dst)
+            + sum_bytes(&(udp_len as u32).to_be_bytes())
+            + sum_bytes(&[0, 0, 0, crate::net::IPPROTO_UDP])
+            + sum_bytes(&udp[..])
     } else {
         0
     };
@@ -591,14 +658,29 @@ fn write_reply(
         failed: 0,
         csum: 0,
     };
-    unsafe { bpf_loop(nkeys, emit_step as *const () as *mut c_void, (&raw mut emit).cast(), 0) };
+    unsafe {
+        bpf_loop(
+            nkeys,
+            emit_step as *const () as *mut c_void,
+            (&raw mut emit).cast(),
+            0,
+        )
+    };
     if emit.failed != 0 {
         return false;
     }
     csum_acc += emit.csum;
     let pos = emit.pos as usize;
     let end = *END;
-    if unsafe { bpf_xdp_store_bytes(ctx.ctx, pos as u32, end.as_ptr() as *mut c_void, END.len() as u32) } != 0 {
+    if unsafe {
+        bpf_xdp_store_bytes(
+            ctx.ctx,
+            pos as u32,
+            end.as_ptr() as *mut c_void,
+            END.len() as u32,
+        )
+    } != 0
+    {
         return false;
     }
     if h.is_v6 {
@@ -609,8 +691,13 @@ fn write_reply(
         if csum == 0 {
             csum = 0xffff;
         }
-        let frame = Frame { start: ctx.data(), end: ctx.data_end() };
-        let Some(c) = frame.bytes::<2>(l4 + 6) else { return false };
+        let frame = Frame {
+            start: ctx.data(),
+            end: ctx.data_end(),
+        };
+        let Some(c) = frame.bytes::<2>(l4 + 6) else {
+            return false;
+        };
         unsafe { *c = csum.to_ne_bytes() };
     }
     true

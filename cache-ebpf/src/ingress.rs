@@ -21,7 +21,10 @@ use crate::stats::{count, counters};
 use crate::store::copy_words;
 
 pub fn run(ctx: &XdpContext) -> u32 {
-    let frame = Frame { start: ctx.data(), end: ctx.data_end() };
+    let frame = Frame {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
     let Some(h) = parse(&frame) else {
         return xdp_action::XDP_PASS;
     };
@@ -124,12 +127,19 @@ pub fn saved_headers(s: *mut Scratch) -> &'static Headers {
 /// The write scanner program (tail-called): scans what `run` chose, applies the writes, and
 /// for TCP stores the flow's state back.
 pub fn run_scan(ctx: &XdpContext) -> u32 {
-    let Some(s) = SCRATCH.get_ptr_mut(0) else { return xdp_action::XDP_PASS };
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return xdp_action::XDP_PASS;
+    };
     let c = counters();
     let h = *saved_headers(s);
     let (off, len, instance, is_tcp) = unsafe {
         let p = &(*s).pkt;
-        (p.scan_off as usize & 0xffff, p.scan_len as usize & 0xffff, p.instance as u8, p.is_tcp != 0)
+        (
+            p.scan_off as usize & 0xffff,
+            p.scan_len as usize & 0xffff,
+            p.instance as u8,
+            p.is_tcp != 0,
+        )
     };
     let followed = scan(ctx, s, off, len, instance);
     apply_pending(s);
@@ -198,9 +208,20 @@ fn apply_pending(s: *mut Scratch) {
     if n == 0 {
         return;
     }
-    let n = if n as usize > MAX_PENDING { MAX_PENDING as u32 } else { n };
+    let n = if n as usize > MAX_PENDING {
+        MAX_PENDING as u32
+    } else {
+        n
+    };
     let mut unused = 0u64;
-    unsafe { bpf_loop(n, apply_step as *const () as *mut c_void, (&raw mut unused).cast(), 0) };
+    unsafe {
+        bpf_loop(
+            n,
+            apply_step as *const () as *mut c_void,
+            (&raw mut unused).cast(),
+            0,
+        )
+    };
 }
 
 extern "C" fn apply_step(index: u64, _ctx: *mut c_void) -> i64 {
@@ -226,7 +247,13 @@ extern "C" fn apply_step(index: u64, _ctx: *mut c_void) -> i64 {
 
 #[inline(always)]
 fn flow_key(h: &Headers) -> FlowKey {
-    FlowKey { addr: h.src, client_port: h.src_port, server_port: h.dst_port, is_v6: h.is_v6 as u8, _pad: [0; 3] }
+    FlowKey {
+        addr: h.src,
+        client_port: h.src_port,
+        server_port: h.dst_port,
+        is_v6: h.is_v6 as u8,
+        _pad: [0; 3],
+    }
 }
 
 /// Decides what of a TCP segment to scan, with the flow's state loaded into scratch.

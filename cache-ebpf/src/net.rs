@@ -44,7 +44,8 @@ impl Frame {
 
     #[inline(always)]
     pub fn be16_at(&self, off: usize) -> Option<u16> {
-        self.bytes::<2>(off).map(|p| u16::from_be_bytes(unsafe { *p }))
+        self.bytes::<2>(off)
+            .map(|p| u16::from_be_bytes(unsafe { *p }))
     }
 
     #[inline(always)]
@@ -171,7 +172,9 @@ pub fn parse(frame: &Frame) -> Option<Headers> {
 /// the rest of the program as a separate state and the program is verified once per shape.
 #[inline(always)]
 pub fn forget_value(v: usize) -> usize {
-    let Some(s) = crate::maps::SCRATCH.get_ptr_mut(0) else { return v };
+    let Some(s) = crate::maps::SCRATCH.get_ptr_mut(0) else {
+        return v;
+    };
     let cell = unsafe { &raw mut (*s).launder };
     unsafe {
         core::ptr::write_volatile(cell, v as u32);
@@ -181,9 +184,11 @@ pub fn forget_value(v: usize) -> usize {
 
 #[inline(always)]
 fn forget(mut h: Headers) -> Headers {
-    let Some(s) = crate::maps::SCRATCH.get_ptr_mut(0) else { return h };
+    let Some(s) = crate::maps::SCRATCH.get_ptr_mut(0) else {
+        return h;
+    };
     let cell = unsafe { &raw mut (*s).launder };
-    let mut pass = |v: usize| unsafe {
+    let pass = |v: usize| unsafe {
         core::ptr::write_volatile(cell, v as u32);
         core::ptr::read_volatile(cell) as usize
     };

@@ -1,7 +1,9 @@
 //! The zero-work baseline for benchmarks: answers every UDP `get` to memcached's port with
 //! `END\r\n`, doing only the header swap every reply needs. The ceiling of this machine.
 
-use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_xdp_adjust_tail, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action, helpers::generated::bpf_xdp_adjust_tail, programs::XdpContext,
+};
 use cache_common::{END, FRAME_HEADER_LEN, GET};
 
 use crate::ingress::instance_for;
@@ -9,9 +11,16 @@ use crate::maps::CONFIG;
 use crate::net::{Frame, IPPROTO_UDP, parse};
 
 pub fn run(ctx: &XdpContext) -> u32 {
-    let frame = Frame { start: ctx.data(), end: ctx.data_end() };
-    let Some(h) = parse(&frame) else { return xdp_action::XDP_PASS };
-    let Some(cfg) = CONFIG.get(0) else { return xdp_action::XDP_PASS };
+    let frame = Frame {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
+    let Some(h) = parse(&frame) else {
+        return xdp_action::XDP_PASS;
+    };
+    let Some(cfg) = CONFIG.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
     if h.proto != IPPROTO_UDP || h.is_v6 || instance_for(cfg, h.dst_port, false).is_none() {
         return xdp_action::XDP_PASS;
     }
@@ -26,11 +35,22 @@ pub fn run(ctx: &XdpContext) -> u32 {
     if delta > 0 || unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
         return xdp_action::XDP_PASS;
     }
-    let frame = Frame { start: ctx.data(), end: ctx.data_end() };
-    let Some(eth) = frame.bytes::<12>(0) else { return xdp_action::XDP_DROP };
-    let Some(ip) = frame.bytes::<20>(h.l3_off) else { return xdp_action::XDP_DROP };
-    let Some(udp) = frame.bytes::<16>(h.l4_off) else { return xdp_action::XDP_DROP };
-    let Some(end) = frame.bytes::<5>(cmd_off) else { return xdp_action::XDP_DROP };
+    let frame = Frame {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
+    let Some(eth) = frame.bytes::<12>(0) else {
+        return xdp_action::XDP_DROP;
+    };
+    let Some(ip) = frame.bytes::<20>(h.l3_off) else {
+        return xdp_action::XDP_DROP;
+    };
+    let Some(udp) = frame.bytes::<16>(h.l4_off) else {
+        return xdp_action::XDP_DROP;
+    };
+    let Some(end) = frame.bytes::<5>(cmd_off) else {
+        return xdp_action::XDP_DROP;
+    };
     unsafe {
         let eth = &mut *eth;
         let e = *eth;

@@ -22,9 +22,9 @@ use cache_common::{
 };
 
 use crate::coherence::{Ttl, flush, flush_delayed};
-use crate::scratch::{MAX_PENDING, Scratch};
 use crate::maps::{CONFIG, SCRATCH};
 use crate::scratch::BUF_MASK;
+use crate::scratch::{MAX_PENDING, Scratch};
 use crate::stats::counters;
 
 const MODE_LINE: u8 = 0;
@@ -340,7 +340,11 @@ fn end_line(st: &mut FlowState, env: &Env) {
                 return;
             }
             if key != 0 {
-                let ttl = if st.cmd == CMD_APPEND { Ttl::Keep } else { ttl_from(st) };
+                let ttl = if st.cmd == CMD_APPEND {
+                    Ttl::Keep
+                } else {
+                    ttl_from(st)
+                };
                 queue_write(env.s, key, ttl, Counter::InvalidateText);
             }
             if has_len {
@@ -393,7 +397,9 @@ fn binary_header_done(st: &mut FlowState) {
     st.bin_ext_len = h[4];
     st.bin_body_len = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
     st.bin_pos = 0;
-    if st.bin_key_len as u32 + st.bin_ext_len as u32 > st.bin_body_len || st.bin_body_len > (1 << 30) {
+    if st.bin_key_len as u32 + st.bin_ext_len as u32 > st.bin_body_len
+        || st.bin_body_len > (1 << 30)
+    {
         st.mode = MODE_LOST;
         return;
     }
@@ -402,14 +408,23 @@ fn binary_header_done(st: &mut FlowState) {
 
 #[inline(always)]
 fn binary_done(st: &mut FlowState, env: &Env) {
-    let key = if st.bin_key_len > 0 { finish(st.hash) } else { 0 };
+    let key = if st.bin_key_len > 0 {
+        finish(st.hash)
+    } else {
+        0
+    };
     let e = st.bin_ext;
-    let exptime_at = |at: usize| u32::from_be_bytes([e[at], e[at + 1], e[at + 2], e[at + 3]]) as i64;
+    let exptime_at =
+        |at: usize| u32::from_be_bytes([e[at], e[at + 1], e[at + 2], e[at + 3]]) as i64;
     let ext = st.bin_ext_len;
     match st.bin_opcode {
         // set, add, replace and their quiet forms: extras = flags, exptime.
         0x01 | 0x02 | 0x03 | 0x11 | 0x12 | 0x13 if key != 0 => {
-            let ttl = if ext >= 8 { Ttl::Exptime(exptime_at(4)) } else { Ttl::Unknown };
+            let ttl = if ext >= 8 {
+                Ttl::Exptime(exptime_at(4))
+            } else {
+                Ttl::Unknown
+            };
             queue_write(env.s, key, ttl, Counter::InvalidateBinary);
         }
         // delete, append, prepend (and quiet).
@@ -422,7 +437,11 @@ fn binary_done(st: &mut FlowState, env: &Env) {
         }
         // touch, gat, gatq, gatk, gatkq: extras = exptime.
         0x1c | 0x1d | 0x1e | 0x23 | 0x24 if key != 0 => {
-            let ttl = if ext >= 4 { Ttl::Exptime(exptime_at(0)) } else { Ttl::Unknown };
+            let ttl = if ext >= 4 {
+                Ttl::Exptime(exptime_at(0))
+            } else {
+                Ttl::Unknown
+            };
             queue_write(env.s, key, ttl, Counter::InvalidateBinary);
         }
         // flush, flushq: optional delay in extras.
@@ -450,7 +469,12 @@ extern "C" fn scan_step(_index: u64, ctx: *mut c_void) -> i64 {
     let (Some(s), Some(cfg)) = (SCRATCH.get_ptr_mut(0), CONFIG.get(0)) else {
         return 1;
     };
-    let env = Env { cfg, counters: counters(), instance: unsafe { (*ctx).instance } as u8, s };
+    let env = Env {
+        cfg,
+        counters: counters(),
+        instance: unsafe { (*ctx).instance } as u8,
+        s,
+    };
     let (pos, len) = unsafe { ((*ctx).pos, (*ctx).len) };
     if pos >= len {
         return 1;
@@ -499,7 +523,11 @@ extern "C" fn scan_step(_index: u64, ctx: *mut c_void) -> i64 {
         MODE_BIN_BODY => {
             let p = st.bin_pos;
             if p < st.bin_ext_len as u32 {
-                st.bin_ext[(p & 7) as usize] = if p < 8 { b } else { st.bin_ext[(p & 7) as usize] };
+                st.bin_ext[(p & 7) as usize] = if p < 8 {
+                    b
+                } else {
+                    st.bin_ext[(p & 7) as usize]
+                };
             } else {
                 st.hash = step(st.hash, b);
             }
@@ -538,7 +566,12 @@ extern "C" fn scan_step(_index: u64, ctx: *mut c_void) -> i64 {
 /// `Scratch::flow`. Returns false if the stream was lost.
 #[inline(always)]
 pub fn scan_chunk(len: u32, instance: u8) -> bool {
-    let mut ctx = StepCtx { pos: 0, len, instance: instance as u32, _pad: 0 };
+    let mut ctx = StepCtx {
+        pos: 0,
+        len,
+        instance: instance as u32,
+        _pad: 0,
+    };
     unsafe {
         bpf_loop(len, scan_step as *mut c_void, (&raw mut ctx).cast(), 0);
     }

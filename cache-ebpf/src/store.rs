@@ -102,7 +102,10 @@ pub fn lookup<const TEXT: usize, const N: usize>(
     let slot = slot_ptr(bucket, way);
     let _guard = Guard::lock(unsafe { &raw mut (*bucket).lock });
     unsafe {
-        if (*slot).tag != key_hash || (*slot).key_len as usize != key_len || (*slot).instance != instance {
+        if (*slot).tag != key_hash
+            || (*slot).key_len as usize != key_len
+            || (*slot).instance != instance
+        {
             return Found::Miss;
         }
         if !is_live(slot, v) {
@@ -201,7 +204,10 @@ pub fn insert<const TEXT: usize, const N: usize>(
         for w in 0..WAYS {
             let slot = slot_ptr(bucket, w);
             let tag = (*slot).tag;
-            if tag == item.key_hash && (*slot).key_len == item.key_len && (*slot).instance == item.instance {
+            if tag == item.key_hash
+                && (*slot).key_len == item.key_len
+                && (*slot).instance == item.instance
+            {
                 target = w;
                 break;
             }

@@ -20,13 +20,20 @@ use crate::{try_tcp_exchange, udp_exchange};
 #[derive(Debug, Clone)]
 pub enum Kind {
     /// set/append producing a value whose last token is `token`; `ttl` if it set one.
-    Write { token: String, ttl: Option<u64> },
+    Write {
+        token: String,
+        ttl: Option<u64>,
+    },
     Delete,
     /// touch: the value stays, its TTL changes.
-    Touch { ttl: u64 },
+    Touch {
+        ttl: u64,
+    },
     FlushAll,
     /// A read returning the value whose last token is `token` (None: a miss).
-    Read { token: Option<String> },
+    Read {
+        token: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -68,7 +75,12 @@ pub fn run(load: &Load, stop: Arc<AtomicBool>) -> Vec<Op> {
     let history = Arc::new(Mutex::new(Vec::<Op>::new()));
     let mut handles = Vec::new();
     for w in 0..load.writers {
-        let (history, stop, keys, addr) = (Arc::clone(&history), Arc::clone(&stop), load.keys.clone(), load.tcp);
+        let (history, stop, keys, addr) = (
+            Arc::clone(&history),
+            Arc::clone(&stop),
+            load.keys.clone(),
+            load.tcp,
+        );
         let (flushes, ttls, pause) = (load.flushes, load.ttls, load.pause);
         handles.push(std::thread::spawn(move || {
             let mut rng = 0x9e37_79b9u64 ^ (w as u64 * 7919);
@@ -82,34 +94,66 @@ pub fn run(load: &Load, stop: Arc<AtomicBool>) -> Vec<Op> {
                 let token = format!("w{w}.{seq};");
                 let choice = (rng >> 20) % 100;
                 let invoked = Instant::now();
-                let (request, kind) = if flushes && choice < 1 && (rng >> 50) % 4 == 0 {
+                let (request, kind) = if flushes && choice < 1 && (rng >> 50).is_multiple_of(4) {
                     ("flush_all\r\n".to_string(), Kind::FlushAll)
                 } else if choice < 15 {
                     (format!("delete {key}\r\n"), Kind::Delete)
                 } else if choice < 30 {
-                    (format!("append {key} 0 0 {}\r\n{token}\r\n", token.len()), Kind::Write { token: token.clone(), ttl: None })
+                    (
+                        format!("append {key} 0 0 {}\r\n{token}\r\n", token.len()),
+                        Kind::Write {
+                            token: token.clone(),
+                            ttl: None,
+                        },
+                    )
                 } else if ttls && choice < 38 {
                     let ttl = 1 + (rng >> 40) % 3;
                     (format!("touch {key} {ttl}\r\n"), Kind::Touch { ttl })
                 } else if ttls && choice < 45 {
                     let ttl = 1 + (rng >> 40) % 3;
-                    (format!("set {key} 0 {ttl} {}\r\n{token}\r\n", token.len()), Kind::Write { token: token.clone(), ttl: Some(ttl) })
+                    (
+                        format!("set {key} 0 {ttl} {}\r\n{token}\r\n", token.len()),
+                        Kind::Write {
+                            token: token.clone(),
+                            ttl: Some(ttl),
+                        },
+                    )
                 } else {
-                    (format!("set {key} 0 0 {}\r\n{token}\r\n", token.len()), Kind::Write { token: token.clone(), ttl: None })
+                    (
+                        format!("set {key} 0 0 {}\r\n{token}\r\n", token.len()),
+                        Kind::Write {
+                            token: token.clone(),
+                            ttl: None,
+                        },
+                    )
                 };
-                let Some(reply) = try_tcp_exchange(addr, request.as_bytes(), &[b"\r\n".to_vec()]) else {
+                let Some(reply) = try_tcp_exchange(addr, request.as_bytes(), &[b"\r\n".to_vec()])
+                else {
                     std::thread::sleep(Duration::from_millis(20));
                     continue; // never reached memcached
                 };
                 let completed = Instant::now();
-                let applied = matches!(&reply[..], b"STORED\r\n" | b"DELETED\r\n" | b"TOUCHED\r\n" | b"OK\r\n");
+                let applied = matches!(
+                    &reply[..],
+                    b"STORED\r\n" | b"DELETED\r\n" | b"TOUCHED\r\n" | b"OK\r\n"
+                );
                 if applied {
-                    history.lock().unwrap().push(Op { key, kind, invoked, completed });
+                    history.lock().unwrap().push(Op {
+                        key,
+                        kind,
+                        invoked,
+                        completed,
+                    });
                 } else if reply.is_empty() {
                     // No answer (memcached stopped or restarting): it may still take effect, at
                     // an unknown time. It can produce values but proves nothing stale.
                     let completed = completed + Duration::from_secs(3600);
-                    history.lock().unwrap().push(Op { key, kind, invoked, completed });
+                    history.lock().unwrap().push(Op {
+                        key,
+                        kind,
+                        invoked,
+                        completed,
+                    });
                 }
                 // Otherwise (NOT_STORED, NOT_FOUND...) the write changed nothing.
                 std::thread::sleep(pause);
@@ -117,20 +161,31 @@ pub fn run(load: &Load, stop: Arc<AtomicBool>) -> Vec<Op> {
         }));
     }
     for r in 0..load.readers {
-        let (history, stop, keys, addr) = (Arc::clone(&history), Arc::clone(&stop), load.keys.clone(), load.udp);
+        let (history, stop, keys, addr) = (
+            Arc::clone(&history),
+            Arc::clone(&stop),
+            load.keys.clone(),
+            load.udp,
+        );
         handles.push(std::thread::spawn(move || {
             let mut i = r;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
                 let key = keys[i % keys.len()].clone();
                 let invoked = Instant::now();
-                let reply = udp_exchange(addr, format!("get {key}\r\n").as_bytes(), crate::next_id());
+                let reply =
+                    udp_exchange(addr, format!("get {key}\r\n").as_bytes(), crate::next_id());
                 let completed = Instant::now();
                 if !reply.payload.ends_with(b"END\r\n") {
                     continue; // lost datagram or timeout: no answer is no stale answer
                 }
                 let token = last_token(&reply.payload);
-                history.lock().unwrap().push(Op { key, kind: Kind::Read { token }, invoked, completed });
+                history.lock().unwrap().push(Op {
+                    key,
+                    kind: Kind::Read { token },
+                    invoked,
+                    completed,
+                });
             }
         }));
     }
@@ -184,26 +239,38 @@ pub fn check(history: &[Op]) -> Outcome {
     let written_between = |key: &str, after: Instant, before: Instant, except: &Op| -> bool {
         by_key.get(key).is_some_and(|list| {
             let start = list.partition_point(|o| o.invoked <= after);
-            list[start..].iter().take_while(|o| o.invoked < before).any(|o| !std::ptr::eq(*o, except))
+            list[start..]
+                .iter()
+                .take_while(|o| o.invoked < before)
+                .any(|o| !std::ptr::eq(*o, except))
         })
     };
     for read in history {
-        let Kind::Read { token } = &read.kind else { continue };
+        let Kind::Read { token } = &read.kind else {
+            continue;
+        };
         out.reads += 1;
         let Some(token) = token else {
             out.misses += 1;
             continue;
         };
         let Some(producer) = producers.get(&(read.key.as_str(), token.as_str())) else {
-            out.stale.push(format!("{}: value {token} was never written by this test", read.key));
+            out.stale.push(format!(
+                "{}: value {token} was never written by this test",
+                read.key
+            ));
             continue;
         };
         let empty = Vec::new();
         let same_key = by_key.get(read.key.as_str()).unwrap_or(&empty);
         let start = same_key.partition_point(|o| o.invoked <= producer.completed);
-        let later = same_key[start..].iter().take_while(|o| o.invoked < read.invoked);
+        let later = same_key[start..]
+            .iter()
+            .take_while(|o| o.invoked < read.invoked);
         let flush_start = flushes.partition_point(|o| o.invoked <= producer.completed);
-        let later_flushes = flushes[flush_start..].iter().take_while(|o| o.invoked < read.invoked);
+        let later_flushes = flushes[flush_start..]
+            .iter()
+            .take_while(|o| o.invoked < read.invoked);
         let mut stale = None;
         for w in later.chain(later_flushes) {
             let effective = match w.kind {
@@ -227,12 +294,12 @@ pub fn check(history: &[Op]) -> Outcome {
                 break;
             }
         }
-        if stale.is_none() {
-            if let Kind::Write { ttl: Some(ttl), .. } = producer.kind {
-                let expired = producer.completed + Duration::from_secs(ttl) + TTL_SLACK;
-                if expired < read.invoked && !written_between(&read.key, producer.invoked, read.completed, producer) {
-                    stale = Some(format!("{}: {token} served after its {ttl}s TTL", read.key));
-                }
+        if let (None, Kind::Write { ttl: Some(ttl), .. }) = (&stale, &producer.kind) {
+            let expired = producer.completed + Duration::from_secs(*ttl) + TTL_SLACK;
+            if expired < read.invoked
+                && !written_between(&read.key, producer.invoked, read.completed, producer)
+            {
+                stale = Some(format!("{}: {token} served after its {ttl}s TTL", read.key));
             }
         }
         if let Some(s) = stale {
@@ -247,18 +314,42 @@ mod tests {
     use super::*;
 
     fn op(key: &str, kind: Kind, at: Instant, from_ms: u64, to_ms: u64) -> Op {
-        Op { key: key.into(), kind, invoked: at + Duration::from_millis(from_ms), completed: at + Duration::from_millis(to_ms) }
+        Op {
+            key: key.into(),
+            kind,
+            invoked: at + Duration::from_millis(from_ms),
+            completed: at + Duration::from_millis(to_ms),
+        }
     }
 
     #[test]
     fn a_value_overwritten_before_the_read_started_is_stale() {
         let t = Instant::now();
-        let w = |tok: &str| Kind::Write { token: tok.into(), ttl: None };
+        let w = |tok: &str| Kind::Write {
+            token: tok.into(),
+            ttl: None,
+        };
         let h = vec![
             op("k", w("a;"), t, 0, 10),
             op("k", w("b;"), t, 20, 30),
-            op("k", Kind::Read { token: Some("a;".into()) }, t, 40, 50),
-            op("k", Kind::Read { token: Some("a;".into()) }, t, 25, 50), // overlaps b: fine
+            op(
+                "k",
+                Kind::Read {
+                    token: Some("a;".into()),
+                },
+                t,
+                40,
+                50,
+            ),
+            op(
+                "k",
+                Kind::Read {
+                    token: Some("a;".into()),
+                },
+                t,
+                25,
+                50,
+            ), // overlaps b: fine
         ];
         let out = check(&h);
         assert_eq!(out.stale.len(), 1, "{:?}", out.stale);
@@ -266,7 +357,10 @@ mod tests {
 
     #[test]
     fn tokens_come_from_the_end_of_the_value() {
-        assert_eq!(last_token(b"VALUE k 0 12\r\nw1.1;w2.7;\r\nEND\r\n").as_deref(), Some("w2.7;"));
+        assert_eq!(
+            last_token(b"VALUE k 0 12\r\nw1.1;w2.7;\r\nEND\r\n").as_deref(),
+            Some("w2.7;")
+        );
         assert_eq!(last_token(b"END\r\n"), None);
     }
 }

@@ -49,7 +49,9 @@ impl Rig {
     }
 
     pub fn start_agent(&mut self, args: &[&str]) {
-        self.bed.start_agent(args).unwrap_or_else(|e| panic!("agent: {e}"));
+        self.bed
+            .start_agent(args)
+            .unwrap_or_else(|e| panic!("agent: {e}"));
         self.wait_serving(true, Duration::from_secs(15));
         // A new agent flushes and holds fills for the write-settle time plus a second.
         std::thread::sleep(Duration::from_millis(1300));
@@ -59,31 +61,50 @@ impl Rig {
     pub fn wait_serving(&self, want: bool, limit: Duration) {
         let start = Instant::now();
         loop {
-            let serving = self.agent_stats().map(|s| s["serving"] == serde_json::Value::Bool(true)).unwrap_or(false);
+            let serving = self
+                .agent_stats()
+                .map(|s| s["serving"] == serde_json::Value::Bool(true))
+                .unwrap_or(false);
             if serving == want {
                 return;
             }
-            assert!(start.elapsed() < limit, "agent serving != {want} after {limit:?}; log: {}", self.agent_log());
+            assert!(
+                start.elapsed() < limit,
+                "agent serving != {want} after {limit:?}; log: {}",
+                self.agent_log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
 
     pub fn agent_log(&self) -> String {
-        self.bed.agent_log().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default()
+        self.bed
+            .agent_log()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
     }
 
     /// The agent's kernel counters (`cache-agent stats --json`), or None if no agent runs.
     pub fn agent_stats(&self) -> Option<serde_json::Value> {
-        let out = self.bed.agent_cmd(&["stats", "--json", "--iface", self.bed.server_iface()]).ok()?;
+        let out = self
+            .bed
+            .agent_cmd(&["stats", "--json", "--iface", self.bed.server_iface()])
+            .ok()?;
         serde_json::from_str(out.trim()).ok()
     }
 
     pub fn counter(&self, name: &str) -> u64 {
-        self.agent_stats().and_then(|s| s[name].as_u64()).unwrap_or(0)
+        self.agent_stats()
+            .and_then(|s| s[name].as_u64())
+            .unwrap_or(0)
     }
 
     pub fn server(&self, v6: bool) -> SocketAddr {
-        let ip: IpAddr = if v6 { self.bed.server_v6().into() } else { self.bed.server_v4().into() };
+        let ip: IpAddr = if v6 {
+            self.bed.server_v6().into()
+        } else {
+            self.bed.server_v4().into()
+        };
         SocketAddr::new(ip, self.bed.memcached_port())
     }
 
@@ -93,7 +114,8 @@ impl Rig {
         let addr = self.server(false);
         let request = request.to_vec();
         let terms: Vec<Vec<u8>> = terminators.iter().map(|t| t.to_vec()).collect();
-        self.bed.in_client(move || tcp_exchange(addr, &request, &terms))
+        self.bed
+            .in_client(move || tcp_exchange(addr, &request, &terms))
     }
 
     /// One text-protocol command whose reply is a single line.
@@ -113,11 +135,16 @@ impl Rig {
     pub fn udp(&self, request: &[u8], request_id: u16, v6: bool) -> UdpReply {
         let addr = self.server(v6);
         let request = request.to_vec();
-        self.bed.in_client(move || udp_exchange(addr, &request, request_id))
+        self.bed
+            .in_client(move || udp_exchange(addr, &request, request_id))
     }
 
     pub fn udp_get(&self, keys: &[&str]) -> UdpReply {
-        self.udp(format!("get {}\r\n", keys.join(" ")).as_bytes(), next_id(), false)
+        self.udp(
+            format!("get {}\r\n", keys.join(" ")).as_bytes(),
+            next_id(),
+            false,
+        )
     }
 
     /// memcached's own `stats`.
@@ -132,7 +159,10 @@ impl Rig {
     }
 
     pub fn mc_stat(&self, name: &str) -> u64 {
-        self.mc_stats().get(name).and_then(|v| v.parse().ok()).unwrap_or(0)
+        self.mc_stats()
+            .get(name)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
     }
 
     /// GETs `key` over UDP until the kernel answers it (hit_keys moves), within `limit`.
@@ -170,13 +200,18 @@ pub fn tcp_exchange(addr: SocketAddr, request: &[u8], terminators: &[Vec<u8>]) -
 }
 
 /// Like [`tcp_exchange`], but None when memcached cannot be reached.
-pub fn try_tcp_exchange(addr: SocketAddr, request: &[u8], terminators: &[Vec<u8>]) -> Option<Vec<u8>> {
+pub fn try_tcp_exchange(
+    addr: SocketAddr,
+    request: &[u8],
+    terminators: &[Vec<u8>],
+) -> Option<Vec<u8>> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     Some(exchange_on(&mut s, request, terminators))
 }
 
 fn exchange_on(s: &mut TcpStream, request: &[u8], terminators: &[Vec<u8>]) -> Vec<u8> {
-    s.set_read_timeout(Some(Duration::from_millis(2000))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(2000)))
+        .unwrap();
     if s.write_all(request).is_err() {
         return Vec::new();
     }
@@ -196,15 +231,24 @@ fn exchange_on(s: &mut TcpStream, request: &[u8], terminators: &[Vec<u8>]) -> Ve
 /// Sends one datagram (frame header + `request`) and collects the reply datagrams with the
 /// same request id until `total` of them arrived, the payload ends with `END\r\n`, or 1 s.
 pub fn udp_exchange(addr: SocketAddr, request: &[u8], request_id: u16) -> UdpReply {
-    let bind = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+    let bind = if addr.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    };
     let sock = UdpSocket::bind(bind).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(1000))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(1000)))
+        .unwrap();
     let mut dgram = Vec::with_capacity(8 + request.len());
     dgram.extend_from_slice(&request_id.to_be_bytes());
     dgram.extend_from_slice(&[0, 0, 0, 1, 0, 0]);
     dgram.extend_from_slice(request);
     sock.send_to(&dgram, addr).unwrap();
-    let mut reply = UdpReply { request_id, datagrams: 0, payload: Vec::new() };
+    let mut reply = UdpReply {
+        request_id,
+        datagrams: 0,
+        payload: Vec::new(),
+    };
     let mut buf = [0u8; 65536];
     let deadline = Instant::now() + Duration::from_millis(1500);
     while Instant::now() < deadline {
@@ -232,5 +276,7 @@ pub fn value_text(key: &str, flags: u32, value: &[u8]) -> Vec<u8> {
 
 /// A deterministic pseudo-random printable value of `len` bytes.
 pub fn value_of(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| b'a' + ((i as u32 * 7 + seed as u32) % 26) as u8).collect()
+    (0..len)
+        .map(|i| b'a' + ((i as u32 * 7 + seed as u32) % 26) as u8)
+        .collect()
 }

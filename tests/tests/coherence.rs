@@ -19,10 +19,17 @@ fn authoritative(rig: &Rig, key: &str) -> Vec<u8> {
 
 /// Reads `key` over UDP several times: every reply must equal memcached's current answer.
 fn assert_fresh(rig: &Rig, key: &str, expected: &[u8], what: &str) {
-    assert_eq!(authoritative(rig, key), expected, "{what}: memcached itself disagrees with the test");
+    assert_eq!(
+        authoritative(rig, key),
+        expected,
+        "{what}: memcached itself disagrees with the test"
+    );
     for i in 0..8 {
         let reply = rig.udp_get(&[key]);
-        assert_eq!(reply.payload, expected, "{what}: stale or wrong reply #{i} for {key}");
+        assert_eq!(
+            reply.payload, expected,
+            "{what}: stale or wrong reply #{i} for {key}"
+        );
     }
 }
 
@@ -45,11 +52,17 @@ fn text_protocol_writes_invalidate() {
     assert_fresh(&rig, "del", MISS, "delete");
 
     warm("app", b"old");
-    assert_eq!(rig.tcp(b"append app 0 0 4\r\n-new\r\n", &[b"\r\n"]), b"STORED\r\n");
+    assert_eq!(
+        rig.tcp(b"append app 0 0 4\r\n-new\r\n", &[b"\r\n"]),
+        b"STORED\r\n"
+    );
     assert_fresh(&rig, "app", &item("app", 0, b"old-new"), "append");
 
     warm("pre", b"old");
-    assert_eq!(rig.tcp(b"prepend pre 0 0 4\r\nnew-\r\n", &[b"\r\n"]), b"STORED\r\n");
+    assert_eq!(
+        rig.tcp(b"prepend pre 0 0 4\r\nnew-\r\n", &[b"\r\n"]),
+        b"STORED\r\n"
+    );
     assert_fresh(&rig, "pre", &item("pre", 0, b"new-old"), "prepend");
 
     warm("num", b"10");
@@ -60,18 +73,31 @@ fn text_protocol_writes_invalidate() {
     assert_fresh(&rig, "num", &item("num", 0, b"12"), "decr");
 
     warm("rep", b"old");
-    assert_eq!(rig.tcp(b"replace rep 4 0 3\r\nnew\r\n", &[b"\r\n"]), b"STORED\r\n");
+    assert_eq!(
+        rig.tcp(b"replace rep 4 0 3\r\nnew\r\n", &[b"\r\n"]),
+        b"STORED\r\n"
+    );
     assert_fresh(&rig, "rep", &item("rep", 4, b"new"), "replace");
 
     warm("cas", b"old");
     let gets = String::from_utf8(rig.tcp(b"gets cas\r\n", &[b"END\r\n"])).unwrap();
-    let unique = gets.lines().next().unwrap().split(' ').nth(4).unwrap().to_owned();
+    let unique = gets
+        .lines()
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(4)
+        .unwrap()
+        .to_owned();
     let req = format!("cas cas 0 0 3 {unique}\r\nnew\r\n");
     assert_eq!(rig.tcp(req.as_bytes(), &[b"\r\n"]), b"STORED\r\n");
     assert_fresh(&rig, "cas", &item("cas", 0, b"new"), "cas");
 
     warm("nor", b"old");
-    rig.tcp(b"set nor 0 0 3 noreply\r\nnew\r\nget nor\r\n", &[b"END\r\n"]);
+    rig.tcp(
+        b"set nor 0 0 3 noreply\r\nnew\r\nget nor\r\n",
+        &[b"END\r\n"],
+    );
     assert_fresh(&rig, "nor", &item("nor", 0, b"new"), "set noreply");
 }
 
@@ -85,8 +111,17 @@ fn pipelined_and_split_writes_invalidate() {
     // Many commands in one segment, values containing command-like text and CRLF.
     let batch = b"set p1 0 0 15\r\ndelete p2\r\nxx\r\n\r\ndelete p2 noreply\r\nset p3 0 0 3 noreply\r\nnew\r\nincr nothing 1\r\nget p4\r\nappend p4 0 0 1 noreply\r\n!\r\nget p4\r\n";
     let reply = rig.tcp(batch, &[b"VALUE p4 0 4\r\nold!\r\nEND\r\n"]);
-    assert!(reply.ends_with(b"old!\r\nEND\r\n"), "{}", String::from_utf8_lossy(&reply));
-    assert_fresh(&rig, "p1", &item("p1", 0, b"delete p2\r\nxx\r\n"), "pipelined set");
+    assert!(
+        reply.ends_with(b"old!\r\nEND\r\n"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    assert_fresh(
+        &rig,
+        "p1",
+        &item("p1", 0, b"delete p2\r\nxx\r\n"),
+        "pipelined set",
+    );
     assert_fresh(&rig, "p2", MISS, "pipelined delete");
     assert_fresh(&rig, "p3", &item("p3", 0, b"new"), "pipelined set noreply");
     assert_fresh(&rig, "p4", &item("p4", 0, b"old!"), "pipelined append");
@@ -107,7 +142,12 @@ fn pipelined_and_split_writes_invalidate() {
         let n = std::io::Read::read(&mut s, &mut buf).unwrap();
         assert_eq!(&buf[..n], b"STORED\r\n");
     });
-    assert_fresh(&rig, "split-key", &item("split-key", 0, b"new-value"), "split set");
+    assert_fresh(
+        &rig,
+        "split-key",
+        &item("split-key", 0, b"new-value"),
+        "split set",
+    );
 }
 
 #[test]
@@ -134,16 +174,27 @@ fn meta_and_binary_writes_invalidate() {
 
     // Binary protocol: set then delete, 24-byte header, extras, key, value.
     warm("bin");
-    let mut set = vec![0x80, 0x01, 0, 3, 8, 0, 0, 0, 0, 0, 0, 14, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let mut set = vec![
+        0x80, 0x01, 0, 3, 8, 0, 0, 0, 0, 0, 0, 14, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
     set.extend_from_slice(&[0, 0, 0, 9, 0, 0, 0, 0]); // flags 9, exptime 0
     set.extend_from_slice(b"binnew");
     let reply = rig.tcp(&set, &[]);
-    assert!(reply.len() >= 24 && reply[0] == 0x81 && reply[6..8] == [0, 0], "binary set: {reply:?}");
+    assert!(
+        reply.len() >= 24 && reply[0] == 0x81 && reply[6..8] == [0, 0],
+        "binary set: {reply:?}"
+    );
     assert_fresh(&rig, "bin", &item("bin", 9, b"new"), "binary set");
     rig.warm("bin", WARM);
-    let del = [0x80, 0x04, 0, 3, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'b', b'i', b'n'];
+    let del = [
+        0x80, 0x04, 0, 3, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'b', b'i',
+        b'n',
+    ];
     let reply = rig.tcp(&del, &[]);
-    assert!(reply.len() >= 24 && reply[6..8] == [0, 0], "binary delete: {reply:?}");
+    assert!(
+        reply.len() >= 24 && reply[6..8] == [0, 0],
+        "binary delete: {reply:?}"
+    );
     assert_fresh(&rig, "bin", MISS, "binary delete");
 }
 
@@ -204,7 +255,10 @@ fn ttl_expiry_touch_gat_and_flush_all_are_honoured() {
         // Before the flush takes effect memcached still has it; after, nobody may.
         let reply = rig.udp_get(&["fld"]);
         let now_auth = authoritative(&rig, "fld");
-        assert!(reply.payload == now_auth || reply.payload == item("fld", 0, b"v"), "flush_all 2");
+        assert!(
+            reply.payload == now_auth || reply.payload == item("fld", 0, b"v"),
+            "flush_all 2"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_fresh(&rig, "fld", MISS, "flush_all 2 after it took effect");
@@ -220,12 +274,18 @@ fn a_get_racing_a_write_never_refills_the_old_value() {
     unsafe { libc_kill(pid, 19) };
     let addr = rig.server(false);
     let writer = rig.bed.in_client(move || {
-        std::thread::spawn(move || tests::tcp_exchange(addr, b"set race 0 0 3\r\nnew\r\n", &[b"\r\n".to_vec()]))
+        std::thread::spawn(move || {
+            tests::tcp_exchange(addr, b"set race 0 0 3\r\nnew\r\n", &[b"\r\n".to_vec()])
+        })
     });
     std::thread::sleep(Duration::from_millis(100));
     let udp_addr = rig.server(false);
     let readers = rig.bed.in_client(move || {
-        std::thread::spawn(move || (0..5).map(|_| tests::udp_exchange(udp_addr, b"get race\r\n", next_id())).collect::<Vec<_>>())
+        std::thread::spawn(move || {
+            (0..5)
+                .map(|_| tests::udp_exchange(udp_addr, b"get race\r\n", next_id()))
+                .collect::<Vec<_>>()
+        })
     });
     std::thread::sleep(Duration::from_millis(1500));
     unsafe { libc_kill(pid, 18) };
@@ -234,7 +294,11 @@ fn a_get_racing_a_write_never_refills_the_old_value() {
     // From now on, and for as long as we look, only the new value.
     let until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < until {
-        assert_eq!(rig.udp_get(&["race"]).payload, item("race", 0, b"new"), "stale refill after the race");
+        assert_eq!(
+            rig.udp_get(&["race"]).payload,
+            item("race", 0, b"new"),
+            "stale refill after the race"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -254,7 +318,12 @@ fn a_connection_opened_before_the_agent_still_invalidates() {
     let mut buf = [0u8; 32];
     let n = std::io::Read::read(&mut conn, &mut buf).unwrap();
     assert_eq!(&buf[..n], b"DELETED\r\n");
-    assert_fresh(&rig, "early", MISS, "delete on a connection older than the agent");
+    assert_fresh(
+        &rig,
+        "early",
+        MISS,
+        "delete on a connection older than the agent",
+    );
 }
 
 #[test]
@@ -268,7 +337,13 @@ fn multi_gets_mixing_cached_uncached_and_absent_keys_return_everything_memcached
     }
     for width in [1usize, 2, 7, 16, 31, 32] {
         let keys: Vec<String> = (0..width)
-            .map(|i| if i % 5 == 4 { format!("absent{i}") } else { format!("mx{}", (i * 7) % 32) })
+            .map(|i| {
+                if i % 5 == 4 {
+                    format!("absent{i}")
+                } else {
+                    format!("mx{}", (i * 7) % 32)
+                }
+            })
             .collect();
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
         let want = authoritative_multi(&rig, &refs);
@@ -278,7 +353,10 @@ fn multi_gets_mixing_cached_uncached_and_absent_keys_return_everything_memcached
 }
 
 fn authoritative_multi(rig: &Rig, keys: &[&str]) -> Vec<u8> {
-    rig.tcp(format!("get {}\r\n", keys.join(" ")).as_bytes(), &[b"END\r\n"])
+    rig.tcp(
+        format!("get {}\r\n", keys.join(" ")).as_bytes(),
+        &[b"END\r\n"],
+    )
 }
 
 unsafe fn libc_kill(pid: i32, sig: i32) {
@@ -287,4 +365,3 @@ unsafe fn libc_kill(pid: i32, sig: i32) {
     }
     unsafe { kill(pid, sig) };
 }
-

@@ -12,16 +12,26 @@ fn first_get_fills_then_the_kernel_answers_and_memcached_is_not_asked() {
     let rig = Rig::with_agent("dpfill", 11, &[]);
     rig.set("user:1", b"hello", 7, 0);
     let first = rig.udp_get(&["user:1"]);
-    assert_eq!(first.payload, [value_text("user:1", 7, b"hello"), b"END\r\n".to_vec()].concat());
+    assert_eq!(
+        first.payload,
+        [value_text("user:1", 7, b"hello"), b"END\r\n".to_vec()].concat()
+    );
     let kernel = rig.warm("user:1", WARM);
-    assert_eq!(kernel.payload, first.payload, "kernel reply differs from memcached's");
+    assert_eq!(
+        kernel.payload, first.payload,
+        "kernel reply differs from memcached's"
+    );
 
     let mc_hits = rig.mc_stat("get_hits");
     let kernel_hits = rig.counter("hit_keys");
     for _ in 0..20 {
         assert_eq!(rig.udp_get(&["user:1"]).payload, first.payload);
     }
-    assert_eq!(rig.mc_stat("get_hits"), mc_hits, "memcached served GETs the kernel should have");
+    assert_eq!(
+        rig.mc_stat("get_hits"),
+        mc_hits,
+        "memcached served GETs the kernel should have"
+    );
     assert!(rig.counter("hit_keys") >= kernel_hits + 20);
 }
 
@@ -71,7 +81,10 @@ fn multi_get_is_served_only_when_every_key_hits() {
     let hits = rig.counter("hit_requests");
     let reply = rig.udp_get(&refs);
     assert_eq!(reply.payload, expected);
-    assert_eq!(reply.datagrams, 1, "the kernel answers a multi-get in one datagram");
+    assert_eq!(
+        reply.datagrams, 1,
+        "the kernel answers a multi-get in one datagram"
+    );
     assert_eq!(rig.counter("hit_requests"), hits + 1);
 
     // One key memcached does not have: the whole request goes to memcached, untouched.
@@ -82,7 +95,10 @@ fn multi_get_is_served_only_when_every_key_hits() {
     let text = reply.payload;
     for (i, k) in keys.iter().enumerate() {
         let item = value_text(k, i as u32, format!("value-{i}").as_bytes());
-        assert!(text.windows(item.len()).any(|w| w == item), "{k} missing from the reply");
+        assert!(
+            text.windows(item.len()).any(|w| w == item),
+            "{k} missing from the reply"
+        );
     }
     assert!(text.ends_with(b"END\r\n"));
     assert!(rig.counter("pass_partial") + rig.counter("pass_miss") > partial);
@@ -105,7 +121,11 @@ fn ipv6_clients_get_the_same_bytes_with_a_valid_udp_checksum() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(got_kernel, "the kernel never answered over IPv6: {:?}", rig.agent_stats());
+    assert!(
+        got_kernel,
+        "the kernel never answered over IPv6: {:?}",
+        rig.agent_stats()
+    );
 }
 
 /// The memcache crate (0.21) writes over TCP; its UDP `get` never flushes the request (a bug
@@ -116,14 +136,26 @@ fn values_written_by_the_memcache_crate_are_served_exactly() {
     let url = format!("memcache://{}?protocol=ascii&timeout=2", rig.server(false));
     rig.bed.in_client(move || {
         let client = memcache::Client::connect(url.as_str()).expect("memcache client");
-        client.set("crate:key", "from-a-real-client", 0).expect("set");
+        client
+            .set("crate:key", "from-a-real-client", 0)
+            .expect("set");
         client.set("crate:num", 42u64, 0).expect("set");
     });
     let reply = rig.warm("crate:key", WARM);
-    assert_eq!(reply.payload, [value_text("crate:key", 0, b"from-a-real-client"), b"END\r\n".to_vec()].concat());
+    assert_eq!(
+        reply.payload,
+        [
+            value_text("crate:key", 0, b"from-a-real-client"),
+            b"END\r\n".to_vec()
+        ]
+        .concat()
+    );
     let url = format!("memcache://{}?protocol=ascii&timeout=2", rig.server(false));
     let read_back: Option<String> = rig.bed.in_client(move || {
-        memcache::Client::connect(url.as_str()).unwrap().get("crate:key").expect("get")
+        memcache::Client::connect(url.as_str())
+            .unwrap()
+            .get("crate:key")
+            .expect("get")
     });
     assert_eq!(read_back.as_deref(), Some("from-a-real-client"));
 }
@@ -136,9 +168,16 @@ fn after_the_agent_stops_memcached_answers_everything() {
     rig.bed.stop_agent();
     let before = rig.mc_stat("get_hits");
     for _ in 0..5 {
-        assert_eq!(rig.udp_get(&["k"]).payload, [value_text("k", 0, b"v"), b"END\r\n".to_vec()].concat());
+        assert_eq!(
+            rig.udp_get(&["k"]).payload,
+            [value_text("k", 0, b"v"), b"END\r\n".to_vec()].concat()
+        );
     }
-    assert_eq!(rig.mc_stat("get_hits"), before + 5, "memcached must see every GET after detach");
+    assert_eq!(
+        rig.mc_stat("get_hits"),
+        before + 5,
+        "memcached must see every GET after detach"
+    );
 }
 
 #[test]
@@ -148,10 +187,16 @@ fn gets_and_meta_gets_pass_to_memcached_untouched() {
     rig.warm("g", WARM);
     let reply = rig.udp(b"gets g\r\n", next_id(), false);
     let text = String::from_utf8_lossy(&reply.payload).into_owned();
-    assert!(text.starts_with("VALUE g 2 5 "), "gets must carry a CAS unique: {text}");
+    assert!(
+        text.starts_with("VALUE g 2 5 "),
+        "gets must carry a CAS unique: {text}"
+    );
     // A plain get afterwards never carries the CAS token.
     let plain = rig.udp_get(&["g"]);
-    assert_eq!(plain.payload, [value_text("g", 2, b"value"), b"END\r\n".to_vec()].concat());
+    assert_eq!(
+        plain.payload,
+        [value_text("g", 2, b"value"), b"END\r\n".to_vec()].concat()
+    );
     let meta = rig.udp(b"mg g v f\r\n", next_id(), false);
     assert_eq!(meta.payload, b"VA 5 f2\r\nvalue\r\n");
 }

@@ -30,11 +30,20 @@ fn load(rig: &Rig, flushes: bool, ttls: bool) -> Load {
 }
 
 /// Runs the load in the client namespace for `secs`, doing `during` (after `at`) meanwhile.
-fn run_with(rig: &mut Rig, secs: u64, flushes: bool, ttls: bool, at: Duration, during: impl FnOnce(&mut Rig)) -> Outcome {
+fn run_with(
+    rig: &mut Rig,
+    secs: u64,
+    flushes: bool,
+    ttls: bool,
+    at: Duration,
+    during: impl FnOnce(&mut Rig),
+) -> Outcome {
     let stop = Arc::new(AtomicBool::new(false));
     let l = load(rig, flushes, ttls);
     let s = Arc::clone(&stop);
-    let runner = rig.bed.in_client(move || std::thread::spawn(move || history::run(&l, s)));
+    let runner = rig
+        .bed
+        .in_client(move || std::thread::spawn(move || history::run(&l, s)));
     let started = Instant::now();
     std::thread::sleep(at);
     during(rig);
@@ -43,17 +52,35 @@ fn run_with(rig: &mut Rig, secs: u64, flushes: bool, ttls: bool, at: Duration, d
     stop.store(true, Ordering::Relaxed);
     let h = runner.join().unwrap();
     let out = history::check(&h);
-    eprintln!("reads {} (misses {}), writes {}, stale {}", out.reads, out.misses, out.writes, out.stale.len());
+    eprintln!(
+        "reads {} (misses {}), writes {}, stale {}",
+        out.reads,
+        out.misses,
+        out.writes,
+        out.stale.len()
+    );
     out
 }
 
 fn assert_no_stale(out: &Outcome, what: &str) {
-    assert!(out.reads > 100, "{what}: too few reads to mean anything ({})", out.reads);
-    assert!(out.stale.is_empty(), "{what}: {} stale reads, first: {:#?}", out.stale.len(), &out.stale[..out.stale.len().min(5)]);
+    assert!(
+        out.reads > 100,
+        "{what}: too few reads to mean anything ({})",
+        out.reads
+    );
+    assert!(
+        out.stale.is_empty(),
+        "{what}: {} stale reads, first: {:#?}",
+        out.stale.len(),
+        &out.stale[..out.stale.len().min(5)]
+    );
 }
 
 fn seconds() -> u64 {
-    std::env::var("COHERENCE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(30)
+    std::env::var("COHERENCE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30)
 }
 
 #[test]
@@ -63,7 +90,10 @@ fn randomized_concurrent_writers_and_readers_never_read_stale() {
     assert_no_stale(&out, "randomized");
     let (hits, keys) = (rig.counter("hit_keys"), rig.counter("get_keys"));
     eprintln!("kernel answered {hits} of {keys} keys");
-    assert!(hits * 10 > keys, "the kernel answered only {hits} of {keys}: the test proves little");
+    assert!(
+        hits * 10 > keys,
+        "the kernel answered only {hits} of {keys}: the test proves little"
+    );
 }
 
 #[test]
@@ -121,7 +151,11 @@ fn a_hung_agent_stops_serving_within_its_lease() {
     }
     let after = rig.mc_stat("get_hits");
     unsafe { signal(pid, 18) };
-    assert_eq!(after, before + 5, "the kernel kept serving after the lease expired");
+    assert_eq!(
+        after,
+        before + 5,
+        "the kernel kept serving after the lease expired"
+    );
 }
 
 unsafe fn signal(pid: i32, sig: i32) {
