@@ -98,7 +98,8 @@ pub struct Scratch {
     pub hits: u32,
     /// Where values go to be forgotten by the verifier (see store::launder).
     pub launder: u32,
-    pub _pad: u32,
+    /// 1 if growing the frame at the head worked last time on this CPU (see hitpath::resize).
+    pub grow_head_first: u32,
     pub pending: [PendingWrite; MAX_PENDING],
     pub pending_len: u32,
     pub pending_overflow: u32,
