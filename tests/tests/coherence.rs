@@ -365,3 +365,21 @@ unsafe fn libc_kill(pid: i32, sig: i32) {
     }
     unsafe { kill(pid, sig) };
 }
+
+/// Stores from a client on memcached's own host never cross the NIC the kernel watches:
+/// the agent's `watch mutations` backstop must invalidate them (within its stream's latency).
+#[test]
+fn stores_over_loopback_are_invalidated_by_the_watch_backstop() {
+    let rig = Rig::with_agent("cowatch", 40, &[]);
+    rig.set("lo", b"old", 0, 0);
+    rig.warm("lo", WARM);
+    let port = rig.bed.memcached_port();
+    let reply = rig.bed.in_server(move || {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        tests::tcp_exchange(addr, b"set lo 0 0 3\r\nnew\r\n", &[b"\r\n".to_vec()])
+    });
+    assert_eq!(reply, b"STORED\r\n");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_fresh(&rig, "lo", &item("lo", 0, b"new"), "store over loopback");
+    assert!(rig.counter("hit_keys") > 0);
+}

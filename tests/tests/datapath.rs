@@ -38,7 +38,7 @@ fn first_get_fills_then_the_kernel_answers_and_memcached_is_not_asked() {
 #[test]
 fn replies_equal_memcacheds_for_every_value_size_and_crlf_inside_values() {
     let rig = Rig::with_agent("dpsize", 12, &[]);
-    let mut cases: Vec<(String, Vec<u8>)> = [0usize, 1, 100, 250, 500, 1000, 1400]
+    let mut cases: Vec<(String, Vec<u8>)> = [0usize, 1, 100, 250, 500, 1000, 1400, 4000]
         .iter()
         .map(|&n| (format!("size:{n}"), value_of(n, n as u8)))
         .collect();
