@@ -79,8 +79,11 @@ fn serve(
     c: Option<*mut Counters>,
 ) -> u32 {
     // Time one request in 64: two clock reads on every hit would cost more than they tell.
-    let sample = c.map(|c| unsafe { (*c).get(Counter::GetRequests) } & 63 == 0).unwrap_or(false);
-    let timed = crate::net::forget_value((cfg.flags & flags::HIT_LATENCY != 0 && sample) as usize) != 0;
+    let sample = c
+        .map(|c| unsafe { (*c).get(Counter::GetRequests) } & 63 == 0)
+        .unwrap_or(false);
+    let timed =
+        crate::net::forget_value((cfg.flags & flags::HIT_LATENCY != 0 && sample) as usize) != 0;
     let started = if timed { precise_ns() } else { 0 };
     count(c, Counter::GetRequests);
     let now = coarse_ns();
@@ -379,13 +382,17 @@ extern "C" fn hit_step(index: u64, ctx: *mut c_void) -> i64 {
             }
             0
         }
+        // Keep looking at the other keys, only to tell a partial multi-get from a miss: the
+        // request goes to memcached either way.
         Found::Stale => {
             hc.outcome = OUTCOME_STALE;
-            1
+            0
         }
         Found::Miss => {
-            hc.outcome = OUTCOME_MISS;
-            1
+            if hc.outcome == OUTCOME_HIT {
+                hc.outcome = OUTCOME_MISS;
+            }
+            0
         }
     }
 }
@@ -452,7 +459,9 @@ fn resize(ctx: &XdpContext, delta: i32) -> bool {
         }
         // Drivers either have tailroom (page-sized buffers) or not (veth): start with what
         // worked last time on this CPU, so the common case costs one helper call.
-        let head_first = SCRATCH.get_ptr_mut(0).map(|s| &raw mut (*s).grow_head_first);
+        let head_first = SCRATCH
+            .get_ptr_mut(0)
+            .map(|s| &raw mut (*s).grow_head_first);
         let prefer_head = head_first.is_some_and(|p| *p != 0);
         if prefer_head && bpf_xdp_adjust_head(ctx.ctx, -delta) == 0 {
             return true;
@@ -490,24 +499,34 @@ fn fold(mut sum: u64) -> u16 {
     sum as u16
 }
 
-/// Ones' complement sum (native order) of `len` staged bytes at the aligned offset `at`, by
-/// bpf_csum_diff in 512-byte pieces (the text is zero-padded to a multiple of 4 first).
+/// Ones' complement sum (native order) of `len` staged bytes at the aligned offset `at`: whole
+/// 4-byte words by bpf_csum_diff in 512-byte pieces, the last 1-3 bytes by hand (reading
+/// only, never padding in place: the next key's text may start right after this one).
 #[inline(always)]
 fn sum_staged(s: *mut Scratch, at: usize, len: usize) -> u16 {
     let base = unsafe { (&raw mut (*s).reply) as *mut u8 };
-    unsafe { *(base.add((at + len) & BUF_MASK) as *mut [u8; 4]) = [0; 4] };
-    let padded = (len + 3) & !3;
+    let whole = len & !3;
     let mut acc = 0u64;
     for piece in 0..3usize {
         let off = piece * 512;
-        if off >= padded {
+        if off >= whole {
             break;
         }
-        let rest = padded - off;
+        let rest = whole - off;
         let size = (if rest > 512 { 512 } else { rest }) & 0x3fc;
         let src = unsafe { base.add(at + off) };
         let sum = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, src.cast(), size as u32, 0) };
         acc += sum as u32 as u64;
+    }
+    let rem = len - whole;
+    if rem > 0 {
+        let mut tail = [0u8; 4];
+        for (i, t) in tail.iter_mut().enumerate().take(3) {
+            if i < rem {
+                *t = unsafe { *base.add((at + whole + i) & BUF_MASK) };
+            }
+        }
+        acc += u32::from_ne_bytes(tail) as u64;
     }
     fold(acc)
 }

@@ -1,0 +1,1410 @@
+//! Packet fixtures for the kernel programs, in the style of Katran's: every case is an input
+//! frame, the verdict it must get and the exact bytes that must come out, run through the
+//! real, verifier-accepted programs with `BPF_PROG_TEST_RUN` (no interface, nothing attached).
+//!
+//! **Every test needs root** (loading BPF programs and running them with test_run); run with
+//! `cargo test -p cache-agent --test fixtures` as root, as CI does.
+//!
+//! Each test loads its own copy of the object (its own maps), writes a serving configuration
+//! (lease a minute ahead, SERVE | FILL, 1400-byte replies, 1 ms write settle) and reaches a
+//! cached entry only through the programs, the way the wire does:
+//!
+//! 1. `xdp_cache` on a client's UDP `get` misses: XDP_PASS, frame unchanged, a fill ticket left;
+//! 2. `tc_fill` on memcached's reply to it fills the entry (TC "next", frame unchanged);
+//! 3. `xdp_cache` on the same `get` again: XDP_TX with memcached's reply, byte for byte.
+//!
+//! Every step also checks the exact change of every counter (`cache_common::COUNTER_NAMES`):
+//! a counter that moves when it should not fails the test, naming it.
+//!
+//! Frames are built by the independent helpers in `fixtures/packet.rs`. Frames shorter than
+//! an Ethernet header cannot be run at all (the kernel's test_run refuses them with EINVAL),
+//! so the truncation cases start at 14 bytes.
+
+#[path = "fixtures/packet.rs"]
+mod packet;
+
+use std::{thread::sleep, time::Duration};
+
+use aya::{
+    Ebpf,
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+use cache_agent::{
+    config::{RunArgs, Settings},
+    kernel, loader,
+};
+use cache_common::{COUNTER_COUNT, COUNTER_NAMES, Config, TEXT_CAPACITY, flags, names};
+use packet::{
+    Eth, Ipv4, Ipv6, Net, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN, arp_request, first_difference,
+    icmp_echo, ipv4_header_checksum_ok, ipv6_udp_checksum_ok, layout, mc_frame, tcp, udp,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+/// `tc_fill` returns -1 (TC_ACT_UNSPEC, "next").
+const TC_NEXT: u32 = u32::MAX;
+
+/// memcached's port (TCP and UDP instance 0).
+const PORT: u16 = 11211;
+const SEC: u64 = 1_000_000_000;
+const MAX_REPLY_PAYLOAD: u32 = 1400;
+const WRITE_SETTLE_NS: u64 = 1_000_000;
+/// Longer than the write settle time plus a coarse-clock tick (a jiffy).
+const SETTLE_SLEEP: Duration = Duration::from_millis(30);
+
+// ---------------------------------------------------------------------------------------------
+// The fixture: one loaded object and its configuration.
+
+struct Fixture {
+    ebpf: Ebpf,
+    config: Config,
+}
+
+/// What one program run gave back.
+struct Run {
+    verdict: u32,
+    out: Vec<u8>,
+}
+
+fn verdict_name(v: u32) -> String {
+    match v {
+        XDP_DROP => "XDP_DROP".into(),
+        XDP_PASS => "XDP_PASS".into(),
+        XDP_TX => "XDP_TX".into(),
+        TC_NEXT => "TC next (-1)".into(),
+        other => format!("{other}"),
+    }
+}
+
+impl Run {
+    /// The verdict is `verdict` and the frame came out exactly as it went in.
+    fn assert_unchanged(&self, verdict: u32, input: &[u8], what: &str) {
+        assert_eq!(
+            verdict_name(self.verdict),
+            verdict_name(verdict),
+            "{what}: wrong verdict"
+        );
+        assert!(
+            self.out == input,
+            "{what}: the frame was changed: {}",
+            first_difference(&self.out, input)
+        );
+    }
+
+    /// XDP_TX and exactly `expected` came out.
+    fn assert_reply(&self, expected: &[u8], what: &str) {
+        assert_eq!(
+            verdict_name(self.verdict),
+            verdict_name(XDP_TX),
+            "{what}: wrong verdict"
+        );
+        assert!(
+            self.out == expected,
+            "{what}: wrong reply bytes: {}",
+            first_difference(&self.out, expected)
+        );
+        assert_well_formed_reply(&self.out, what);
+    }
+}
+
+/// Checks a reply frame from its own bytes (not against a built one): IPv4 with a 20-byte
+/// header, correct total length and header checksum, UDP checksum 0; IPv6 with correct payload
+/// length and UDP checksum over the pseudo-header; a memcached frame header of seq 0, total 1.
+fn assert_well_formed_reply(frame: &[u8], what: &str) {
+    let l = layout(frame);
+    if l.is_v6 {
+        let plen = u16::from_be_bytes([frame[l.l3 + 4], frame[l.l3 + 5]]) as usize;
+        assert_eq!(plen, frame.len() - l.l4, "{what}: IPv6 payload length");
+        assert!(
+            ipv6_udp_checksum_ok(frame, l.l3),
+            "{what}: IPv6 UDP checksum is wrong"
+        );
+    } else {
+        assert_eq!(frame[l.l3], 0x45, "{what}: reply IPv4 header is not IHL 5");
+        let total = u16::from_be_bytes([frame[l.l3 + 2], frame[l.l3 + 3]]) as usize;
+        assert_eq!(total, frame.len() - l.l3, "{what}: IPv4 total length");
+        assert!(
+            ipv4_header_checksum_ok(frame, l.l3),
+            "{what}: IPv4 header checksum is wrong"
+        );
+        assert_eq!(
+            &frame[l.l4 + 6..l.l4 + 8],
+            &[0, 0],
+            "{what}: IPv4 UDP checksum must be 0 (none)"
+        );
+    }
+    let udp_len = u16::from_be_bytes([frame[l.l4 + 4], frame[l.l4 + 5]]) as usize;
+    assert_eq!(udp_len, frame.len() - l.l4, "{what}: UDP length");
+    assert_eq!(
+        &frame[l.l4 + 10..l.l4 + 16],
+        &[0, 0, 0, 1, 0, 0],
+        "{what}: memcached frame header must be seq 0, total 1, reserved 0"
+    );
+}
+
+type Counts = [u64; COUNTER_COUNT];
+/// Expected counter changes: (name in `COUNTER_NAMES`, delta); unlisted counters stay put.
+type Counted<'a> = &'a [(&'a str, u64)];
+
+fn counter_index(name: &str) -> usize {
+    COUNTER_NAMES
+        .iter()
+        .position(|n| *n == name)
+        .unwrap_or_else(|| panic!("no counter named {name}"))
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let args = RunArgs {
+            iface: Some("lo".into()),
+            memcached: Some(format!("127.0.0.1:{PORT}")),
+            capacity: Some("4M".into()),
+            ..Default::default()
+        };
+        let settings = Settings::resolve(&args).expect("settings resolve");
+        let mut ebpf = loader::load(&settings)
+            .expect("loading the eBPF object failed (these tests must run as root)");
+        let mut config = loader::initial_config(&settings);
+        assert_eq!(config.instances[0].udp_port, PORT);
+        assert_eq!(config.instances[0].tcp_port, PORT);
+        config.lease_until_ns = kernel::coarse_now_ns() + 60 * SEC;
+        config.flags |= flags::SERVE | flags::FILL;
+        config.max_reply_payload = MAX_REPLY_PAYLOAD;
+        config.write_settle_ns = WRITE_SETTLE_NS;
+        config.fill_hold_until_ns = 0;
+        // Entries filled without a known TTL must outlive a slow test run.
+        config.max_age_ns = 60 * SEC;
+        kernel::write_config(&mut ebpf, &config).expect("write config");
+        Fixture { ebpf, config }
+    }
+
+    fn update_config(&mut self, change: impl FnOnce(&mut Config)) {
+        change(&mut self.config);
+        kernel::write_config(&mut self.ebpf, &self.config).expect("write config");
+    }
+
+    fn xdp(&self, frame: &[u8]) -> Run {
+        let prog: &Xdp = self
+            .ebpf
+            .program(names::XDP_CACHE)
+            .expect("xdp_cache in object")
+            .try_into()
+            .expect("xdp program");
+        let mut out = vec![0u8; 4096];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
+            .expect("BPF_PROG_TEST_RUN xdp_cache");
+        out.truncate(r.data_size_out as usize);
+        Run {
+            verdict: r.return_value,
+            out,
+        }
+    }
+
+    fn tc(&self, frame: &[u8]) -> Run {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(names::TC_FILL)
+            .expect("tc_fill in object")
+            .try_into()
+            .expect("tc program");
+        let mut out = vec![0u8; 4096];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
+            .expect("BPF_PROG_TEST_RUN tc_fill");
+        out.truncate(r.data_size_out as usize);
+        Run {
+            verdict: r.return_value,
+            out,
+        }
+    }
+
+    fn counters(&self) -> Counts {
+        kernel::snapshot(&self.ebpf).expect("snapshot").counters
+    }
+
+    fn kernel_epoch(&self) -> u64 {
+        kernel::snapshot(&self.ebpf)
+            .expect("snapshot")
+            .state
+            .kernel_epoch
+    }
+
+    /// Every counter moved by exactly what `expected` says since `before` (unlisted: 0).
+    fn assert_counted(&self, before: &Counts, expected: Counted, what: &str) {
+        let after = self.counters();
+        let mut want = [0u64; COUNTER_COUNT];
+        for (name, n) in expected {
+            want[counter_index(name)] += n;
+        }
+        let mut wrong = Vec::new();
+        for i in 0..COUNTER_COUNT {
+            let got = after[i].wrapping_sub(before[i]);
+            if got != want[i] {
+                wrong.push(format!(
+                    "{} moved by {got}, expected {}",
+                    COUNTER_NAMES[i], want[i]
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "{what}: counters: {}", wrong.join("; "));
+    }
+
+    /// Runs `xdp_cache` on `frame` and checks the counter changes.
+    fn xdp_counted(&self, frame: &[u8], expected: Counted, what: &str) -> Run {
+        let before = self.counters();
+        let run = self.xdp(frame);
+        self.assert_counted(&before, expected, what);
+        run
+    }
+
+    /// Runs `tc_fill` on `frame`: it must return "next" with the frame unchanged.
+    fn tc_counted(&self, frame: &[u8], expected: Counted, what: &str) {
+        let before = self.counters();
+        let run = self.tc(frame);
+        run.assert_unchanged(TC_NEXT, frame, what);
+        self.assert_counted(&before, expected, what);
+    }
+
+    /// A single-key GET that must miss: XDP_PASS, unchanged.
+    fn expect_miss(&self, flow: &Flow, request_id: u16, key: &str, what: &str) {
+        let get = flow.get(request_id, format!("get {key}\r\n").as_bytes());
+        self.xdp_counted(
+            &get,
+            &[("get_requests", 1), ("get_keys", 1), ("pass_miss", 1)],
+            what,
+        )
+        .assert_unchanged(XDP_PASS, &get, what);
+    }
+
+    /// Fills `item` the way the wire does: a GET that misses, then memcached's reply to it.
+    /// `new_slot`: the key is not in the cache at all (an empty way is taken).
+    fn fill(&self, flow: &Flow, request_id: u16, item: &Item, new_slot: bool) {
+        let what = format!("filling {}", item.key);
+        self.expect_miss(
+            flow,
+            request_id,
+            &item.key,
+            &format!("{what}: first GET misses"),
+        );
+        let reply = flow.memcached_reply(request_id, 0, 1, &reply_body(&[item]));
+        let slot = format!("slots_filled_{}", item.class());
+        let mut counted = vec![("fills", 1)];
+        if new_slot {
+            counted.push((slot.as_str(), 1));
+        }
+        self.tc_counted(&reply, &counted, &format!("{what}: tc_fill on the reply"));
+    }
+
+    /// A GET of `items`' keys that must be answered with exactly their texts, in order.
+    fn expect_hit(&self, flow: &Flow, request_id: u16, items: &[&Item], what: &str) {
+        let keys: Vec<&str> = items.iter().map(|i| i.key.as_str()).collect();
+        let get = flow.get(request_id, format!("get {}\r\n", keys.join(" ")).as_bytes());
+        let n = items.len() as u64;
+        let run = self.xdp_counted(
+            &get,
+            &[
+                ("get_requests", 1),
+                ("get_keys", n),
+                ("hit_requests", 1),
+                ("hit_keys", n),
+            ],
+            what,
+        );
+        run.assert_reply(&flow.expected_reply(request_id, &reply_body(items)), what);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flows and items.
+
+/// A client talking to memcached: addresses, ports, MACs, an optional VLAN tag and IPv4
+/// options on the client's packets.
+#[derive(Clone, Debug)]
+struct Flow {
+    client_mac: [u8; 6],
+    server_mac: [u8; 6],
+    /// (TPID, TCI) of one VLAN tag.
+    vlan: Option<(u16, u16)>,
+    v6: bool,
+    client_ip: [u8; 16],
+    server_ip: [u8; 16],
+    client_port: u16,
+    ip_options: Vec<u8>,
+}
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0x1e, 0x47, 0x00, 0x01];
+const SERVER_MAC: [u8; 6] = [0x02, 0x5e, 0x7f, 0xe7, 0x00, 0x02];
+/// DSCP AF11 + ECT(0): the reply must keep it.
+const REQUEST_TOS: u8 = 0x2a;
+/// IPv6 version 6, traffic class 0xa5, flow label 0x6789a: the reply must keep them.
+const REQUEST_V6_WORD0: [u8; 4] = [0x6a, 0x56, 0x78, 0x9a];
+
+impl Flow {
+    fn v4() -> Flow {
+        let mut client_ip = [0; 16];
+        client_ip[..4].copy_from_slice(&[198, 18, 0, 7]);
+        let mut server_ip = [0; 16];
+        server_ip[..4].copy_from_slice(&[198, 18, 0, 1]);
+        Flow {
+            client_mac: CLIENT_MAC,
+            server_mac: SERVER_MAC,
+            vlan: None,
+            v6: false,
+            client_ip,
+            server_ip,
+            client_port: 40007,
+            ip_options: Vec::new(),
+        }
+    }
+
+    fn v6() -> Flow {
+        let client_ip = [
+            0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12, 0x07,
+        ];
+        let server_ip = [
+            0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x00, 0x01,
+        ];
+        Flow {
+            v6: true,
+            client_ip,
+            server_ip,
+            client_port: 40607,
+            ..Flow::v4()
+        }
+    }
+
+    fn with_vlan(mut self, tci: u16) -> Flow {
+        self.vlan = Some((packet::ETH_P_8021Q, tci));
+        self
+    }
+
+    fn with_service_vlan(mut self, tci: u16) -> Flow {
+        self.vlan = Some((packet::ETH_P_8021AD, tci));
+        self
+    }
+
+    fn with_ip_options(mut self, options: &[u8]) -> Flow {
+        self.ip_options = options.to_vec();
+        self
+    }
+
+    fn with_client_port(mut self, port: u16) -> Flow {
+        self.client_port = port;
+        self
+    }
+
+    fn v4_addr(a: &[u8; 16]) -> [u8; 4] {
+        [a[0], a[1], a[2], a[3]]
+    }
+
+    /// The client's IP header (as its kernel sends it).
+    fn net_to_server(&self) -> Net {
+        if self.v6 {
+            Net::V6(Ipv6 {
+                word0: REQUEST_V6_WORD0,
+                hop_limit: 63,
+                src: self.client_ip,
+                dst: self.server_ip,
+            })
+        } else {
+            Net::V4(Ipv4 {
+                tos: REQUEST_TOS,
+                id: 0x1c46,
+                df: true,
+                ttl: 63,
+                src: Flow::v4_addr(&self.client_ip),
+                dst: Flow::v4_addr(&self.server_ip),
+                options: self.ip_options.clone(),
+            })
+        }
+    }
+
+    /// memcached's host's IP header on its reply (only tc_fill sees these).
+    fn net_from_memcached(&self) -> Net {
+        if self.v6 {
+            Net::V6(Ipv6 {
+                word0: [0x60, 0, 0, 0],
+                hop_limit: 64,
+                src: self.server_ip,
+                dst: self.client_ip,
+            })
+        } else {
+            Net::V4(Ipv4 {
+                tos: 0,
+                id: 0x7b21,
+                df: true,
+                ttl: 64,
+                src: Flow::v4_addr(&self.server_ip),
+                dst: Flow::v4_addr(&self.client_ip),
+                options: Vec::new(),
+            })
+        }
+    }
+
+    /// The IP header the hit path writes: addresses swapped, TOS (IPv4) or traffic class and
+    /// flow label (IPv6) kept, TTL / hop limit 64, IPv4 id 0 with DF and no options.
+    fn net_of_reply(&self) -> Net {
+        if self.v6 {
+            Net::V6(Ipv6 {
+                word0: REQUEST_V6_WORD0,
+                hop_limit: 64,
+                src: self.server_ip,
+                dst: self.client_ip,
+            })
+        } else {
+            Net::V4(Ipv4 {
+                tos: REQUEST_TOS,
+                id: 0,
+                df: true,
+                ttl: 64,
+                src: Flow::v4_addr(&self.server_ip),
+                dst: Flow::v4_addr(&self.client_ip),
+                options: Vec::new(),
+            })
+        }
+    }
+
+    fn eth_to_server(&self) -> Eth {
+        Eth {
+            dst: self.server_mac,
+            src: self.client_mac,
+            vlan: self.vlan,
+        }
+    }
+
+    fn eth_to_client(&self) -> Eth {
+        Eth {
+            dst: self.client_mac,
+            src: self.server_mac,
+            vlan: self.vlan,
+        }
+    }
+
+    fn frame(eth: &Eth, net: &Net, proto: u8, l4: &[u8]) -> Vec<u8> {
+        let mut f = eth.bytes(net.ethertype());
+        f.extend_from_slice(&net.packet(proto, l4));
+        f
+    }
+
+    /// A UDP datagram from the client to `port` on the server.
+    fn udp_to(&self, port: u16, payload: &[u8]) -> Vec<u8> {
+        let net = self.net_to_server();
+        let l4 = udp(&net, self.client_port, port, payload, true);
+        Flow::frame(&self.eth_to_server(), &net, packet::IPPROTO_UDP, &l4)
+    }
+
+    /// A memcached UDP request (frame header seq 0 of 1) carrying `body`.
+    fn get(&self, request_id: u16, body: &[u8]) -> Vec<u8> {
+        self.udp_to(PORT, &mc_frame(request_id, 0, 1, body))
+    }
+
+    /// A TCP segment from the client to `port` on the server.
+    fn tcp_to(&self, port: u16, seq: u32, tcp_flags: u8, payload: &[u8]) -> Vec<u8> {
+        let net = self.net_to_server();
+        let l4 = tcp(
+            &net,
+            self.client_port,
+            port,
+            seq,
+            0x5eed_0001,
+            tcp_flags,
+            payload,
+        );
+        Flow::frame(&self.eth_to_server(), &net, packet::IPPROTO_TCP, &l4)
+    }
+
+    /// memcached's UDP reply to the client, as TC egress sees it.
+    fn memcached_reply(&self, request_id: u16, seq: u16, total: u16, body: &[u8]) -> Vec<u8> {
+        let net = self.net_from_memcached();
+        let l4 = udp(
+            &net,
+            PORT,
+            self.client_port,
+            &mc_frame(request_id, seq, total, body),
+            true,
+        );
+        Flow::frame(&self.eth_to_client(), &net, packet::IPPROTO_UDP, &l4)
+    }
+
+    /// The frame the hit path must transmit for `body`.
+    fn expected_reply(&self, request_id: u16, body: &[u8]) -> Vec<u8> {
+        let net = self.net_of_reply();
+        // IPv4: no UDP checksum; IPv6: the builder computes the mandatory one.
+        let l4 = udp(
+            &net,
+            PORT,
+            self.client_port,
+            &mc_frame(request_id, 0, 1, body),
+            false,
+        );
+        Flow::frame(&self.eth_to_client(), &net, packet::IPPROTO_UDP, &l4)
+    }
+}
+
+/// One memcached item.
+struct Item {
+    key: String,
+    flags: u32,
+    data: Vec<u8>,
+}
+
+impl Item {
+    fn new(key: &str, flags: u32, data: &[u8]) -> Item {
+        Item {
+            key: key.into(),
+            flags,
+            data: data.to_vec(),
+        }
+    }
+
+    /// `VALUE <key> <flags> <bytes>\r\n<data>\r\n`, as memcached sends it.
+    fn text(&self) -> Vec<u8> {
+        let mut t =
+            format!("VALUE {} {} {}\r\n", self.key, self.flags, self.data.len()).into_bytes();
+        t.extend_from_slice(&self.data);
+        t.extend_from_slice(b"\r\n");
+        t
+    }
+
+    /// The size class the text lands in.
+    fn class(&self) -> usize {
+        let len = self.text().len();
+        TEXT_CAPACITY
+            .iter()
+            .position(|&cap| len <= cap)
+            .expect("item fits a class")
+    }
+}
+
+/// A `get` reply: every item's text, then `END\r\n`.
+fn reply_body(items: &[&Item]) -> Vec<u8> {
+    let mut b: Vec<u8> = items.iter().flat_map(|i| i.text()).collect();
+    b.extend_from_slice(b"END\r\n");
+    b
+}
+
+/// Fills one item and checks it is served to `flow`: the three steps of a hit.
+fn hit_roundtrip(flow: &Flow) {
+    let fx = Fixture::new();
+    let item = Item::new("user:1001", 42, b"hello world");
+    fx.fill(flow, 0x1001, &item, true);
+    fx.expect_hit(flow, 0x1002, &[&item], "second GET is a hit");
+    // The same request id as the miss works too (memcached ids are the client's business).
+    fx.expect_hit(flow, 0x1001, &[&item], "GET with the first request id");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hits.
+
+#[test]
+fn ipv4_get_hit_is_answered_with_xdp_tx_and_memcacheds_exact_reply() {
+    hit_roundtrip(&Flow::v4());
+}
+
+#[test]
+fn ipv6_get_hit_is_answered_with_a_correct_udp_checksum() {
+    hit_roundtrip(&Flow::v6());
+}
+
+#[test]
+fn vlan_tagged_ipv4_get_hit_keeps_the_802_1q_tag() {
+    // Priority 3, VLAN 100.
+    hit_roundtrip(&Flow::v4().with_vlan(0x6064));
+}
+
+#[test]
+fn vlan_tagged_ipv6_get_hit_keeps_the_802_1q_tag() {
+    hit_roundtrip(&Flow::v6().with_vlan(0x0ffe));
+}
+
+#[test]
+fn service_vlan_802_1ad_tagged_get_hit_keeps_the_tag() {
+    hit_roundtrip(&Flow::v4().with_service_vlan(0x2123));
+}
+
+#[test]
+fn ipv4_get_with_options_is_answered_with_a_plain_20_byte_header() {
+    // IHL 6 (router alert) and IHL 15 (40 bytes: 39 NOPs and an end-of-options).
+    let router_alert = [0x94, 0x04, 0x00, 0x00];
+    let mut longest = vec![0x01; 39];
+    longest.push(0x00);
+    for options in [&router_alert[..], &longest[..]] {
+        let flow = Flow::v4().with_ip_options(options);
+        let ihl = 5 + options.len() / 4;
+        let fx = Fixture::new();
+        let item = Item::new("opt:key", 1, b"served despite options");
+        fx.fill(&flow, 0x0600, &item, true);
+        fx.expect_hit(
+            &flow,
+            0x0601,
+            &[&item],
+            &format!("GET with IHL {ihl}: reply with IHL 5, no options"),
+        );
+    }
+}
+
+#[test]
+fn get_with_ethernet_padding_is_answered_without_the_padding() {
+    // Short frames reach XDP padded to 60 bytes; the lengths in the headers are what count.
+    let fx = Fixture::new();
+    let flow = Flow::v4();
+    let item = Item::new("k", 0, b"v");
+    fx.fill(&flow, 0x0a00, &item, true);
+    let mut get = flow.get(0x0a01, b"get k\r\n");
+    assert!(get.len() < 60);
+    get.resize(60, 0);
+    let run = fx.xdp_counted(
+        &get,
+        &[
+            ("get_requests", 1),
+            ("get_keys", 1),
+            ("hit_requests", 1),
+            ("hit_keys", 1),
+        ],
+        "padded GET",
+    );
+    run.assert_reply(
+        &flow.expected_reply(0x0a01, &reply_body(&[&item])),
+        "padded GET",
+    );
+}
+
+#[test]
+fn multi_get_all_hit_answers_every_item_in_request_order() {
+    let fx = Fixture::new();
+    let flow = Flow::v4();
+    let a = Item::new("a", 1, b"first value");
+    let b = Item::new("bb:2", 65535, b"second\r\nwith CRLF inside");
+    let c = Item::new("c", 0, b"");
+    fx.fill(&flow, 1, &a, true);
+    fx.fill(&flow, 2, &b, true);
+    fx.fill(&flow, 3, &c, true);
+    fx.expect_hit(&flow, 10, &[&b, &a], "get bb:2 a (not fill order)");
+    fx.expect_hit(&flow, 11, &[&c, &a, &b], "get c a bb:2");
+    // memcached answers a repeated key once per mention.
+    fx.expect_hit(&flow, 12, &[&a, &a], "get a a");
+}
+
+/// Bytes as an escaped ASCII string (for messages).
+fn escaped(bytes: &[u8]) -> String {
+    bytes.escape_ascii().to_string()
+}
+
+/// Multi-gets whose first text is `16 + d` bytes for each `d` in `lengths` (0..8: every length
+/// modulo 8), followed by a 19-byte text, and the other way round: texts start at odd and even
+/// payload offsets (which the IPv6 checksum must handle) and are staged back to back at 8-byte
+/// boundaries (each must survive the handling of the one before). Collects every failing
+/// length before failing.
+fn multi_get_of_text_lengths(flow: &Flow, lengths: &[usize]) {
+    let fx = Fixture::new();
+    let tail = Item::new("tl", 0, b"xyz");
+    assert_eq!(tail.text().len(), 19);
+    fx.fill(flow, 100, &tail, true);
+    let items: Vec<Item> = lengths
+        .iter()
+        .map(|&d| Item::new(&format!("k{d}"), 0, &b"abcdefgh"[..d]))
+        .collect();
+    for (item, &d) in items.iter().zip(lengths) {
+        assert_eq!(item.text().len(), 16 + d);
+        fx.fill(flow, d as u16, item, true);
+    }
+    let mut failures = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        for (order, pair) in [("first", [item, &tail]), ("second", [&tail, item])] {
+            let id = 200 + i as u16;
+            let line = format!("get {} {}", pair[0].key, pair[1].key);
+            let get = flow.get(id, format!("{line}\r\n").as_bytes());
+            let want = flow.expected_reply(id, &reply_body(&pair));
+            let run = fx.xdp(&get);
+            if run.verdict != XDP_TX || run.out != want {
+                let csum = if run.verdict == XDP_TX && flow.v6 {
+                    let l = layout(&run.out);
+                    if ipv6_udp_checksum_ok(&run.out, l.l3) {
+                        "; its UDP checksum matches the bytes sent"
+                    } else {
+                        "; its UDP checksum is wrong too"
+                    }
+                } else {
+                    ""
+                };
+                let payload = |f: &[u8]| escaped(f.get(layout(f).l4 + 16..).unwrap_or_default());
+                failures.push(format!(
+                    "{line} ({}-byte text {order}): verdict {}, {}{csum}\n  \
+                     got payload  {}\n  want payload {}",
+                    item.text().len(),
+                    verdict_name(run.verdict),
+                    first_difference(&run.out, &want),
+                    payload(&run.out),
+                    payload(&want),
+                ));
+            } else {
+                assert_well_formed_reply(&run.out, &line);
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "wrong replies:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn ipv4_multi_get_hit_is_exact_for_every_text_length_modulo_8() {
+    multi_get_of_text_lengths(&Flow::v4(), &[0, 1, 2, 3, 4, 5, 6, 7]);
+}
+
+/// Text lengths 17 to 20 (1 to 4 mod 8): odd and even starts for the checksum.
+#[test]
+fn ipv6_multi_get_hit_is_exact_for_text_lengths_1_to_4_modulo_8() {
+    multi_get_of_text_lengths(&Flow::v6(), &[1, 2, 3, 4]);
+}
+
+/// Text lengths 16, 21, 22, 23 (0, 5, 6, 7 mod 8) followed by another item.
+#[test]
+fn ipv6_multi_get_hit_is_exact_for_text_lengths_0_5_6_7_modulo_8() {
+    multi_get_of_text_lengths(&Flow::v6(), &[0, 5, 6, 7]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Misses and passes.
+
+#[test]
+fn ipv4_get_miss_passes_unchanged_and_leaves_a_fill_ticket() {
+    let fx = Fixture::new();
+    let flow = Flow::v4();
+    fx.expect_miss(&flow, 0x4242, "nope", "cold GET");
+    // The ticket is what lets the reply fill: the same reply with another id is refused.
+    let item = Item::new("nope", 0, b"now cached");
+    let stray = flow.memcached_reply(0x4243, 0, 1, &reply_body(&[&item]));
+    fx.tc_counted(
+        &stray,
+        &[("fill_refused_no_ticket", 1)],
+        "reply to another request id",
+    );
+    let reply = flow.memcached_reply(0x4242, 0, 1, &reply_body(&[&item]));
+    fx.tc_counted(
+        &reply,
+        &[("fills", 1), ("slots_filled_0", 1)],
+        "reply to the missed GET",
+    );
+    fx.expect_hit(&flow, 0x4244, &[&item], "after the fill");
+}
+
+#[test]
+fn multi_get_with_one_miss_passes_unchanged() {
+    let fx = Fixture::new();
+    let flow = Flow::v4();
+    let a = Item::new("a", 0, b"1");
+    fx.fill(&flow, 1, &a, true);
+    let get = flow.get(2, b"get a missing\r\n");
+    fx.xdp_counted(
+        &get,
+        &[("get_requests", 1), ("get_keys", 2), ("pass_partial", 1)],
+        "hit then miss",
+    )
+    .assert_unchanged(XDP_PASS, &get, "hit then miss");
+    // Verdict and bytes only: which pass counter this moves is the ignored test below.
+    let get = flow.get(2, b"get missing a\r\n");
+    let before = fx.counters();
+    fx.xdp(&get)
+        .assert_unchanged(XDP_PASS, &get, "miss then hit");
+    let after = fx.counters();
+    let hits = counter_index("hit_requests");
+    assert_eq!(after[hits], before[hits], "miss then hit: counted as a hit");
+    let get = flow.get(3, b"get missing other\r\n");
+    fx.xdp_counted(
+        &get,
+        &[("get_requests", 1), ("get_keys", 2), ("pass_miss", 1)],
+        "all miss",
+    )
+    .assert_unchanged(XDP_PASS, &get, "all miss");
+}
+
+#[test]
+fn multi_get_miss_then_hit_counts_as_partial() {
+    // Counter::PassPartial: "a multi-get where some keys hit and some missed". The lookup
+    // loop stops at the first miss, so with the miss first no hit is ever seen.
+    let fx = Fixture::new();
+    let flow = Flow::v4();
+    let a = Item::new("a", 0, b"1");
+    fx.fill(&flow, 1, &a, true);
+    let get = flow.get(2, b"get missing a\r\n");
+    fx.xdp_counted(
+        &get,
+        &[("get_requests", 1), ("get_keys", 2), ("pass_partial", 1)],
+        "miss then hit",
+    )
+    .assert_unchanged(XDP_PASS, &get, "miss then hit");
+}
+
+#[test]
+fn reply_larger_than_max_reply_payload_passes_unchanged() {
+    let mut fx = Fixture::new();
+    let flow = Flow::v4();
+    let big = Item::new("big", 0, &[b'x'; 1450]);
+    fx.fill(&flow, 1, &big, true);
+    let payload = 8 + big.text().len() + 5;
+    assert!(payload > MAX_REPLY_PAYLOAD as usize);
+    let get = flow.get(2, b"get big\r\n");
+    let too_big = [("get_requests", 1), ("get_keys", 1), ("pass_too_big", 1)];
+    fx.xdp_counted(&get, &too_big, "1483-byte payload, limit 1400")
+        .assert_unchanged(XDP_PASS, &get, "1483-byte payload, limit 1400");
+    // The limit is the reason: one byte short still passes, exactly enough is served.
+    fx.update_config(|c| c.max_reply_payload = payload as u32 - 1);
+    fx.xdp_counted(&get, &too_big, "limit one byte short")
+        .assert_unchanged(XDP_PASS, &get, "limit one byte short");
+    fx.update_config(|c| c.max_reply_payload = payload as u32);
+    fx.expect_hit(&flow, 2, &[&big], "limit exactly the payload");
+}
+
+#[test]
+fn multi_get_whose_reply_exceeds_max_reply_payload_passes_unchanged() {
+    let fx = Fixture::new();
+    let flow = Flow::v4();
+    let m1 = Item::new("m1", 0, &[b'1'; 700]);
+    let m2 = Item::new("m2", 0, &[b'2'; 700]);
+    fx.fill(&flow, 1, &m1, true);
+    fx.fill(&flow, 2, &m2, true);
+    fx.expect_hit(&flow, 3, &[&m1], "m1 alone fits");
+    fx.expect_hit(&flow, 4, &[&m2], "m2 alone fits");
+    let get = flow.get(5, b"get m1 m2\r\n");
+    fx.xdp_counted(
+        &get,
+        &[("get_requests", 1), ("get_keys", 2), ("pass_too_big", 1)],
+        "m1 m2 together",
+    )
+    .assert_unchanged(XDP_PASS, &get, "m1 m2 together");
+}
+
+#[test]
+fn truncated_frames_pass_unchanged_at_every_length() {
+    let flows = [
+        ("IPv4", Flow::v4()),
+        ("802.1Q IPv4", Flow::v4().with_vlan(0x0064)),
+        (
+            "IPv4 IHL 6",
+            Flow::v4().with_ip_options(&[0x94, 0x04, 0, 0]),
+        ),
+        ("IPv6", Flow::v6()),
+        ("802.1Q IPv6", Flow::v6().with_vlan(0x0064)),
+    ];
+    for (name, flow) in flows {
+        let fx = Fixture::new();
+        let item = Item::new("trunc:key", 5, b"truncated frames never get this");
+        fx.fill(&flow, 1, &item, true);
+        // The whole frame would be served: every cut below is refused for being cut.
+        fx.expect_hit(&flow, 2, &[&item], &format!("{name}: whole frame"));
+        let get = flow.get(2, b"get trunc:key\r\n");
+        let l = layout(&get);
+        let before = fx.counters();
+        for cut in 14..get.len() {
+            let where_ = describe_cut(&l, cut, flow.vlan.is_some());
+            let what = format!("{name} GET cut to {cut} of {} bytes ({where_})", get.len());
+            fx.xdp(&get[..cut])
+                .assert_unchanged(XDP_PASS, &get[..cut], &what);
+        }
+        let after = fx.counters();
+        let moved = |n: &str| after[counter_index(n)] - before[counter_index(n)];
+        assert_eq!(
+            moved("hit_requests"),
+            0,
+            "{name}: a truncated frame was served"
+        );
+        assert_eq!(
+            moved("udp_other"),
+            0,
+            "{name}: a truncated GET was scanned as a write"
+        );
+    }
+}
+
+/// Which header a cut at `cut` bytes falls in (for messages).
+fn describe_cut(l: &packet::Layout, cut: usize, vlan: bool) -> String {
+    let payload = l.l4 + 8;
+    let place = if vlan && cut < 18 {
+        "inside the 802.1Q tag"
+    } else if cut == l.l3 {
+        "right after the Ethernet header"
+    } else if cut < l.l4 {
+        "inside the IP header"
+    } else if cut == l.l4 {
+        "right after the IP header"
+    } else if cut < payload {
+        "inside the UDP header"
+    } else if cut == payload {
+        "right after the UDP header"
+    } else if cut < payload + 8 {
+        "inside the memcached frame header"
+    } else if cut == payload + 8 {
+        "right after the memcached frame header"
+    } else {
+        "inside the command"
+    };
+    place.to_string()
+}
+
+#[test]
+fn non_memcached_traffic_passes_unchanged_and_counts_nothing() {
+    let fx = Fixture::new();
+    let flow = Flow::v4();
+    let flow6 = Flow::v6();
+    let item = Item::new("k", 0, b"v");
+    fx.fill(&flow, 1, &item, true);
+
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "UDP get to port 53",
+            flow.udp_to(53, &mc_frame(9, 0, 1, b"get k\r\n")),
+        ),
+        (
+            "UDP delete to port 11212",
+            flow.udp_to(11212, &mc_frame(9, 0, 1, b"delete k\r\n")),
+        ),
+        (
+            "IPv6 UDP get to port 53",
+            flow6.udp_to(53, &mc_frame(9, 0, 1, b"get k\r\n")),
+        ),
+        (
+            "TCP set to port 80",
+            flow.tcp_to(80, 1001, TCP_ACK | TCP_PSH, b"set k 0 0 1\r\nx\r\n"),
+        ),
+        ("TCP SYN to port 80", flow.tcp_to(80, 1000, TCP_SYN, b"")),
+        (
+            "ARP request",
+            arp_request(&flow.eth_to_server(), [198, 18, 0, 7], [198, 18, 0, 1]),
+        ),
+        ("UDP from port 11211 (a reply, seen on ingress)", {
+            let net = flow.net_from_memcached();
+            let l4 = udp(&net, PORT, 40007, &mc_frame(1, 0, 1, b"delete k\r\n"), true);
+            Flow::frame(&flow.eth_to_client(), &net, packet::IPPROTO_UDP, &l4)
+        }),
+    ];
+    for (what, f) in [("ICMP echo", &flow), ("ICMPv6 echo", &flow6)] {
+        let net = f.net_to_server();
+        let (proto, l4) = icmp_echo(&net, 0x77, 1, b"get k\r\n");
+        cases.push((what, Flow::frame(&f.eth_to_server(), &net, proto, &l4)));
+    }
+    // 802.1ad outer tag with an 802.1Q inner tag: only one tag is parsed.
+    let mut qinq = flow.get(9, b"get k\r\n");
+    qinq.splice(12..12, [0x88, 0xa8, 0x00, 0x05, 0x81, 0x00, 0x00, 0x64]);
+    cases.push(("QinQ (two VLAN tags) GET", qinq));
+    // An IPv4 fragment of a GET is never parsed.
+    let mut frag = flow.get(9, b"get k\r\n");
+    frag[20] = 0x20; // more fragments
+    frag[24..26].copy_from_slice(&[0, 0]);
+    let c = packet::csum_finish(packet::sum16(0, &frag[14..34]));
+    frag[24..26].copy_from_slice(&c.to_be_bytes());
+    cases.push(("IPv4 first fragment of a GET", frag));
+
+    for (what, frame) in &cases {
+        fx.xdp_counted(frame, &[], what)
+            .assert_unchanged(XDP_PASS, frame, what);
+    }
+    fx.expect_hit(
+        &flow,
+        2,
+        &[&item],
+        "the cached key is untouched by all of it",
+    );
+}
+
+#[test]
+fn malformed_headers_to_memcached_pass_unchanged_and_count_nothing() {
+    let fx = Fixture::new();
+    let flow = Flow::v4();
+    let item = Item::new("k", 0, b"v");
+    fx.fill(&flow, 1, &item, true);
+    // A GET that would hit: IPv4 at 14, UDP at 34.
+    let get = flow.get(9, b"get k\r\n");
+    let ip_payload = (get.len() - 34) as u16;
+    let edit = |what: &'static str, f: &dyn Fn(&mut Vec<u8>)| {
+        let mut frame = get.clone();
+        f(&mut frame);
+        (what, frame)
+    };
+    let syn_then = |doff: u8| {
+        let mut seg = flow.tcp_to(PORT, 1, TCP_ACK | TCP_PSH, b"delete k\r\n");
+        seg[34 + 12] = doff << 4;
+        seg
+    };
+    let cases = [
+        edit("IPv4 IHL 4", &|f| f[14] = 0x44),
+        edit("IP version 5 under the IPv4 ethertype", &|f| f[14] = 0x55),
+        edit("IPv4 total length shorter than its header", &|f| {
+            f[16..18].copy_from_slice(&19u16.to_be_bytes())
+        }),
+        edit("IPv4 fragment offset set", &|f| {
+            f[20..22].copy_from_slice(&[0x40, 0x01])
+        }),
+        edit("IPv4 header under the IPv6 ethertype", &|f| {
+            f[12..14].copy_from_slice(&[0x86, 0xdd])
+        }),
+        edit("UDP length 7", &|f| {
+            f[38..40].copy_from_slice(&7u16.to_be_bytes())
+        }),
+        edit("UDP length beyond the IP payload", &|f| {
+            f[38..40].copy_from_slice(&(ip_payload + 1).to_be_bytes())
+        }),
+        ("TCP data offset 4 to memcached", syn_then(4)),
+        ("TCP data offset beyond the segment", syn_then(15)),
+    ];
+    for (what, frame) in &cases {
+        fx.xdp_counted(frame, &[], what)
+            .assert_unchanged(XDP_PASS, frame, what);
+    }
+    fx.expect_hit(
+        &flow,
+        2,
+        &[&item],
+        "the cached key is untouched by all of it",
+    );
+}
+
+#[test]
+fn noncanonical_get_lines_pass_unchanged() {
+    let fx = Fixture::new();
+    let flow = Flow::v4();
+    let item = Item::new("k", 0, b"v");
+    fx.fill(&flow, 1, &item, true);
+    let long_key = format!("get {}\r\n", "k".repeat(251));
+    let many_keys = format!("get {}\r\n", vec!["k"; 33].join(" "));
+    let unsupported = [("get_requests", 1), ("pass_unsupported", 1)];
+    // Shorter than the shortest GET (`get k\r\n`): refused before the keys are parsed.
+    let malformed = [("get_requests", 1), ("pass_malformed", 1)];
+    let cases: Vec<(&str, &[u8], Counted)> = vec![
+        ("double space", b"get  k\r\n", &unsupported),
+        ("trailing space", b"get k \r\n", &unsupported),
+        ("bare LF", b"get kk\n", &unsupported),
+        ("no line end", b"get kkk", &unsupported),
+        (
+            "two commands in one datagram",
+            b"get k\r\nget k\r\n",
+            &unsupported,
+        ),
+        ("control byte in the key", b"get k\x01\r\n", &unsupported),
+        ("251-byte key", long_key.as_bytes(), &unsupported),
+        ("33 keys", many_keys.as_bytes(), &unsupported),
+        ("no key", b"get \r\n", &malformed),
+        ("bare LF, 6 bytes", b"get k\n", &malformed),
+    ];
+    for (what, line, counted) in cases {
+        let get = flow.get(5, line);
+        fx.xdp_counted(&get, counted, what)
+            .assert_unchanged(XDP_PASS, &get, what);
+    }
+    // Multi-datagram requests (seq 0 of 2, seq 1 of 2) are memcached's.
+    for (seq, total) in [(0, 2), (1, 2)] {
+        let get = flow.udp_to(PORT, &mc_frame(6, seq, total, b"get k\r\n"));
+        let what = format!("GET datagram {seq} of {total}");
+        fx.xdp_counted(&get, &unsupported, &what)
+            .assert_unchanged(XDP_PASS, &get, &what);
+    }
+    fx.expect_hit(&flow, 7, &[&item], "the canonical form is still served");
+}
+
+#[test]
+fn gets_and_mg_requests_pass_unchanged_and_do_not_invalidate() {
+    let fx = Fixture::new();
+    let flow = Flow::v4();
+    let item = Item::new("k", 0, b"v");
+    fx.fill(&flow, 1, &item, true);
+    for (what, line) in [
+        ("gets", &b"gets k\r\n"[..]),
+        ("mg with value flag", &b"mg k v\r\n"[..]),
+        ("mg with flags and CAS", &b"mg k v f c t\r\n"[..]),
+    ] {
+        let frame = flow.get(2, line);
+        fx.xdp_counted(&frame, &[("udp_other", 1)], what)
+            .assert_unchanged(XDP_PASS, &frame, what);
+    }
+    fx.expect_hit(&flow, 3, &[&item], "still cached after gets and mg");
+}
+
+#[test]
+fn get_without_a_lease_passes_unchanged() {
+    let mut fx = Fixture::new();
+    let flow = Flow::v4();
+    let item = Item::new("k", 0, b"v");
+    fx.fill(&flow, 1, &item, true);
+    let get = flow.get(2, b"get k\r\n");
+    let lease = fx.config.lease_until_ns;
+    fx.update_config(|c| c.lease_until_ns = kernel::coarse_now_ns().saturating_sub(SEC));
+    fx.xdp_counted(
+        &get,
+        &[("get_requests", 1), ("pass_no_lease", 1)],
+        "lease expired",
+    )
+    .assert_unchanged(XDP_PASS, &get, "lease expired");
+    fx.update_config(|c| {
+        c.lease_until_ns = lease;
+        c.flags &= !flags::SERVE;
+    });
+    fx.xdp_counted(
+        &get,
+        &[("get_requests", 1), ("pass_no_lease", 1)],
+        "SERVE off",
+    )
+    .assert_unchanged(XDP_PASS, &get, "SERVE off");
+    fx.update_config(|c| c.flags |= flags::SERVE);
+    fx.expect_hit(&flow, 2, &[&item], "lease and SERVE back");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writes and fills.
+
+#[test]
+fn udp_delete_clears_the_cached_key() {
+    let fx = Fixture::new();
+    let flow = Flow::v4();
+    let item = Item::new("del:key", 0, b"v");
+    let other = Item::new("other", 0, b"w");
+    fx.fill(&flow, 1, &item, true);
+    fx.fill(&flow, 2, &other, true);
+    fx.expect_hit(&flow, 3, &[&item], "cached before the delete");
+    let delete = flow.get(4, b"delete del:key\r\n");
+    fx.xdp_counted(
+        &delete,
+        &[
+            ("udp_other", 1),
+            ("invalidate_text", 1),
+            ("slots_cleared_0", 1),
+        ],
+        "UDP delete",
+    )
+    .assert_unchanged(XDP_PASS, &delete, "UDP delete");
+    fx.expect_miss(&flow, 5, "del:key", "GET after the delete");
+    fx.expect_hit(&flow, 6, &[&other], "another key survives the delete");
+}
+
+#[test]
+fn tcp_set_after_syn_clears_the_cached_key() {
+    let fx = Fixture::new();
+    let flow = Flow::v4().with_client_port(50123);
+    let udp_flow = Flow::v4();
+    let old = Item::new("tcp:key", 0, b"old");
+    fx.fill(&udp_flow, 1, &old, true);
+    fx.expect_hit(&udp_flow, 2, &[&old], "cached before the set");
+    let isn = 0x1000_0000u32;
+    let syn = flow.tcp_to(PORT, isn, TCP_SYN, b"");
+    fx.xdp_counted(&syn, &[], "SYN")
+        .assert_unchanged(XDP_PASS, &syn, "SYN");
+    let set = flow.tcp_to(
+        PORT,
+        isn + 1,
+        TCP_ACK | TCP_PSH,
+        b"set tcp:key 3 0 3\r\nnew\r\n",
+    );
+    fx.xdp_counted(
+        &set,
+        &[
+            ("tcp_segments", 1),
+            ("invalidate_text", 1),
+            ("slots_cleared_0", 1),
+        ],
+        "TCP set",
+    )
+    .assert_unchanged(XDP_PASS, &set, "TCP set");
+    fx.expect_miss(&udp_flow, 3, "tcp:key", "GET right after the set");
+    // Once the write has settled, memcached's new value fills and is served.
+    sleep(SETTLE_SLEEP);
+    let new = Item::new("tcp:key", 3, b"new");
+    // The set emptied the key's way: the fill takes an empty way again.
+    fx.fill(&udp_flow, 4, &new, true);
+    fx.expect_hit(&udp_flow, 5, &[&new], "new value after the set settled");
+}
+
+#[test]
+fn tcp_segment_after_fin_flushes_everything() {
+    // After FIN the flow is forgotten: later bytes on it cannot be followed.
+    let fx = Fixture::new();
+    let flow = Flow::v4().with_client_port(50125);
+    let item = Item::new("k", 0, b"v");
+    fx.fill(&Flow::v4(), 1, &item, true);
+    let isn = 5000u32;
+    let steps = [
+        ("SYN", flow.tcp_to(PORT, isn, TCP_SYN, b""), vec![]),
+        (
+            "get over TCP",
+            flow.tcp_to(PORT, isn + 1, TCP_ACK | TCP_PSH, b"get k\r\n"),
+            vec![("tcp_segments", 1)],
+        ),
+        (
+            "FIN",
+            flow.tcp_to(PORT, isn + 8, TCP_ACK | TCP_FIN, b""),
+            vec![],
+        ),
+    ];
+    for (what, frame, counted) in &steps {
+        fx.xdp_counted(frame, counted, what)
+            .assert_unchanged(XDP_PASS, frame, what);
+    }
+    fx.expect_hit(&Flow::v4(), 2, &[&item], "TCP get and FIN change nothing");
+    let late = flow.tcp_to(PORT, isn + 8, TCP_ACK | TCP_PSH, b"get k\r\n");
+    fx.xdp_counted(
+        &late,
+        &[("tcp_segments", 1), ("flush_unsynced", 1)],
+        "data after FIN",
+    )
+    .assert_unchanged(XDP_PASS, &late, "data after FIN");
+    let get = Flow::v4().get(3, b"get k\r\n");
+    fx.xdp_counted(
+        &get,
+        &[
+            ("get_requests", 1),
+            ("get_keys", 1),
+            ("expired", 1),
+            ("pass_miss", 1),
+        ],
+        "GET after the flush",
+    )
+    .assert_unchanged(XDP_PASS, &get, "GET after the flush");
+}
+
+#[test]
+fn tcp_write_on_a_flow_opened_before_the_agent_flushes_everything() {
+    let fx = Fixture::new();
+    let flow = Flow::v4().with_client_port(50124);
+    let item = Item::new("k", 0, b"v");
+    fx.fill(&Flow::v4(), 1, &item, true);
+    let epoch = fx.kernel_epoch();
+    let set = flow.tcp_to(PORT, 777, TCP_ACK | TCP_PSH, b"set other 0 0 1\r\nx\r\n");
+    fx.xdp_counted(
+        &set,
+        &[("tcp_segments", 1), ("flush_unsynced", 1)],
+        "TCP set without a SYN",
+    )
+    .assert_unchanged(XDP_PASS, &set, "TCP set without a SYN");
+    assert_eq!(fx.kernel_epoch(), epoch + 1, "the flush bumps the epoch");
+    let get = Flow::v4().get(2, b"get k\r\n");
+    fx.xdp_counted(
+        &get,
+        &[
+            ("get_requests", 1),
+            ("get_keys", 1),
+            ("expired", 1),
+            ("pass_miss", 1),
+        ],
+        "GET after the flush",
+    )
+    .assert_unchanged(XDP_PASS, &get, "GET after the flush");
+}
+
+#[test]
+fn flush_all_clears_every_cached_key() {
+    let fx = Fixture::new();
+    let flow = Flow::v4();
+    let a = Item::new("a", 0, b"1");
+    let b = Item::new("b", 0, b"2");
+    fx.fill(&flow, 1, &a, true);
+    fx.fill(&flow, 2, &b, true);
+    let epoch = fx.kernel_epoch();
+    let flush = flow.get(3, b"flush_all\r\n");
+    fx.xdp_counted(&flush, &[("udp_other", 1), ("flush_all", 1)], "flush_all")
+        .assert_unchanged(XDP_PASS, &flush, "flush_all");
+    assert_eq!(fx.kernel_epoch(), epoch + 1, "flush_all bumps the epoch");
+    for (id, key) in [(4, "a"), (5, "b")] {
+        let get = flow.get(id, format!("get {key}\r\n").as_bytes());
+        let what = format!("GET {key} after flush_all");
+        fx.xdp_counted(
+            &get,
+            &[
+                ("get_requests", 1),
+                ("get_keys", 1),
+                ("expired", 1),
+                ("pass_miss", 1),
+            ],
+            &what,
+        )
+        .assert_unchanged(XDP_PASS, &get, &what);
+    }
+    // Filled again after the flush (flush_all without delay holds nothing back).
+    let reply = flow.memcached_reply(4, 0, 1, &reply_body(&[&a]));
+    fx.tc_counted(&reply, &[("fills", 1)], "refill after flush_all");
+    fx.expect_hit(&flow, 6, &[&a], "refilled after flush_all");
+}
+
+#[test]
+fn gets_reply_with_a_cas_token_is_never_filled() {
+    let fx = Fixture::new();
+    let flow = Flow::v4();
+    fx.expect_miss(&flow, 7, "cas:key", "GET misses");
+    let reply = flow.memcached_reply(7, 0, 1, b"VALUE cas:key 0 1 998877\r\nx\r\nEND\r\n");
+    fx.tc_counted(
+        &reply,
+        &[("fill_refused_cas", 1)],
+        "VALUE line with a CAS token",
+    );
+    fx.expect_miss(&flow, 8, "cas:key", "GET after the gets reply");
+}
+
+#[test]
+fn reply_without_a_ticket_is_never_filled() {
+    let fx = Fixture::new();
+    let flow = Flow::v4();
+    let item = Item::new("lonely", 0, b"unasked");
+    let body = reply_body(&[&item]);
+    fx.tc_counted(
+        &flow.memcached_reply(9, 0, 1, &body),
+        &[("fill_refused_no_ticket", 1)],
+        "reply with no GET at all",
+    );
+    // A GET from another client port with the same request id is not this reply's ticket.
+    fx.expect_miss(
+        &flow.clone().with_client_port(40999),
+        9,
+        "lonely",
+        "other client's GET",
+    );
+    fx.tc_counted(
+        &flow.memcached_reply(9, 0, 1, &body),
+        &[("fill_refused_no_ticket", 1)],
+        "reply to a port that did not ask",
+    );
+    fx.expect_miss(&flow, 10, "lonely", "GET after the unasked replies");
+}
+
+#[test]
+fn multi_datagram_reply_is_never_filled() {
+    let fx = Fixture::new();
+    let flow = Flow::v4();
+    let item = Item::new("k", 0, b"v");
+    fx.expect_miss(&flow, 7, "k", "GET misses");
+    fx.tc_counted(
+        &flow.memcached_reply(7, 0, 2, &reply_body(&[&item])),
+        &[("fill_refused_multi_datagram", 1)],
+        "datagram 0 of 2",
+    );
+    fx.expect_miss(&flow, 8, "k", "GET after the split reply");
+}
+
+#[test]
+fn write_between_get_and_reply_refuses_the_fill() {
+    let fx = Fixture::new();
+    let flow = Flow::v4();
+    let item = Item::new("race", 0, b"stale value");
+    fx.expect_miss(&flow, 1, "race", "GET misses");
+    let delete = flow.get(2, b"delete race\r\n");
+    fx.xdp_counted(
+        &delete,
+        &[("udp_other", 1), ("invalidate_text", 1)],
+        "delete after the GET",
+    )
+    .assert_unchanged(XDP_PASS, &delete, "delete after the GET");
+    fx.tc_counted(
+        &flow.memcached_reply(1, 0, 1, &reply_body(&[&item])),
+        &[("fill_refused_race", 1)],
+        "reply from before the delete",
+    );
+    fx.expect_miss(&flow, 3, "race", "GET after the refused fill");
+}
