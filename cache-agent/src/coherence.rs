@@ -44,6 +44,9 @@ pub struct Shared {
     pub resyncs: AtomicU64,
     pub watch_invalidations: AtomicU64,
     pub lease_renewals: AtomicU64,
+    /// Set when the cache was adopted warm (upgrade mode): the first watch connection does
+    /// not flush it.
+    pub skip_first_watch_resync: AtomicBool,
 }
 
 impl Shared {
@@ -57,6 +60,7 @@ impl Shared {
             resyncs: AtomicU64::new(0),
             watch_invalidations: AtomicU64::new(0),
             lease_renewals: AtomicU64::new(0),
+            skip_first_watch_resync: AtomicBool::new(false),
         })
     }
 
@@ -250,7 +254,12 @@ async fn follow_watch(shared: &Shared, addr: std::net::SocketAddr) -> std::io::R
         )));
     }
     // Events before this point were not seen: start from a clean cache.
-    shared.resync("watch stream (re)connected");
+    if !shared
+        .skip_first_watch_resync
+        .swap(false, Ordering::Relaxed)
+    {
+        shared.resync("watch stream (re)connected");
+    }
     shared.watch_ok.store(true, Ordering::Relaxed);
     info!("following memcached's watch stream");
     loop {

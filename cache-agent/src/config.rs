@@ -72,6 +72,10 @@ pub struct RunArgs {
     /// Log format: `text` or `json`.
     #[arg(long, env = "CACHE_AGENT_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Upgrade mode: on SIGTERM leave the programs attached and the cache pinned (serving
+    /// pauses, writes still invalidate) so the next agent adopts them warm [default: false].
+    #[arg(long, env = "CACHE_AGENT_KEEP_ON_EXIT")]
+    pub keep_on_exit: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +111,7 @@ pub struct Settings {
     pub watch: bool,
     pub pin_root: PathBuf,
     pub json_logs: bool,
+    pub keep_on_exit: bool,
 }
 
 impl Settings {
@@ -236,6 +241,7 @@ impl Settings {
             hit_latency: pick!(hit_latency).unwrap_or(true),
             watch: pick!(watch).unwrap_or(true),
             pin_root: pick!(pin_root).unwrap_or_else(|| DEFAULT_PIN_ROOT.into()),
+            keep_on_exit: pick!(keep_on_exit).unwrap_or(false),
             json_logs: match pick!(log_format).as_deref().unwrap_or("text") {
                 "text" => false,
                 "json" => true,

@@ -99,6 +99,14 @@ pub fn pin_maps(ebpf: &Ebpf, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The CONFIG a previous agent left pinned under `dir`.
+pub fn pinned_config(dir: &Path) -> Result<Config> {
+    let data = MapData::from_pin(dir.join(names::CONFIG)).map_err(map_err(names::CONFIG))?;
+    let config: Array<MapData, Config> =
+        Array::try_from(Map::Array(data)).map_err(map_err(names::CONFIG))?;
+    config.get(&0, 0).map_err(map_err(names::CONFIG))
+}
+
 /// Reads a snapshot from the pins under `dir` (another process's agent).
 pub fn snapshot_from_pins(dir: &Path) -> Result<Snapshot> {
     let open = |name: &'static str| -> Result<MapData> {

@@ -22,9 +22,66 @@ pub struct Accelerator {
     pub ebpf: Ebpf,
 }
 
-/// Loads (and so verifies) every program, sized from `settings`, without attaching.
+/// Maps kept pinned under the pin directory: the cache and its bookkeeping survive an agent
+/// restart in upgrade mode, and `cache-agent stats` reads the counters from another process.
+/// JUMP is pinned because closing the last reference of a program array empties it (the
+/// entry program would lose its tail calls between agents; it then passes everything and
+/// flushes on writes), and SCRATCH because the old entry program and the new tail-called
+/// programs share it while the links are handed over. (Not the allowlist: it is rebuilt from
+/// the configuration every start.)
+pub const PINNED_MAPS: [&str; 14] = [
+    names::JUMP,
+    names::SCRATCH,
+    names::CLASS_MAPS[0],
+    names::CLASS_MAPS[1],
+    names::CLASS_MAPS[2],
+    names::CLASS_MAPS[3],
+    names::KEY_META,
+    names::STATE,
+    names::CONFIG,
+    names::TCP_FLOWS,
+    names::FILL_TICKETS,
+    names::COUNTERS,
+    names::HIT_LATENCY,
+    names::MISS_LATENCY,
+];
+const LINK_XDP: &str = "link_xdp";
+const LINK_TC: &str = "link_tc";
+
+/// Whether `dir` holds a kept cache this agent can adopt: links pinned by an agent in upgrade
+/// mode, and maps of the same sizes (the pinned CONFIG says which).
+pub fn can_adopt(dir: &std::path::Path, settings: &Settings) -> bool {
+    if !dir.join(LINK_XDP).exists() || !dir.join(LINK_TC).exists() {
+        return false;
+    }
+    match kernel::pinned_config(dir) {
+        Ok(c) => {
+            c.class_buckets == settings.class_buckets && c.key_meta_slots == settings.key_meta_slots
+        }
+        Err(_) => false,
+    }
+}
+
+/// Loads (and so verifies) every program, sized from `settings`, without attaching. The maps
+/// in [`PINNED_MAPS`] are opened from `pin_dir` if pinned there, else created and pinned.
+pub fn load_pinned(settings: &Settings, pin_dir: &std::path::Path) -> Result<Ebpf> {
+    std::fs::create_dir_all(pin_dir)?;
+    let paths: Vec<(&str, std::path::PathBuf)> =
+        PINNED_MAPS.iter().map(|n| (*n, pin_dir.join(n))).collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    configure_and_load(&mut loader, settings)
+}
+
+/// Loads (and so verifies) every program, sized from `settings`, without attaching or pinning.
 pub fn load(settings: &Settings) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
+    configure_and_load(&mut loader, settings)
+}
+
+fn configure_and_load(loader: &mut EbpfLoader<'_>, settings: &Settings) -> Result<Ebpf> {
     for c in 0..CLASS_COUNT {
         loader.map_max_entries(names::CLASS_MAPS[c], settings.class_buckets[c].max(1));
     }
@@ -164,8 +221,120 @@ pub fn interface_exists(iface: &str) -> bool {
     unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
 }
 
+/// The links this agent owns (dropping the Ebpf detaches them, unless [`keep_attached`]).
+pub struct Links {
+    xdp: aya::programs::xdp::XdpLinkId,
+    tc: aya::programs::tc::SchedClassifierLinkId,
+}
+
+/// Takes over the links a previous agent left pinned in `dir` (upgrade mode): the new
+/// programs replace the old ones atomically, with no moment where nothing is attached.
+pub fn adopt(ebpf: &mut Ebpf, dir: &std::path::Path) -> Result<Links> {
+    use aya::programs::links::{FdLink, PinnedLink};
+    let take = |name: &str| -> Result<FdLink> {
+        let path = dir.join(name);
+        let pinned = PinnedLink::from_pin(&path).map_err(|e| AgentError::Pin {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        pinned.unpin().map_err(|e| AgentError::Pin {
+            path,
+            detail: e.to_string(),
+        })
+    };
+    let xdp_link =
+        aya::programs::xdp::XdpLink::try_from(take(LINK_XDP)?).map_err(|e| AgentError::Pin {
+            path: dir.join(LINK_XDP),
+            detail: e.to_string(),
+        })?;
+    let xdp: &mut Xdp = ebpf
+        .program_mut(names::XDP_CACHE)
+        .expect("loaded")
+        .try_into()
+        .expect("xdp");
+    let xdp_id = xdp
+        .attach_to_link(xdp_link)
+        .map_err(|source| AgentError::Program {
+            program: names::XDP_CACHE,
+            source,
+        })?;
+    let tc_link =
+        aya::programs::tc::SchedClassifierLink::try_from(take(LINK_TC)?).map_err(|e| {
+            AgentError::Pin {
+                path: dir.join(LINK_TC),
+                detail: e.to_string(),
+            }
+        })?;
+    let tc: &mut SchedClassifier = ebpf
+        .program_mut(names::TC_FILL)
+        .expect("loaded")
+        .try_into()
+        .expect("tc");
+    let tc_id = tc
+        .attach_to_link(tc_link)
+        .map_err(|source| AgentError::Program {
+            program: names::TC_FILL,
+            source,
+        })?;
+    info!(dir = %dir.display(), "adopted the attached programs and the warm cache of the previous agent");
+    Ok(Links {
+        xdp: xdp_id,
+        tc: tc_id,
+    })
+}
+
+/// Upgrade mode on exit: pins the links so the programs stay attached after this process.
+pub fn keep_attached(ebpf: &mut Ebpf, dir: &std::path::Path, links: Links) -> Result<()> {
+    use aya::programs::links::FdLink;
+    let pin = |fd_link: FdLink, name: &str| -> Result<()> {
+        let path = dir.join(name);
+        let _ = std::fs::remove_file(&path);
+        fd_link.pin(&path).map(|_| ()).map_err(|e| AgentError::Pin {
+            path,
+            detail: e.to_string(),
+        })
+    };
+    let xdp: &mut Xdp = ebpf
+        .program_mut(names::XDP_CACHE)
+        .expect("loaded")
+        .try_into()
+        .expect("xdp");
+    let link = xdp
+        .take_link(links.xdp)
+        .map_err(|source| AgentError::Program {
+            program: names::XDP_CACHE,
+            source,
+        })?;
+    let fd: FdLink = link
+        .try_into()
+        .map_err(|e: aya::programs::links::LinkError| AgentError::Pin {
+            path: dir.join(LINK_XDP),
+            detail: e.to_string(),
+        })?;
+    pin(fd, LINK_XDP)?;
+    let tc: &mut SchedClassifier = ebpf
+        .program_mut(names::TC_FILL)
+        .expect("loaded")
+        .try_into()
+        .expect("tc");
+    let link = tc
+        .take_link(links.tc)
+        .map_err(|source| AgentError::Program {
+            program: names::TC_FILL,
+            source,
+        })?;
+    let fd: FdLink = link
+        .try_into()
+        .map_err(|e: aya::programs::links::LinkError| AgentError::Pin {
+            path: dir.join(LINK_TC),
+            detail: e.to_string(),
+        })?;
+    pin(fd, LINK_TC)?;
+    Ok(())
+}
+
 /// Attaches XDP and TC egress. XDP goes first: if it fails nothing is attached.
-pub fn attach(ebpf: &mut Ebpf, settings: &Settings) -> Result<()> {
+pub fn attach(ebpf: &mut Ebpf, settings: &Settings) -> Result<Links> {
     let iface = settings.iface.as_str();
     if !interface_exists(iface) {
         return Err(AgentError::NoSuchInterface {
@@ -181,30 +350,37 @@ pub fn attach(ebpf: &mut Ebpf, settings: &Settings) -> Result<()> {
         .expect("loaded")
         .try_into()
         .expect("xdp");
-    xdp.attach(iface, mode)
+    let xdp_id = xdp
+        .attach(iface, mode)
         .map_err(|source| classify_xdp_error(iface, source))?;
     let tc: &mut SchedClassifier = ebpf
         .program_mut(names::TC_FILL)
         .expect("loaded")
         .try_into()
         .expect("tc");
-    if let Err(source) = tc.attach(iface, TcAttachType::Egress) {
-        // Leave nothing half attached: dropping the XDP link detaches it.
-        let xdp: &mut Xdp = ebpf
-            .program_mut(names::XDP_CACHE)
-            .expect("loaded")
-            .try_into()
-            .expect("xdp");
-        let _ = xdp.unload();
-        return Err(AgentError::Attach {
-            program: names::TC_FILL,
-            iface: iface.into(),
-            fix: "the kernel needs TCX (6.6+) or clsact",
-            source,
-        });
-    }
+    let tc_id = match tc.attach(iface, TcAttachType::Egress) {
+        Ok(id) => id,
+        Err(source) => {
+            // Leave nothing half attached: dropping the XDP link detaches it.
+            let xdp: &mut Xdp = ebpf
+                .program_mut(names::XDP_CACHE)
+                .expect("loaded")
+                .try_into()
+                .expect("xdp");
+            let _ = xdp.unload();
+            return Err(AgentError::Attach {
+                program: names::TC_FILL,
+                iface: iface.into(),
+                fix: "the kernel needs TCX (6.6+) or clsact",
+                source,
+            });
+        }
+    };
     info!(iface, mode = ?settings.xdp_mode, "attached XDP hit path and TC egress fill");
-    Ok(())
+    Ok(Links {
+        xdp: xdp_id,
+        tc: tc_id,
+    })
 }
 
 fn classify_xdp_error(iface: &str, source: aya::programs::ProgramError) -> AgentError {

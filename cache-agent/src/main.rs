@@ -153,22 +153,31 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
         }
         .into());
     }
-    let mut ebpf = loader::load(&settings)?;
+    let dir = settings.pin_dir();
+    // Upgrade mode: a previous agent left its programs attached and its cache pinned.
+    let adopting = settings.keep_on_exit && loader::can_adopt(&dir, &settings);
+    if !adopting && dir.exists() {
+        // A crashed or differently sized agent's pins: its links died with it; start cold.
+        warn!(dir = %dir.display(), "removing pins left by a previous agent");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let mut ebpf = loader::load_pinned(&settings, &dir)?;
     let mut config = loader::initial_config(&settings);
     config.max_reply_payload = loader::max_reply_payload(&settings.iface)?;
+    if adopting {
+        // Keep the epoch the cached entries were filled in: the cache stays warm.
+        config.agent_epoch = kernel::pinned_config(&dir)?.agent_epoch;
+    }
     kernel::write_config(&mut ebpf, &config)?;
     kernel::write_allowlist(&mut ebpf, &settings.allow)?;
     if settings.allow.is_empty() {
         warn!("no --allow list: the kernel answers every client that reaches the interface");
     }
-    let dir = settings.pin_dir();
-    // A crashed agent's links died with it; its pins are only files: replace them.
-    if dir.exists() {
-        warn!(dir = %dir.display(), "removing pins left by a previous agent");
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    loader::attach(&mut ebpf, &settings)?;
-    kernel::pin_maps(&ebpf, &dir)?;
+    let links = if adopting {
+        loader::adopt(&mut ebpf, &dir)?
+    } else {
+        loader::attach(&mut ebpf, &settings)?
+    };
     let _ = std::fs::create_dir_all("/run/cache-agent");
     let _ = std::fs::write(pid_file(&settings.iface), std::process::id().to_string());
     info!(
@@ -180,6 +189,11 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
     );
 
     let shared = Shared::new(ebpf, config, settings.clone());
+    // The kernel kept invalidating while no agent ran; only loopback stores in that gap were
+    // not seen, so the first watch connection does not flush an adopted cache.
+    shared
+        .skip_first_watch_resync
+        .store(adopting, std::sync::atomic::Ordering::Relaxed);
     let lease = tokio::spawn(coherence::lease_loop(Arc::clone(&shared)));
     let watch = settings
         .watch
@@ -205,8 +219,18 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
     }
     metrics.abort();
     shared.revoke();
-    let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(pid_file(&settings.iface));
+    if settings.keep_on_exit {
+        let mut ebpf = shared.ebpf.lock().expect("ebpf lock");
+        match loader::keep_attached(&mut ebpf, &dir, links) {
+            Ok(()) => {
+                info!(dir = %dir.display(), "upgrade mode: programs stay attached, cache kept (not serving until the next agent)");
+                return Ok(());
+            }
+            Err(e) => error!(error = %e, "could not keep the programs attached; detaching"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     drop(shared);
     info!("detached");
     Ok(())

@@ -1,0 +1,100 @@
+//! Agent lifecycle (needs root): upgrade mode keeps the cache warm across a restart; a plain
+//! stop detaches and unpins; bad configuration and a missing interface fail cleanly.
+
+use std::time::Duration;
+
+use tests::{Rig, value_text};
+
+const WARM: Duration = Duration::from_secs(5);
+
+#[test]
+fn a_restart_in_upgrade_mode_keeps_the_cache_warm() {
+    let mut rig = Rig::with_agent("lcup", 51, &["--keep-on-exit", "true"]);
+    rig.set("warm", b"kept", 0, 0);
+    rig.warm("warm", WARM);
+    let fills = rig.counter("fills");
+    rig.bed.stop_agent();
+    // Between agents the programs stay attached but do not serve: memcached answers.
+    let before = rig.mc_stat("get_hits");
+    assert_eq!(
+        rig.udp_get(&["warm"]).payload,
+        [value_text("warm", 0, b"kept"), b"END\r\n".to_vec()].concat()
+    );
+    assert_eq!(
+        rig.mc_stat("get_hits"),
+        before + 1,
+        "served while no agent held the lease"
+    );
+    // A write in the gap is still invalidated by the attached scanner.
+    rig.set("gap", b"old", 0, 0);
+
+    rig.start_agent(&["--keep-on-exit", "true"]);
+    assert!(
+        rig.agent_log().contains("adopted"),
+        "the new agent did not adopt: {}",
+        rig.agent_log()
+    );
+    let hits = rig.counter("hit_keys");
+    let reply = rig.udp_get(&["warm"]);
+    assert_eq!(
+        reply.payload,
+        [value_text("warm", 0, b"kept"), b"END\r\n".to_vec()].concat()
+    );
+    assert_eq!(
+        rig.counter("hit_keys"),
+        hits + 1,
+        "the first GET after the upgrade was not a kernel hit: {:?}\n{}",
+        rig.agent_stats(),
+        rig.agent_log()
+    );
+    assert_eq!(
+        rig.counter("fills"),
+        fills + 0,
+        "the cache was refilled, not kept"
+    );
+
+    // A plain stop afterwards detaches and removes the pins.
+    rig.bed.stop_agent();
+    assert!(rig.agent_stats().is_some(), "pins vanished in upgrade mode");
+    rig.start_agent(&[]);
+    rig.bed.stop_agent();
+    assert!(rig.agent_stats().is_none(), "a plain stop must unpin");
+}
+
+#[test]
+fn bad_configuration_and_missing_interfaces_fail_with_a_clear_message() {
+    let rig = Rig::new("lcbad", 52);
+    let agent = loadgen::agent_bin();
+    let run = |args: &[&str]| {
+        std::process::Command::new(&agent)
+            .args(args)
+            .output()
+            .expect("run cache-agent")
+    };
+    let out = run(&[
+        "run",
+        "--iface",
+        "nosuchif0",
+        "--memcached",
+        "127.0.0.1:1",
+        "--capacity",
+        "12Q",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`capacity`") && err.contains("Fix:"), "{err}");
+
+    let mc = rig.server(false).to_string();
+    let out = rig
+        .bed
+        .agent_cmd(&["run", "--iface", "nosuchif0", "--memcached", &mc])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        out.contains("nosuchif0") && out.contains("does not exist"),
+        "{out}"
+    );
+    let out = run(&["run", "--iface", "lo", "--memcached", "127.0.0.1:1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unreachable"));
+}
