@@ -163,6 +163,10 @@ pub fn initial_config(settings: &Settings) -> Config {
     if !settings.allow.is_empty() {
         f |= flags::ALLOWLIST;
     }
+    let serve_ifindex = std::ffi::CString::new(settings.iface.as_str())
+        // SAFETY: NUL-terminated name.
+        .map(|n| unsafe { libc::if_nametoindex(n.as_ptr()) })
+        .unwrap_or(0);
     Config {
         lease_until_ns: 0,
         fill_hold_until_ns: 0,
@@ -176,7 +180,7 @@ pub fn initial_config(settings: &Settings) -> Config {
         key_meta_slots: settings.key_meta_slots,
         max_reply_payload: 0,
         max_amplification_pct: settings.max_amplification.saturating_mul(100),
-        _pad: 0,
+        serve_ifindex,
     }
 }
 
@@ -225,6 +229,43 @@ pub fn interface_exists(iface: &str) -> bool {
 pub struct Links {
     xdp: aya::programs::xdp::XdpLinkId,
     tc: aya::programs::tc::SchedClassifierLinkId,
+    /// The write scanner on `lo` (generic XDP), if it could be attached.
+    lo: Option<aya::programs::xdp::XdpLinkId>,
+}
+
+const LINK_LO: &str = "link_lo";
+
+/// Also runs the entry program on `lo` (generic XDP; it only scans for writes there, see
+/// Config::serve_ifindex), so clients on memcached's own host invalidate like remote ones.
+/// Best effort: without it, their stores are still caught by the watch backstop.
+fn attach_loopback(
+    ebpf: &mut Ebpf,
+    dir: &std::path::Path,
+) -> Option<aya::programs::xdp::XdpLinkId> {
+    let xdp: &mut Xdp = ebpf
+        .program_mut(names::XDP_CACHE)
+        .expect("loaded")
+        .try_into()
+        .expect("xdp");
+    let pinned = dir.join(LINK_LO);
+    if pinned.exists() {
+        let link = aya::programs::links::PinnedLink::from_pin(&pinned)
+            .ok()
+            .and_then(|p| p.unpin().ok());
+        if let Some(Ok(link)) = link.map(aya::programs::xdp::XdpLink::try_from) {
+            match xdp.attach_to_link(link) {
+                Ok(id) => return Some(id),
+                Err(e) => tracing::warn!(error = %e, "could not adopt the loopback scanner"),
+            }
+        }
+    }
+    match xdp.attach("lo", AyaXdpMode::Skb) {
+        Ok(id) => Some(id),
+        Err(e) => {
+            tracing::warn!(error = %e, "no write scanner on lo: deletes by clients on this host are not seen (stores still are, through watch)");
+            None
+        }
+    }
 }
 
 /// Takes over the links a previous agent left pinned in `dir` (upgrade mode): the new
@@ -276,10 +317,12 @@ pub fn adopt(ebpf: &mut Ebpf, dir: &std::path::Path) -> Result<Links> {
             program: names::TC_FILL,
             source,
         })?;
+    let lo = attach_loopback(ebpf, dir);
     info!(dir = %dir.display(), "adopted the attached programs and the warm cache of the previous agent");
     Ok(Links {
         xdp: xdp_id,
         tc: tc_id,
+        lo,
     })
 }
 
@@ -299,6 +342,19 @@ pub fn keep_attached(ebpf: &mut Ebpf, dir: &std::path::Path, links: Links) -> Re
         .expect("loaded")
         .try_into()
         .expect("xdp");
+    if let Some(lo) = links.lo {
+        let link = xdp.take_link(lo).map_err(|source| AgentError::Program {
+            program: names::XDP_CACHE,
+            source,
+        })?;
+        let fd: FdLink = link
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| AgentError::Pin {
+                path: dir.join(LINK_LO),
+                detail: e.to_string(),
+            })?;
+        pin(fd, LINK_LO)?;
+    }
     let link = xdp
         .take_link(links.xdp)
         .map_err(|source| AgentError::Program {
@@ -376,10 +432,16 @@ pub fn attach(ebpf: &mut Ebpf, settings: &Settings) -> Result<Links> {
             });
         }
     };
-    info!(iface, mode = ?settings.xdp_mode, "attached XDP hit path and TC egress fill");
+    let lo = if iface == "lo" {
+        None
+    } else {
+        attach_loopback(ebpf, &settings.pin_dir())
+    };
+    info!(iface, mode = ?settings.xdp_mode, loopback_scanner = lo.is_some(), "attached XDP hit path and TC egress fill");
     Ok(Links {
         xdp: xdp_id,
         tc: tc_id,
+        lo,
     })
 }
 

@@ -86,7 +86,10 @@ pub struct Config {
     pub max_reply_payload: u32,
     /// A reply frame may be at most this many percent of the request frame; 0 = no limit.
     pub max_amplification_pct: u32,
-    pub _pad: u32,
+    /// The interface whose GETs may be answered (and filled). On any other interface the
+    /// programs only scan for writes: the agent also attaches them to `lo`, so clients on
+    /// memcached's own host invalidate too.
+    pub serve_ifindex: u32,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 96);
 

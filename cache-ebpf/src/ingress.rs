@@ -44,6 +44,11 @@ pub fn run(ctx: &XdpContext) -> u32 {
         let head = unsafe { *head };
         save(s, &h, instance, &head);
         if head[FRAME_HEADER_LEN..] == *GET {
+            // Only the interface in front of memcached serves; elsewhere (loopback) a GET
+            // just goes to memcached.
+            if ctx.ingress_ifindex() as u32 != cfg.serve_ifindex {
+                return xdp_action::XDP_PASS;
+            }
             unsafe { JUMP.tail_call(ctx, JUMP_GET) };
             // Only reached if the hit path is not installed: memcached answers.
             return xdp_action::XDP_PASS;

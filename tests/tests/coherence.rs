@@ -383,3 +383,26 @@ fn stores_over_loopback_are_invalidated_by_the_watch_backstop() {
     assert_fresh(&rig, "lo", &item("lo", 0, b"new"), "store over loopback");
     assert!(rig.counter("hit_keys") > 0);
 }
+
+/// Deletes and arithmetic from a client on memcached's own host: the agent also runs the
+/// write scanner on `lo`, so they invalidate like remote ones (watch reports neither).
+#[test]
+fn deletes_and_incr_over_loopback_invalidate() {
+    let rig = Rig::with_agent("colodel", 46, &[]);
+    rig.set("lodel", b"old", 0, 0);
+    rig.set("loinc", b"5", 0, 0);
+    rig.warm("lodel", WARM);
+    rig.warm("loinc", WARM);
+    let port = rig.bed.memcached_port();
+    let (del, inc) = rig.bed.in_server(move || {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        (
+            tests::tcp_exchange(addr, b"delete lodel\r\n", &[b"\r\n".to_vec()]),
+            tests::tcp_exchange(addr, b"incr loinc 1\r\n", &[b"\r\n".to_vec()]),
+        )
+    });
+    assert_eq!(del, b"DELETED\r\n");
+    assert_eq!(inc, b"6\r\n");
+    assert_fresh(&rig, "lodel", MISS, "delete over loopback");
+    assert_fresh(&rig, "loinc", &item("loinc", 0, b"6"), "incr over loopback");
+}
