@@ -164,3 +164,77 @@ unsafe fn signal(pid: i32, sig: i32) {
     }
     unsafe { kill(pid, sig) };
 }
+
+/// One key, rewritten with values of different lengths while readers on every CPU read it,
+/// with fills allowed right after writes (a 1 ms settle: this test is about torn replies, not
+/// staleness): every reply must be one whole value, never a mix.
+#[test]
+fn one_key_hammered_from_every_cpu_never_tears() {
+    let rig = Rig::with_agent("fatear", 47, &["--write-settle-ms", "1"]);
+    let values: Vec<Vec<u8>> = (0..4).map(|w| vec![b'a' + w as u8; 10 + w * 97]).collect();
+    rig.set("tear", &values[0], 0, 0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tcp, udp) = (rig.server(false), rig.server(false));
+    let writer = {
+        let (stop, values) = (Arc::clone(&stop), values.clone());
+        rig.bed.in_client(move || {
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let v = &values[i % values.len()];
+                    let mut req = format!("set tear 0 0 {}\r\n", v.len()).into_bytes();
+                    req.extend_from_slice(v);
+                    req.extend_from_slice(b"\r\n");
+                    let _ = tests::try_tcp_exchange(tcp, &req, &[b"\r\n".to_vec()]);
+                    i += 1;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        })
+    };
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let (stop, values) = (Arc::clone(&stop), values.clone());
+            rig.bed.in_client(move || {
+                std::thread::spawn(move || {
+                    let mut bad = Vec::new();
+                    let mut n = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let r = tests::udp_exchange(udp, b"get tear\r\n", tests::next_id());
+                        if !r.payload.ends_with(b"END\r\n") || r.payload == b"END\r\n" {
+                            continue;
+                        }
+                        n += 1;
+                        let whole = values.iter().any(|v| {
+                            r.payload
+                                == [tests::value_text("tear", 0, v), b"END\r\n".to_vec()].concat()
+                        });
+                        if !whole {
+                            bad.push(String::from_utf8_lossy(&r.payload).into_owned());
+                        }
+                    }
+                    (n, bad)
+                })
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(8));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let mut total = 0;
+    for r in readers {
+        let (n, bad) = r.join().unwrap();
+        total += n;
+        assert!(
+            bad.is_empty(),
+            "torn or mixed replies: {:?}",
+            &bad[..bad.len().min(3)]
+        );
+    }
+    assert!(total > 1000, "too few replies: {total}");
+    assert!(
+        rig.counter("hit_keys") > 0,
+        "the kernel never answered: {:?}",
+        rig.agent_stats()
+    );
+}

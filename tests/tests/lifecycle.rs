@@ -98,3 +98,47 @@ fn bad_configuration_and_missing_interfaces_fail_with_a_clear_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unreachable"));
 }
+
+#[test]
+fn clients_outside_the_allowlist_are_never_answered_by_the_kernel() {
+    let rig = Rig::with_agent(
+        "lcallow",
+        53,
+        &["--allow", "198.18.254.0/24,2001:2:ff::/48"],
+    );
+    rig.set("k", b"v", 0, 0);
+    let before = rig.mc_stat("get_hits");
+    for _ in 0..10 {
+        assert_eq!(
+            rig.udp_get(&["k"]).payload,
+            [value_text("k", 0, b"v"), b"END\r\n".to_vec()].concat()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        rig.mc_stat("get_hits"),
+        before + 10,
+        "the kernel answered a client outside --allow"
+    );
+    assert_eq!(rig.counter("hit_keys"), 0);
+    assert!(rig.counter("pass_denied") >= 10);
+}
+
+#[test]
+fn replies_never_exceed_the_amplification_limit() {
+    // A 3x limit: a 1000-byte value answers a ~60-byte request with ~1 KB, far more.
+    let rig = Rig::with_agent("lcampl", 54, &["--max-amplification", "3"]);
+    rig.set("small", b"v", 0, 0);
+    rig.set("big", &tests::value_of(1000, 1), 0, 0);
+    rig.warm("small", WARM);
+    let before = rig.counter("pass_amplification");
+    for _ in 0..5 {
+        rig.udp_get(&["big"]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        rig.counter("pass_amplification") > before,
+        "{:?}",
+        rig.agent_stats()
+    );
+}
