@@ -60,7 +60,7 @@ pub struct RunArgs {
     /// Largest reply frame, as a multiple of the request frame; 0 = no limit [default: 32].
     #[arg(long, env = "CACHE_AGENT_MAX_AMPLIFICATION")]
     pub max_amplification: Option<u32>,
-    /// Time the hit path in the kernel (two clock reads per hit) [default: true].
+    /// Time the hit path in the kernel (two clock reads on one GET in 64) [default: true].
     #[arg(long, env = "CACHE_AGENT_HIT_LATENCY")]
     pub hit_latency: Option<bool>,
     /// Follow memcached's `watch` stream as a coherence backstop [default: true].

@@ -47,7 +47,7 @@ pub mod flags {
     pub const FILL: u32 = 1 << 1;
     /// Only answer clients whose address is in ALLOW_V4 / ALLOW_V6.
     pub const ALLOWLIST: u32 = 1 << 2;
-    /// Time the hit path into HIT_LATENCY (two clock reads per request).
+    /// Time the hit path into HIT_LATENCY (two clock reads on one GET in 64).
     pub const HIT_LATENCY: u32 = 1 << 3;
 }
 
