@@ -3,7 +3,8 @@
 # with a real memcached (UDP on), and runs BMC's workload (16-byte keys, 32-byte values,
 # Zipf 0.99, 100k keys) against memcached alone and with the accelerator attached,
 # interleaved in rounds, then prints the measured gain and the share of GETs the kernel
-# answered. Needs root. Extra arguments go to `loadgen compare` (e.g. --rounds 5 --reflector).
+# answered. Needs root. ROUNDS and ROUND (seconds per arm, e.g. 4s) set the length; extra
+# arguments go to `loadgen compare` (e.g. --reflector).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -13,4 +14,4 @@ export CACHE_AGENT_BIN="$PWD/target/release/cache-agent"
 exec target/release/loadgen compare \
   --workload loadgen/workloads/bmc.toml \
   --name demo --subnet 200 \
-  --rounds 3 --round 4s --no-progress "$@"
+  --rounds "${ROUNDS:-3}" --round "${ROUND:-4s}" --no-progress "$@"

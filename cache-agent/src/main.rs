@@ -236,16 +236,21 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn show_stats(t: Target) -> anyhow::Result<()> {
+/// The kernel's counters as pinned by the agent on `t.iface`.
+fn pinned_snapshot(t: &Target) -> anyhow::Result<kernel::Snapshot> {
     let dir = pin_dir(&t.pin_root, &t.iface);
     if !dir.exists() {
         return Err(AgentError::NotRunning {
-            iface: t.iface,
+            iface: t.iface.clone(),
             path: dir,
         }
         .into());
     }
-    let snap = kernel::snapshot_from_pins(&dir)?;
+    Ok(kernel::snapshot_from_pins(&dir)?)
+}
+
+fn show_stats(t: Target) -> anyhow::Result<()> {
+    let snap = pinned_snapshot(&t)?;
     if t.json {
         println!("{}", stats::to_json(&snap));
     } else {
@@ -255,15 +260,7 @@ fn show_stats(t: Target) -> anyhow::Result<()> {
 }
 
 fn show_status(t: Target) -> anyhow::Result<()> {
-    let dir = pin_dir(&t.pin_root, &t.iface);
-    if !dir.exists() {
-        return Err(AgentError::NotRunning {
-            iface: t.iface,
-            path: dir,
-        }
-        .into());
-    }
-    let snap = kernel::snapshot_from_pins(&dir)?;
+    let snap = pinned_snapshot(&t)?;
     let pid = std::fs::read_to_string(pid_file(&t.iface)).unwrap_or_default();
     let m = stats::counters_by_name(&snap);
     let entries: i64 = (0..4)
