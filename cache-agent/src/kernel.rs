@@ -75,30 +75,6 @@ pub fn write_allowlist(ebpf: &mut Ebpf, allow: &[crate::config::Cidr]) -> Result
     Ok(())
 }
 
-/// Maps `cache-agent stats` reads from another process.
-pub const PINNED_MAPS: [&str; 5] = [
-    names::COUNTERS,
-    names::HIT_LATENCY,
-    names::MISS_LATENCY,
-    names::CONFIG,
-    names::STATE,
-];
-
-pub fn pin_maps(ebpf: &Ebpf, dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
-    for name in PINNED_MAPS {
-        let path = dir.join(name);
-        let _ = std::fs::remove_file(&path);
-        map_ref(ebpf, name)?
-            .pin(&path)
-            .map_err(|e| AgentError::Pin {
-                path: path.clone(),
-                detail: e.to_string(),
-            })?;
-    }
-    Ok(())
-}
-
 /// The CONFIG a previous agent left pinned under `dir`.
 pub fn pinned_config(dir: &Path) -> Result<Config> {
     let data = MapData::from_pin(dir.join(names::CONFIG)).map_err(map_err(names::CONFIG))?;

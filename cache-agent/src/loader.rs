@@ -5,7 +5,12 @@
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, ProgramArray},
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode},
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, SchedClassifierLinkId},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use cache_common::{CLASS_COUNT, Config, Instance, MAX_INSTANCES, flags, names};
 use tracing::info;
@@ -227,36 +232,78 @@ pub fn interface_exists(iface: &str) -> bool {
 
 /// The links this agent owns (dropping the Ebpf detaches them, unless [`keep_attached`]).
 pub struct Links {
-    xdp: aya::programs::xdp::XdpLinkId,
-    tc: aya::programs::tc::SchedClassifierLinkId,
+    xdp: XdpLinkId,
+    tc: SchedClassifierLinkId,
     /// The write scanner on `lo` (generic XDP), if it could be attached.
-    lo: Option<aya::programs::xdp::XdpLinkId>,
+    lo: Option<XdpLinkId>,
 }
 
 const LINK_LO: &str = "link_lo";
 
+fn xdp_program(ebpf: &mut Ebpf) -> &mut Xdp {
+    ebpf.program_mut(names::XDP_CACHE)
+        .expect("loaded")
+        .try_into()
+        .expect("xdp")
+}
+
+fn tc_program(ebpf: &mut Ebpf) -> &mut SchedClassifier {
+    ebpf.program_mut(names::TC_FILL)
+        .expect("loaded")
+        .try_into()
+        .expect("tc")
+}
+
+fn program_error(program: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> AgentError {
+    move |source| AgentError::Program { program, source }
+}
+
+fn pin_error(path: std::path::PathBuf) -> impl FnOnce(String) -> AgentError {
+    move |detail| AgentError::Pin { path, detail }
+}
+
+/// Takes the link pinned at `dir/name` (removing the pin) as a link of type `L`.
+fn unpin_link<L>(dir: &std::path::Path, name: &str) -> Result<L>
+where
+    L: TryFrom<FdLink>,
+    L::Error: std::fmt::Display,
+{
+    let path = dir.join(name);
+    let fd_link = PinnedLink::from_pin(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|p| p.unpin().map_err(|e| e.to_string()))
+        .map_err(pin_error(path.clone()))?;
+    L::try_from(fd_link).map_err(|e| pin_error(path)(e.to_string()))
+}
+
+/// Pins `link` at `dir/name`, so it outlives this process.
+fn pin_link<L>(link: L, dir: &std::path::Path, name: &str) -> Result<()>
+where
+    L: TryInto<FdLink, Error = aya::programs::links::LinkError>,
+{
+    let path = dir.join(name);
+    let _ = std::fs::remove_file(&path);
+    let fd_link: FdLink = link
+        .try_into()
+        .map_err(|e| pin_error(path.clone())(e.to_string()))?;
+    fd_link
+        .pin(&path)
+        .map(|_| ())
+        .map_err(|e| pin_error(path)(e.to_string()))
+}
+
 /// Also runs the entry program on `lo` (generic XDP; it only scans for writes there, see
 /// Config::serve_ifindex), so clients on memcached's own host invalidate like remote ones.
 /// Best effort: without it, their stores are still caught by the watch backstop.
-fn attach_loopback(
-    ebpf: &mut Ebpf,
-    dir: &std::path::Path,
-) -> Option<aya::programs::xdp::XdpLinkId> {
-    let xdp: &mut Xdp = ebpf
-        .program_mut(names::XDP_CACHE)
-        .expect("loaded")
-        .try_into()
-        .expect("xdp");
-    let pinned = dir.join(LINK_LO);
-    if pinned.exists() {
-        let link = aya::programs::links::PinnedLink::from_pin(&pinned)
-            .ok()
-            .and_then(|p| p.unpin().ok());
-        if let Some(Ok(link)) = link.map(aya::programs::xdp::XdpLink::try_from) {
-            match xdp.attach_to_link(link) {
-                Ok(id) => return Some(id),
-                Err(e) => tracing::warn!(error = %e, "could not adopt the loopback scanner"),
-            }
+fn attach_loopback(ebpf: &mut Ebpf, dir: &std::path::Path) -> Option<XdpLinkId> {
+    let xdp = xdp_program(ebpf);
+    if dir.join(LINK_LO).exists() {
+        match unpin_link::<XdpLink>(dir, LINK_LO).and_then(|l| {
+            xdp.attach_to_link(l)
+                .map_err(program_error(names::XDP_CACHE))
+        }) {
+            Ok(id) => return Some(id),
+            Err(e) => tracing::warn!(error = %e, "could not adopt the loopback scanner"),
         }
     }
     match xdp.attach("lo", AyaXdpMode::Skb) {
@@ -271,121 +318,42 @@ fn attach_loopback(
 /// Takes over the links a previous agent left pinned in `dir` (upgrade mode): the new
 /// programs replace the old ones atomically, with no moment where nothing is attached.
 pub fn adopt(ebpf: &mut Ebpf, dir: &std::path::Path) -> Result<Links> {
-    use aya::programs::links::{FdLink, PinnedLink};
-    let take = |name: &str| -> Result<FdLink> {
-        let path = dir.join(name);
-        let pinned = PinnedLink::from_pin(&path).map_err(|e| AgentError::Pin {
-            path: path.clone(),
-            detail: e.to_string(),
-        })?;
-        pinned.unpin().map_err(|e| AgentError::Pin {
-            path,
-            detail: e.to_string(),
-        })
-    };
-    let xdp_link =
-        aya::programs::xdp::XdpLink::try_from(take(LINK_XDP)?).map_err(|e| AgentError::Pin {
-            path: dir.join(LINK_XDP),
-            detail: e.to_string(),
-        })?;
-    let xdp: &mut Xdp = ebpf
-        .program_mut(names::XDP_CACHE)
-        .expect("loaded")
-        .try_into()
-        .expect("xdp");
-    let xdp_id = xdp
+    let xdp_link: XdpLink = unpin_link(dir, LINK_XDP)?;
+    let xdp = xdp_program(ebpf)
         .attach_to_link(xdp_link)
-        .map_err(|source| AgentError::Program {
-            program: names::XDP_CACHE,
-            source,
-        })?;
-    let tc_link =
-        aya::programs::tc::SchedClassifierLink::try_from(take(LINK_TC)?).map_err(|e| {
-            AgentError::Pin {
-                path: dir.join(LINK_TC),
-                detail: e.to_string(),
-            }
-        })?;
-    let tc: &mut SchedClassifier = ebpf
-        .program_mut(names::TC_FILL)
-        .expect("loaded")
-        .try_into()
-        .expect("tc");
-    let tc_id = tc
+        .map_err(program_error(names::XDP_CACHE))?;
+    let tc_link: SchedClassifierLink = unpin_link(dir, LINK_TC)?;
+    let tc = tc_program(ebpf)
         .attach_to_link(tc_link)
-        .map_err(|source| AgentError::Program {
-            program: names::TC_FILL,
-            source,
-        })?;
+        .map_err(program_error(names::TC_FILL))?;
     let lo = attach_loopback(ebpf, dir);
     info!(dir = %dir.display(), "adopted the attached programs and the warm cache of the previous agent");
-    Ok(Links {
-        xdp: xdp_id,
-        tc: tc_id,
-        lo,
-    })
+    Ok(Links { xdp, tc, lo })
 }
 
 /// Upgrade mode on exit: pins the links so the programs stay attached after this process.
 pub fn keep_attached(ebpf: &mut Ebpf, dir: &std::path::Path, links: Links) -> Result<()> {
-    use aya::programs::links::FdLink;
-    let pin = |fd_link: FdLink, name: &str| -> Result<()> {
-        let path = dir.join(name);
-        let _ = std::fs::remove_file(&path);
-        fd_link.pin(&path).map(|_| ()).map_err(|e| AgentError::Pin {
-            path,
-            detail: e.to_string(),
-        })
-    };
-    let xdp: &mut Xdp = ebpf
-        .program_mut(names::XDP_CACHE)
-        .expect("loaded")
-        .try_into()
-        .expect("xdp");
+    let xdp = xdp_program(ebpf);
     if let Some(lo) = links.lo {
-        let link = xdp.take_link(lo).map_err(|source| AgentError::Program {
-            program: names::XDP_CACHE,
-            source,
-        })?;
-        let fd: FdLink = link
-            .try_into()
-            .map_err(|e: aya::programs::links::LinkError| AgentError::Pin {
-                path: dir.join(LINK_LO),
-                detail: e.to_string(),
-            })?;
-        pin(fd, LINK_LO)?;
+        pin_link(
+            xdp.take_link(lo).map_err(program_error(names::XDP_CACHE))?,
+            dir,
+            LINK_LO,
+        )?;
     }
-    let link = xdp
-        .take_link(links.xdp)
-        .map_err(|source| AgentError::Program {
-            program: names::XDP_CACHE,
-            source,
-        })?;
-    let fd: FdLink = link
-        .try_into()
-        .map_err(|e: aya::programs::links::LinkError| AgentError::Pin {
-            path: dir.join(LINK_XDP),
-            detail: e.to_string(),
-        })?;
-    pin(fd, LINK_XDP)?;
-    let tc: &mut SchedClassifier = ebpf
-        .program_mut(names::TC_FILL)
-        .expect("loaded")
-        .try_into()
-        .expect("tc");
-    let link = tc
-        .take_link(links.tc)
-        .map_err(|source| AgentError::Program {
-            program: names::TC_FILL,
-            source,
-        })?;
-    let fd: FdLink = link
-        .try_into()
-        .map_err(|e: aya::programs::links::LinkError| AgentError::Pin {
-            path: dir.join(LINK_TC),
-            detail: e.to_string(),
-        })?;
-    pin(fd, LINK_TC)?;
+    pin_link(
+        xdp.take_link(links.xdp)
+            .map_err(program_error(names::XDP_CACHE))?,
+        dir,
+        LINK_XDP,
+    )?;
+    let tc = tc_program(ebpf);
+    pin_link(
+        tc.take_link(links.tc)
+            .map_err(program_error(names::TC_FILL))?,
+        dir,
+        LINK_TC,
+    )?;
     Ok(())
 }
 
@@ -401,28 +369,16 @@ pub fn attach(ebpf: &mut Ebpf, settings: &Settings) -> Result<Links> {
         XdpMode::Native => AyaXdpMode::Driver,
         XdpMode::Generic => AyaXdpMode::Skb,
     };
-    let xdp: &mut Xdp = ebpf
-        .program_mut(names::XDP_CACHE)
-        .expect("loaded")
-        .try_into()
-        .expect("xdp");
+    let xdp = xdp_program(ebpf);
     let xdp_id = xdp
         .attach(iface, mode)
         .map_err(|source| classify_xdp_error(iface, source))?;
-    let tc: &mut SchedClassifier = ebpf
-        .program_mut(names::TC_FILL)
-        .expect("loaded")
-        .try_into()
-        .expect("tc");
+    let tc = tc_program(ebpf);
     let tc_id = match tc.attach(iface, TcAttachType::Egress) {
         Ok(id) => id,
         Err(source) => {
             // Leave nothing half attached: dropping the XDP link detaches it.
-            let xdp: &mut Xdp = ebpf
-                .program_mut(names::XDP_CACHE)
-                .expect("loaded")
-                .try_into()
-                .expect("xdp");
+            let xdp = xdp_program(ebpf);
             let _ = xdp.unload();
             return Err(AgentError::Attach {
                 program: names::TC_FILL,

@@ -7,7 +7,7 @@
 
 use aya_ebpf::{helpers::generated::bpf_skb_load_bytes, programs::TcContext};
 use cache_common::{
-    Config, Counter, Counters, END, FRAME_HEADER_LEN, KeyMeta, MAX_KEY_LEN, TEXT_CAPACITY, Ticket,
+    Config, Counter, Counters, END, FRAME_HEADER_LEN, MAX_KEY_LEN, TEXT_CAPACITY, Ticket,
     TicketKey, VALUE, flags,
     hash::{finish, seed, step},
 };
@@ -287,10 +287,7 @@ fn parse_value_line(s: *mut Scratch, instance: u8) -> Option<ValueLine> {
     }
     // Through memory: each loop exit refined these differently; the rest of the fill must
     // be verified once, not once per exit.
-    let forget = |v: usize| unsafe {
-        core::ptr::write_volatile(pos, v as u32);
-        core::ptr::read_volatile(pos) as usize
-    };
+    let forget = |v: usize| crate::scratch::forget(s, v as u32) as usize;
     let key_len = forget(key_len);
     let header_len = forget(header_len);
     let bytes = forget(bytes);
@@ -303,6 +300,3 @@ fn parse_value_line(s: *mut Scratch, instance: u8) -> Option<ValueLine> {
         has_cas,
     })
 }
-
-#[allow(dead_code)]
-fn _assert_meta_type(_: &KeyMeta) {}

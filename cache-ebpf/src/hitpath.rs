@@ -22,6 +22,7 @@ use cache_common::{
     hash::{finish, seed, step},
 };
 
+use crate::csum::{fold, sum_bytes};
 use crate::maps::{
     ALLOW_V4, ALLOW_V6, CLASS0, CLASS1, CLASS2, CLASS3, CONFIG, FILL_TICKETS, HIT_LATENCY, SCRATCH,
     STATE,
@@ -83,7 +84,7 @@ fn serve(
         .map(|c| unsafe { (*c).get(Counter::GetRequests) } & 63 == 0)
         .unwrap_or(false);
     let timed =
-        crate::net::forget_value((cfg.flags & flags::HIT_LATENCY != 0 && sample) as usize) != 0;
+        crate::scratch::forget_value((cfg.flags & flags::HIT_LATENCY != 0 && sample) as usize) != 0;
     let started = if timed { precise_ns() } else { 0 };
     count(c, Counter::GetRequests);
     let now = coarse_ns();
@@ -490,15 +491,6 @@ fn resize(ctx: &XdpContext, delta: i32) -> bool {
     false
 }
 
-#[inline(always)]
-fn fold(mut sum: u64) -> u16 {
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
-}
-
 /// Ones' complement sum (native order) of `len` staged bytes at the aligned offset `at`: whole
 /// 4-byte words by bpf_csum_diff in 512-byte pieces, the last 1-3 bytes by hand (reading
 /// only, never padding in place: the next key's text may start right after this one).
@@ -529,20 +521,6 @@ fn sum_staged(s: *mut Scratch, at: usize, len: usize) -> u16 {
         acc += u32::from_ne_bytes(tail) as u64;
     }
     fold(acc)
-}
-
-#[inline(always)]
-fn sum_bytes(bytes: &[u8]) -> u64 {
-    let mut acc = 0u64;
-    let mut i = 0;
-    while i + 1 < bytes.len() {
-        acc += u16::from_ne_bytes([bytes[i], bytes[i + 1]]) as u64;
-        i += 2;
-    }
-    if i < bytes.len() {
-        acc += u16::from_ne_bytes([bytes[i], 0]) as u64;
-    }
-    acc
 }
 
 /// bpf_loop context of the per-key payload writes.
@@ -660,8 +638,8 @@ fn write_reply(
         ip[10..12].copy_from_slice(&[0, 0]);
         ip[12..16].copy_from_slice(&h.dst[..4]);
         ip[16..20].copy_from_slice(&h.src[..4]);
-        let csum = !fold(sum_bytes(&ip[..]));
-        ip[10..12].copy_from_slice(&csum.to_ne_bytes());
+        let csum = crate::csum::ipv4_header(ip);
+        ip[10..12].copy_from_slice(&csum);
     }
 
     let Some(udp) = frame.bytes::<{ UDP_LEN + FRAME_HEADER_LEN }>(l4) else {

@@ -178,7 +178,7 @@ pub fn instance_for(cfg: &Config, port: u16, tcp: bool) -> Option<u8> {
         let p = if tcp { inst.tcp_port } else { inst.udp_port };
         if p != 0 && p == port {
             // Forgotten, or each instance index is its own verifier state downstream.
-            return Some(crate::net::forget_value(i) as u8);
+            return Some(crate::scratch::forget_value(i) as u8);
         }
     }
     None

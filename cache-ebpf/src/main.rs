@@ -1,9 +1,15 @@
 //! The kernel side of the memcached accelerator.
 //!
-//! - `xdp_cache` (XDP, the memcached host's NIC): answers UDP `get` hits from the cache
-//!   ([`hitpath`]), and scans every request to memcached for writes ([`scanner`]) so they
-//!   invalidate before memcached applies them ([`coherence`]).
-//! - `tc_fill` (TC egress, same NIC): fills the cache from memcached's replies ([`fill`]).
+//! - `xdp_cache` (XDP, the memcached host's NIC, and `lo` in generic mode): parses the headers
+//!   ([`net`]) and tail-calls, through the JUMP program array, one of
+//!   - `xdp_get`: answers UDP `get` hits from the cache ([`hitpath`], [`store`]), only on the
+//!     interface in front of memcached;
+//!   - `xdp_scan`: follows every other request stream to memcached ([`scanner`]) so writes
+//!     invalidate before memcached applies them ([`coherence`]).
+//!
+//!   The split keeps each program small enough to verify once; state crosses the tail call in
+//!   per-CPU [`scratch`] memory.
+//! - `tc_fill` (TC egress, the NIC): fills the cache from memcached's replies ([`fill`]).
 //! - `xdp_pass`, `xdp_reflector`: testbed helpers (the peer veth needs an XDP program for
 //!   XDP_TX frames to arrive; the reflector is the zero-work benchmark ceiling).
 //!
@@ -15,6 +21,7 @@
 #![feature(core_intrinsics)]
 
 mod coherence;
+mod csum;
 mod fill;
 mod hitpath;
 mod ingress;

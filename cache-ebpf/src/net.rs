@@ -171,27 +171,11 @@ pub fn parse(frame: &Frame) -> Option<Headers> {
 /// exact values. Otherwise every header shape (VLAN or not, IPv4 or IPv6, each IHL) enters
 /// the rest of the program as a separate state and the program is verified once per shape.
 #[inline(always)]
-pub fn forget_value(v: usize) -> usize {
-    let Some(s) = crate::maps::SCRATCH.get_ptr_mut(0) else {
-        return v;
-    };
-    let cell = unsafe { &raw mut (*s).launder };
-    unsafe {
-        core::ptr::write_volatile(cell, v as u32);
-        core::ptr::read_volatile(cell) as usize
-    }
-}
-
-#[inline(always)]
 fn forget(mut h: Headers) -> Headers {
     let Some(s) = crate::maps::SCRATCH.get_ptr_mut(0) else {
         return h;
     };
-    let cell = unsafe { &raw mut (*s).launder };
-    let pass = |v: usize| unsafe {
-        core::ptr::write_volatile(cell, v as u32);
-        core::ptr::read_volatile(cell) as usize
-    };
+    let pass = |v: usize| crate::scratch::forget(s, v as u32) as usize;
     h.l3_off = pass(h.l3_off) & 0xff;
     h.l4_off = pass(h.l4_off) & 0xff;
     h.payload_off = pass(h.payload_off) & HEADER_SPAN_MASK;

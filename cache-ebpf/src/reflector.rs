@@ -66,15 +66,8 @@ pub fn run(ctx: &XdpContext) -> u32 {
         ip[12..16].copy_from_slice(&h.dst[..4]);
         ip[16..20].copy_from_slice(&h.src[..4]);
         ip[10..12].copy_from_slice(&[0, 0]);
-        let mut sum = 0u32;
-        let mut i = 0;
-        while i < 20 {
-            sum += u16::from_ne_bytes([ip[i], ip[i + 1]]) as u32;
-            i += 2;
-        }
-        sum = (sum & 0xffff) + (sum >> 16);
-        sum = (sum & 0xffff) + (sum >> 16);
-        ip[10..12].copy_from_slice(&(!(sum as u16)).to_ne_bytes());
+        let csum = crate::csum::ipv4_header(ip);
+        ip[10..12].copy_from_slice(&csum);
         let udp = &mut *udp;
         udp[0..2].copy_from_slice(&h.dst_port.to_be_bytes());
         udp[2..4].copy_from_slice(&h.src_port.to_be_bytes());

@@ -15,6 +15,27 @@ pub const MAX_TEXT: usize = cache_common::TEXT3;
 /// len` needs no joint bound.
 const REPLY_ALLOC: usize = 2 * BUF_SIZE + 16;
 
+/// Passes a value through scratch memory: the verifier forgets what it knew about it. Used
+/// wherever values that differ per path (a loop's exit, a header shape, a way index) would
+/// otherwise make the verifier walk the rest of the program once per value.
+#[inline(always)]
+pub fn forget(s: *mut Scratch, v: u32) -> u32 {
+    unsafe {
+        let cell = &raw mut (*s).launder;
+        core::ptr::write_volatile(cell, v);
+        core::ptr::read_volatile(cell)
+    }
+}
+
+/// [`forget`] for callers that do not hold the scratch pointer.
+#[inline(always)]
+pub fn forget_value(v: usize) -> usize {
+    match crate::maps::SCRATCH.get_ptr_mut(0) {
+        Some(s) => forget(s, v as u32) as usize,
+        None => v,
+    }
+}
+
 /// A length for a helper's size argument, in `1..=BUF_SIZE` by construction: the verifier
 /// rejects a size whose range includes 0, and a bounds check on another register does not
 /// count. Exact for `1 <= len <= BUF_SIZE`, which callers check first.
@@ -96,7 +117,7 @@ pub struct Scratch {
     pub bad: u32,
     pub staged: u32,
     pub hits: u32,
-    /// Where values go to be forgotten by the verifier (see store::launder).
+    /// Where values go to be forgotten by the verifier (see [`forget`]).
     pub launder: u32,
     /// 1 if growing the frame at the head worked last time on this CPU (see hitpath::resize).
     pub grow_head_first: u32,

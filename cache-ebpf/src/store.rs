@@ -9,7 +9,7 @@ use aya_ebpf::btf_maps::Array as BtfArray;
 use cache_common::{Bucket, Counter, Counters, KeyMeta, MAX_KEY_LEN, MAX_KEYS_PER_GET, Slot, WAYS};
 
 use crate::lock::Guard;
-use crate::scratch::{BUF_MASK, Scratch};
+use crate::scratch::{BUF_MASK, Scratch, forget};
 use crate::stats::count;
 
 /// Offset of the key inside a stored text (`VALUE <key> ...`).
@@ -21,16 +21,6 @@ pub struct Validity {
     pub now: u64,
     pub kernel_epoch: u32,
     pub agent_epoch: u32,
-}
-
-/// Passes a value through scratch memory: the verifier forgets what it knew about it.
-#[inline(always)]
-fn launder(s: *mut Scratch, v: u32) -> u32 {
-    unsafe {
-        let p = &raw mut (*s).launder;
-        core::ptr::write_volatile(p, v);
-        core::ptr::read_volatile(p)
-    }
 }
 
 #[inline(always)]
@@ -98,7 +88,7 @@ pub fn lookup<const TEXT: usize, const N: usize>(
         return Found::Miss;
     }
     // Through memory, so the verifier walks one path with an unknown way, not four.
-    let way = launder(s, way as u32) as usize;
+    let way = forget(s, way as u32) as usize;
     let slot = slot_ptr(bucket, way);
     let _guard = Guard::lock(unsafe { &raw mut (*bucket).lock });
     unsafe {
@@ -239,7 +229,7 @@ pub fn insert<const TEXT: usize, const N: usize>(
                 }
             }
         }
-        let target = launder(s as *mut Scratch, target as u32) as usize;
+        let target = forget(s as *mut Scratch, target as u32) as usize;
         let slot = slot_ptr(bucket, target);
         let src = (&raw const (*s).reply) as *const u64;
         let dst = (&raw mut (*slot).text) as *mut u64;
