@@ -14,6 +14,8 @@ pub const MAX_TEXT: usize = cache_common::TEXT3;
 /// Room for a helper-sized copy (up to BUF_SIZE) from any staged offset, so `staged_at +
 /// len` needs no joint bound.
 const REPLY_ALLOC: usize = 2 * BUF_SIZE + 16;
+/// Masks an offset into `Scratch::reply` (staged texts may run past BUF_SIZE).
+pub const REPLY_MASK: usize = 2 * BUF_SIZE - 1;
 
 /// Passes a value through scratch memory: the verifier forgets what it knew about it. Used
 /// wherever values that differ per path (a loop's exit, a header shape, a way index) would
@@ -74,7 +76,7 @@ pub struct PendingWrite {
 
 /// What the entry program learned about the packet, for the program it tail-calls. The
 /// callee reads it from memory, so it is verified once, whatever header shape led to it.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy)]
 pub struct PacketInfo {
     pub l3_off: u32,

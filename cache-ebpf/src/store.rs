@@ -6,14 +6,14 @@
 //! long ago from squatting forever. Plain LRU would let every cold miss push out a hot key.
 
 use aya_ebpf::btf_maps::Array as BtfArray;
-use cache_common::{Bucket, Counter, Counters, KeyMeta, MAX_KEY_LEN, MAX_KEYS_PER_GET, Slot, WAYS};
+use cache_common::{Bucket, Counter, Counters, KeyMeta, MAX_KEYS_PER_GET, Slot, WAYS};
 
 use crate::lock::Guard;
 use crate::scratch::{BUF_MASK, Scratch, forget};
 use crate::stats::count;
 
 /// Offset of the key inside a stored text (`VALUE <key> ...`).
-const KEY_AT: usize = 6;
+pub const KEY_AT: usize = 6;
 
 /// Epochs and time every validity check needs, read once per packet.
 #[derive(Clone, Copy)]
@@ -46,9 +46,72 @@ pub enum Found {
     Stale,
 }
 
-/// Looks `key_hash` up in one bucket; on a hit copies the stored text into `s.reply` at the
+/// The key `key_index` of the request being served: (hash, length). Read from memory for
+/// every lookup: values refined by one lookup must not reach the next, or the verifier
+/// explores every combination.
+#[inline(always)]
+fn key_at(s: *mut Scratch, key_index: usize) -> (u32, usize) {
+    let k = unsafe { &raw const (*s).keys[key_index & (MAX_KEYS_PER_GET - 1)] };
+    unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*k).hash),
+            core::ptr::read_volatile(&raw const (*k).len) as usize,
+        )
+    }
+}
+
+/// With the slot's lock held: is this the key (by tag, length and instance: the bytes are
+/// compared later), live, and if so stage its text in `s.reply` at the 8-byte aligned
+/// `stage_at`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn read_locked<const TEXT: usize>(
+    slot: *mut Slot<TEXT>,
+    key_hash: u32,
+    key_len: usize,
+    instance: u8,
+    v: &Validity,
+    s: *mut Scratch,
+    stage_at: usize,
+) -> Found {
+    unsafe {
+        if (*slot).tag != key_hash
+            || (*slot).key_len as usize != key_len
+            || (*slot).instance != instance
+        {
+            return Found::Miss;
+        }
+        if !is_live(slot, v) {
+            return Found::Stale;
+        }
+        let text_len = (*slot).text_len as usize;
+        if text_len > TEXT {
+            return Found::Miss;
+        }
+        // The key bytes are compared after the lookup, on the staged copy (hitpath::keys_match):
+        // once per request in its own callback, instead of once per lookup here.
+        let text = &raw const (*slot).text;
+        // Aligned 8-byte copy; bytes past text_len are ignored by the caller.
+        let src = text as *const u64;
+        let dst = (&raw mut (*s).reply) as *mut u8;
+        let mut w = 0;
+        while w < TEXT / 8 {
+            if w * 8 >= text_len {
+                break;
+            }
+            let off = (stage_at + w * 8) & (BUF_MASK & !7);
+            *(dst.add(off) as *mut u64) = *src.add(w);
+            w += 1;
+        }
+        // Re-read: the loop refined text_len differently at every exit.
+        Found::Hit(core::ptr::read_volatile(&raw const (*slot).text_len))
+    }
+}
+
+/// Looks key `key_index` up in one bucket; on a hit stages the stored text in `s.reply` at the
 /// 8-byte aligned `stage_at` and bumps the way's frequency.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn lookup<const TEXT: usize, const N: usize>(
     map: &BtfArray<Bucket<TEXT>, N>,
     buckets: u32,
@@ -58,20 +121,11 @@ pub fn lookup<const TEXT: usize, const N: usize>(
     s: *mut Scratch,
     stage_at: usize,
 ) -> Found {
-    // Re-read the key from memory for every class: values refined by the previous class's
-    // loops must not reach this one, or the verifier explores every combination.
-    let k = unsafe { &raw const (*s).keys[key_index & (MAX_KEYS_PER_GET - 1)] };
-    let (key_hash, key_start, key_len) = unsafe {
-        (
-            core::ptr::read_volatile(&raw const (*k).hash),
-            core::ptr::read_volatile(&raw const (*k).start) as usize,
-            core::ptr::read_volatile(&raw const (*k).len) as usize,
-        )
-    };
+    let (key_hash, key_len) = key_at(s, key_index);
     if buckets == 0 || key_len + KEY_AT > TEXT {
         return Found::Miss;
     }
-    let Some(bucket) = map.get_ptr_mut(key_hash % buckets) else {
+    let Some(bucket) = map.get_ptr_mut(bucket_index(key_hash, buckets)) else {
         return Found::Miss;
     };
     // Unlocked peek at the tags: only a hint, everything is checked again under the lock.
@@ -91,52 +145,22 @@ pub fn lookup<const TEXT: usize, const N: usize>(
     let way = forget(s, way as u32) as usize;
     let slot = slot_ptr(bucket, way);
     let _guard = Guard::lock(unsafe { &raw mut (*bucket).lock });
-    unsafe {
-        if (*slot).tag != key_hash
-            || (*slot).key_len as usize != key_len
-            || (*slot).instance != instance
-        {
-            return Found::Miss;
-        }
-        if !is_live(slot, v) {
-            return Found::Stale;
-        }
-        let text_len = (*slot).text_len as usize;
-        if text_len > TEXT {
-            return Found::Miss;
-        }
-        // The key bytes must match exactly: the tag is only 32 bits.
-        let text = &raw const (*slot).text;
-        let req = &raw const (*s).req;
-        let mut j = 0;
-        while j < MAX_KEY_LEN && j < TEXT - KEY_AT {
-            if j >= key_len {
-                break;
+    let found = read_locked(slot, key_hash, key_len, instance, v, s, stage_at);
+    if let Found::Hit(_) = found {
+        unsafe {
+            if (*slot).freq < u8::MAX {
+                (*slot).freq += 1;
             }
-            if (*text)[KEY_AT + j] != (*req)[(key_start + j) & BUF_MASK] {
-                return Found::Miss;
-            }
-            j += 1;
         }
-        // Aligned 8-byte copy; bytes past text_len are ignored by the caller.
-        let src = text as *const u64;
-        let dst = (&raw mut (*s).reply) as *mut u8;
-        let mut w = 0;
-        while w < TEXT / 8 {
-            if w * 8 >= text_len {
-                break;
-            }
-            let off = (stage_at + w * 8) & (BUF_MASK & !7);
-            *(dst.add(off) as *mut u64) = *src.add(w);
-            w += 1;
-        }
-        if (*slot).freq < u8::MAX {
-            (*slot).freq += 1;
-        }
-        // Re-read: the loop refined text_len differently at every exit.
-        let text_len = core::ptr::read_volatile(&raw const (*slot).text_len);
-        Found::Hit(text_len)
     }
+    found
+}
+
+/// Which bucket of `buckets` holds `key_hash`: multiply-shift instead of a modulo (a 64-bit
+/// division costs more than the rest of the index math together).
+#[inline(always)]
+pub fn bucket_index(key_hash: u32, buckets: u32) -> u32 {
+    ((key_hash as u64 * buckets as u64) >> 32) as u32
 }
 
 pub enum Stored {
@@ -176,7 +200,7 @@ pub fn insert<const TEXT: usize, const N: usize>(
     if buckets == 0 || item.text_len > TEXT {
         return Stored::Race;
     }
-    let Some(bucket) = map.get_ptr_mut(item.key_hash % buckets) else {
+    let Some(bucket) = map.get_ptr_mut(bucket_index(item.key_hash, buckets)) else {
         return Stored::Race;
     };
     let _guard = Guard::lock(unsafe { &raw mut (*bucket).lock });
@@ -266,7 +290,7 @@ pub fn invalidate<const TEXT: usize, const N: usize>(
     if buckets == 0 {
         return;
     }
-    let Some(bucket) = map.get_ptr_mut(key_hash % buckets) else {
+    let Some(bucket) = map.get_ptr_mut(bucket_index(key_hash, buckets)) else {
         return;
     };
     let _guard = Guard::lock(unsafe { &raw mut (*bucket).lock });
