@@ -20,7 +20,8 @@ rm -f target/bench/bpf_samples.jsonl
 sampler=$!
 target/release/loadgen compare \
   --workload loadgen/workloads/bmc.toml --name bench --subnet 201 \
-  --rounds "${ROUNDS:-3}" --round "${ROUND:-5s}" --reflector --no-progress \
+  --rounds "${ROUNDS:-3}" --round "${ROUND:-5s}" --round-warmup "${ROUND_WARMUP:-6s}" \
+  --reflector --no-progress \
   --json target/bench/compare.json "$@" | tee target/bench/compare.txt
 kill $sampler 2>/dev/null || true
 echo "== per-program run time (kernel.bpf_stats_enabled)"
@@ -46,3 +47,8 @@ for p in last.values():
 for name, (cnt, ns) in sorted(by_name.items()):
     print(f"{name:<14} runs {cnt:>10}  avg {ns / cnt:8.0f} ns")
 PY
+
+# Cache-warm cost of each path, from BPF_PROG_TEST_RUN (no traffic, no memory stalls): the
+# floor of what the programs cost, next to the reflector's.
+echo "== per-path cost, cache-warm (BPF_PROG_TEST_RUN, cargo bench --bench hitpath)"
+cargo bench -q -p cache-agent --bench hitpath 2>/dev/null | tee target/bench/hitpath.txt
