@@ -801,6 +801,42 @@ fn ipv4_get_miss_passes_unchanged_and_leaves_a_fill_ticket() {
     fx.expect_hit(&flow, 0x4244, &[&item], "after the fill");
 }
 
+/// Two different keys of the same length whose 32-bit tags are equal (a birthday search).
+fn keys_sharing_a_tag() -> (String, String) {
+    let mut seen = std::collections::HashMap::new();
+    for i in 0u64.. {
+        let key = format!("key:{i:012}");
+        if let Some(other) =
+            seen.insert(cache_common::hash::key_hash(0, key.as_bytes()), key.clone())
+        {
+            return (other, key);
+        }
+    }
+    unreachable!()
+}
+
+#[test]
+fn key_sharing_a_tag_with_a_cached_key_is_never_answered_with_its_value() {
+    // Lookups match slots by tag and length; the key bytes decide. A GET for the other key
+    // must go to memcached, and its reply then takes over the slot.
+    let fx = Fixture::new();
+    let flow = Flow::v4();
+    let (a, b) = keys_sharing_a_tag();
+    let item_a = Item::new(&a, 0, b"value of a");
+    let item_b = Item::new(&b, 0, b"value of b");
+    fx.fill(&flow, 1, &item_a, true);
+    fx.expect_hit(&flow, 2, &[&item_a], "the cached key");
+    fx.expect_miss(&flow, 3, &b, "the other key with the same tag");
+    let reply = flow.memcached_reply(3, 0, 1, &reply_body(&[&item_b]));
+    fx.tc_counted(
+        &reply,
+        &[("fills", 1)],
+        "memcached's reply for the other key",
+    );
+    fx.expect_hit(&flow, 4, &[&item_b], "the other key, now cached");
+    fx.expect_miss(&flow, 5, &a, "the first key, replaced");
+}
+
 #[test]
 fn multi_get_with_one_miss_passes_unchanged() {
     let fx = Fixture::new();
