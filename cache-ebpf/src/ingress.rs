@@ -12,9 +12,7 @@ use cache_common::{Config, Counter, Counters, FRAME_HEADER_LEN, FlowKey, GET, MA
 
 use crate::coherence::{Ttl, flush, write_key};
 use crate::maps::{CONFIG, JUMP, JUMP_GET, JUMP_SCAN, SCRATCH, TCP_FLOWS};
-use crate::net::{
-    Frame, HEADER_SPAN_MASK, Headers, IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN, parse,
-};
+use crate::net::{Frame, Headers, IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN, parse};
 use crate::scanner::scan_chunk;
 use crate::scratch::{BUF_SIZE, MAX_PENDING, Scratch, helper_len};
 use crate::stats::{count, counters};
@@ -86,47 +84,18 @@ pub fn run(ctx: &XdpContext) -> u32 {
 #[inline(always)]
 fn save(s: *mut Scratch, h: &Headers, instance: u8, head: &[u8; 12]) {
     unsafe {
-        let p = &mut (*s).pkt;
-        p.l3_off = h.l3_off as u32;
-        p.l4_off = h.l4_off as u32;
-        p.payload_off = h.payload_off as u32;
-        p.payload_len = h.payload_len as u32;
-        p.is_v6 = h.is_v6 as u32;
-        p.instance = instance as u32;
-        p.src_port = h.src_port as u32;
-        p.dst_port = h.dst_port as u32;
-        p.tcp_seq = h.tcp_seq;
-        p.tcp_flags = h.tcp_flags as u32;
-        p.src = h.src;
-        p.dst = h.dst;
-        p.head = *head;
+        let p = &raw mut (*s).pkt;
+        copy_words(&raw mut (*p).hdr, h);
+        (*p).instance = instance as u32;
+        (*p).head = *head;
     }
 }
 
-/// The headers `run` saved, read back in a tail-called program. Kept in scratch, not on the
-/// 512-byte stack.
+/// The headers `run` saved, for a tail-called program. Kept in scratch, not on the 512-byte
+/// stack; every offset in them is bounded again where it meets the packet (Frame::bytes).
 #[inline(always)]
 pub fn saved_headers(s: *mut Scratch) -> &'static Headers {
-    let p = unsafe { &(*s).pkt };
-    let rd = |v: &u32| unsafe { core::ptr::read_volatile(v) };
-    let h = Headers {
-        l3_off: rd(&p.l3_off) as usize & 0xff,
-        l4_off: rd(&p.l4_off) as usize & 0xff,
-        payload_off: rd(&p.payload_off) as usize & HEADER_SPAN_MASK,
-        payload_len: rd(&p.payload_len) as usize & 0xffff,
-        is_v6: rd(&p.is_v6) != 0,
-        proto: 0,
-        src_port: rd(&p.src_port) as u16,
-        dst_port: rd(&p.dst_port) as u16,
-        tcp_seq: rd(&p.tcp_seq),
-        tcp_flags: rd(&p.tcp_flags) as u8,
-        src: p.src,
-        dst: p.dst,
-    };
-    unsafe {
-        (*s).hdr = h;
-        &(*s).hdr
-    }
+    unsafe { &(*s).pkt.hdr }
 }
 
 /// The write scanner program (tail-called): scans what `run` chose, applies the writes, and

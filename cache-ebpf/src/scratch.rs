@@ -4,6 +4,7 @@
 
 use cache_common::MAX_KEYS_PER_GET;
 
+use crate::net::Headers;
 use crate::scanner::FlowState;
 
 pub const BUF_SIZE: usize = 2048;
@@ -79,34 +80,21 @@ pub struct PendingWrite {
 #[repr(C, align(8))]
 #[derive(Clone, Copy)]
 pub struct PacketInfo {
-    pub l3_off: u32,
-    pub l4_off: u32,
-    pub payload_off: u32,
-    pub payload_len: u32,
-    pub is_v6: u32,
+    pub hdr: Headers,
     pub instance: u32,
-    pub src_port: u32,
-    pub dst_port: u32,
-    pub tcp_seq: u32,
-    pub tcp_flags: u32,
     /// The stream bytes to scan (write scanner).
     pub scan_off: u32,
     pub scan_len: u32,
     /// TCP: the flow whose state is in `Scratch::flow` and must be written back.
     pub is_tcp: u32,
-    pub _pad: u32,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
     /// The memcached frame header and first 4 command bytes (hit path).
     pub head: [u8; 12],
-    pub _pad2: u32,
+    pub _pad: u32,
 }
 
 #[repr(C)]
 pub struct Scratch {
     pub pkt: PacketInfo,
-    /// The parsed headers of the packet being served (tail-called programs).
-    pub hdr: crate::net::Headers,
     /// Request payload (after the memcached frame header), or a chunk of a write stream.
     pub req: [u8; BUF_ALLOC],
     /// Reply texts staged at 8-byte aligned offsets, or the reply payload being filled.
