@@ -61,6 +61,7 @@ pub fn run_get(ctx: &XdpContext) -> u32 {
     serve(
         ctx,
         &frame,
+        s,
         h,
         &head,
         cfg,
@@ -70,9 +71,11 @@ pub fn run_get(ctx: &XdpContext) -> u32 {
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn serve(
     ctx: &XdpContext,
     frame: &Frame,
+    s: *mut Scratch,
     h: &Headers,
     head: &[u8; FRAME_HEADER_LEN + 4],
     cfg: &Config,
@@ -83,8 +86,7 @@ fn serve(
     let sample = c
         .map(|c| unsafe { (*c).get(Counter::GetRequests) } & 63 == 0)
         .unwrap_or(false);
-    let timed =
-        crate::scratch::forget_value((cfg.flags & flags::HIT_LATENCY != 0 && sample) as usize) != 0;
+    let timed = forget(s, (cfg.flags & flags::HIT_LATENCY != 0 && sample) as u32) != 0;
     let started = if timed { precise_ns() } else { 0 };
     count(c, Counter::GetRequests);
     let now = coarse_ns();
@@ -104,9 +106,6 @@ fn serve(
     if req_len > MAX_REQUEST {
         return pass(c, Counter::PassUnsupported);
     }
-    let Some(s) = SCRATCH.get_ptr_mut(0) else {
-        return xdp_action::XDP_PASS;
-    };
     if req_len < GET_LEN + 3 {
         return pass(c, Counter::PassMalformed);
     }
