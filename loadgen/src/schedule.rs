@@ -99,6 +99,25 @@ impl Pacer {
     pub fn mean_gap_ns(&self) -> f64 {
         self.mean_gap_ns
     }
+
+    /// The send time of the next request a worker may issue at `now`, or None if it must wait:
+    /// open loop, the next intended arrival once it is due (latency counts from it, correcting
+    /// coordinated omission); closed loop, `now` while fewer than `target` are outstanding.
+    #[inline]
+    pub fn next_start(
+        &mut self,
+        open: bool,
+        now: u64,
+        outstanding: usize,
+        target: usize,
+        rng: &mut Rng,
+    ) -> Option<u64> {
+        if open {
+            (self.peek() <= now).then(|| self.take(rng))
+        } else {
+            (outstanding < target).then_some(now)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -220,16 +220,8 @@ pub fn run<S: Source>(plan: &WorkerPlan, mut source: S) -> Result<WorkerResult, 
         let mut busy = false;
         if sending {
             for _ in 0..batch {
-                let start = if open {
-                    if pacer.peek() > now {
-                        break;
-                    }
-                    pacer.take(&mut rng)
-                } else {
-                    if outstanding >= target {
-                        break;
-                    }
-                    now
+                let Some(start) = pacer.next_start(open, now, outstanding, target, &mut rng) else {
+                    break;
                 };
                 if !source.next(&mut rng, &mut req) {
                     exhausted = true;
