@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use aya::{
     Ebpf,
-    programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp},
+    programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
 };
 use cache_agent::{
     config::{RunArgs, Settings},
@@ -106,24 +106,17 @@ fn xdp<'a>(ebpf: &'a Ebpf, name: &str) -> &'a Xdp {
     ebpf.program(name).unwrap().try_into().unwrap()
 }
 
-fn options<'a>(input: &'a [u8], out: &'a mut [u8]) -> TestRunOptions<'a> {
-    TestRunOptions {
+/// One run of an XDP or TC program on `input`: (verdict, kernel-timed duration).
+fn run_once<P>(prog: &P, input: &[u8]) -> Result<(u32, Duration), ProgramError>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let mut out = [0u8; 4096];
+    let r = prog.test_run(TestRunOptions {
         data_in: Some(input),
-        data_out: Some(out),
+        data_out: Some(&mut out),
         ..TestRunOptions::new()
-    }
-}
-
-/// One run of an XDP program on `input`: (verdict, kernel-timed duration).
-fn run_xdp(prog: &Xdp, input: &[u8]) -> Result<(u32, Duration), ProgramError> {
-    let mut out = [0u8; 4096];
-    let r = prog.test_run(options(input, &mut out))?;
-    Ok((r.return_value, r.duration))
-}
-
-fn run_tc(prog: &SchedClassifier, input: &[u8]) -> Result<(u32, Duration), ProgramError> {
-    let mut out = [0u8; 4096];
-    let r = prog.test_run(options(input, &mut out))?;
+    })?;
     Ok((r.return_value, r.duration))
 }
 
@@ -167,7 +160,7 @@ fn main() -> anyhow::Result<()> {
     let value = [b'v'; 32];
     let tc: &SchedClassifier = ebpf.program(names::TC_FILL).unwrap().try_into()?;
     for k in &keys {
-        let (verdict, _) = run_xdp(
+        let (verdict, _) = run_once(
             xdp(&ebpf, names::XDP_CACHE),
             &get(false, std::slice::from_ref(k)),
         )?;
@@ -175,7 +168,7 @@ fn main() -> anyhow::Result<()> {
             verdict == XDP_PASS,
             "first get of {k} must miss, got {verdict}"
         );
-        run_tc(tc, &reply(false, k, &value))?;
+        run_once(tc, &reply(false, k, &value))?;
     }
 
     let mut cases = vec![
@@ -229,7 +222,7 @@ fn main() -> anyhow::Result<()> {
     for _ in 0..runs.div_ceil(block) {
         for case in cases.iter_mut() {
             for _ in 0..block {
-                let (verdict, took) = run_xdp(xdp(&ebpf, case.prog), &case.frame)?;
+                let (verdict, took) = run_once(xdp(&ebpf, case.prog), &case.frame)?;
                 anyhow::ensure!(
                     verdict == case.verdict,
                     "{}: verdict {verdict}, expected {}",

@@ -27,7 +27,7 @@ use std::{thread::sleep, time::Duration};
 
 use aya::{
     Ebpf,
-    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
 };
 use cache_agent::{
     config::{RunArgs, Settings},
@@ -143,6 +143,26 @@ fn assert_well_formed_reply(frame: &[u8], what: &str) {
     );
 }
 
+/// One BPF_PROG_TEST_RUN of an XDP or TC program on `frame`.
+fn run_program<P>(prog: &P, frame: &[u8], what: &str) -> Run
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let mut out = vec![0u8; 4096];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        })
+        .expect(what);
+    out.truncate(r.data_size_out as usize);
+    Run {
+        verdict: r.return_value,
+        out,
+    }
+}
+
 type Counts = [u64; COUNTER_COUNT];
 /// Expected counter changes: (name in `COUNTER_NAMES`, delta); unlisted counters stay put.
 type Counted<'a> = &'a [(&'a str, u64)];
@@ -191,19 +211,7 @@ impl Fixture {
             .expect("xdp_cache in object")
             .try_into()
             .expect("xdp program");
-        let mut out = vec![0u8; 4096];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::new()
-            })
-            .expect("BPF_PROG_TEST_RUN xdp_cache");
-        out.truncate(r.data_size_out as usize);
-        Run {
-            verdict: r.return_value,
-            out,
-        }
+        run_program(prog, frame, "BPF_PROG_TEST_RUN xdp_cache")
     }
 
     fn tc(&self, frame: &[u8]) -> Run {
@@ -213,19 +221,7 @@ impl Fixture {
             .expect("tc_fill in object")
             .try_into()
             .expect("tc program");
-        let mut out = vec![0u8; 4096];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::new()
-            })
-            .expect("BPF_PROG_TEST_RUN tc_fill");
-        out.truncate(r.data_size_out as usize);
-        Run {
-            verdict: r.return_value,
-            out,
-        }
+        run_program(prog, frame, "BPF_PROG_TEST_RUN tc_fill")
     }
 
     fn counters(&self) -> Counts {
