@@ -405,13 +405,17 @@ fn alerts_cover_the_failure_modes() {
     }
 }
 
-const PROMQL_KEYWORDS: &[&str] = &[
+/// PromQL modifiers followed by a label list in parentheses.
+const LABEL_LIST_MODIFIERS: &[&str] = &[
     "by",
     "without",
     "on",
     "ignoring",
     "group_left",
     "group_right",
+];
+/// Other PromQL words that are not metric names.
+const PROMQL_KEYWORDS: &[&str] = &[
     "bool",
     "and",
     "or",
@@ -493,16 +497,7 @@ fn promql_metric_names(expr: &str) -> Vec<String> {
                     j += 1;
                 }
                 let lower = word.to_ascii_lowercase();
-                if [
-                    "by",
-                    "without",
-                    "on",
-                    "ignoring",
-                    "group_left",
-                    "group_right",
-                ]
-                .contains(&lower.as_str())
-                {
+                if LABEL_LIST_MODIFIERS.contains(&lower.as_str()) {
                     after_grouping_keyword = true;
                 } else if PROMQL_KEYWORDS.contains(&lower.as_str()) {
                 } else if b.get(j) == Some(&b'(') {
