@@ -256,6 +256,11 @@ struct LoadArgs {
     /// Requests per sendmmsg/recvmmsg batch.
     #[arg(long, default_value_t = 32, env = "LOADGEN_BATCH")]
     batch: usize,
+    /// UDP: most equal-length requests sent as one segmented message (UDP_SEGMENT); the server
+    /// still gets separate datagrams. Saves the generator most of its send cost; 1 sends each
+    /// datagram on its own (closer pacing against a fast server at low concurrency).
+    #[arg(long, default_value_t = loadgen::mmsg::MAX_SEGMENTS, env = "LOADGEN_UDP_SEGMENT")]
+    udp_segment: usize,
     /// A request without a complete reply after this long counts as lost.
     #[arg(long, value_parser = duration_arg, default_value = "500ms", env = "LOADGEN_TIMEOUT")]
     timeout: Duration,
@@ -406,6 +411,7 @@ impl LoadArgs {
         rc.workers = self.workers.max(1);
         rc.conns = self.conns.max(1);
         rc.batch = self.batch.clamp(1, 1024);
+        rc.udp_segment = self.udp_segment.clamp(1, loadgen::mmsg::MAX_SEGMENTS);
         rc.timeout = self.timeout;
         rc.cpus = if self.no_pin {
             None

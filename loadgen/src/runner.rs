@@ -70,6 +70,8 @@ pub struct RunConfig {
     pub conns: usize,
     /// Requests per system call batch.
     pub batch: usize,
+    /// UDP: most datagrams per segmented send message (1 = no segmentation).
+    pub udp_segment: usize,
     /// Per-request timeout.
     pub timeout: Duration,
     /// Pin worker i to `cpus[i % len]`; `None` = no pinning.
@@ -92,6 +94,7 @@ impl RunConfig {
             workers: 1,
             conns: 1,
             batch: 32,
+            udp_segment: crate::mmsg::MAX_SEGMENTS,
             timeout: Duration::from_millis(500),
             cpus: None,
             progress: false,
@@ -226,6 +229,7 @@ pub fn populate(cfg: &RunConfig) -> Result<PopulateSummary, LoadgenError> {
         concurrency: 64,
         conns_per_server: 4,
         batch: 64,
+        udp_segment: cfg.udp_segment,
         timeout_ns: cfg.timeout.max(Duration::from_secs(2)).as_nanos() as u64,
         clock,
         start_ns: 0,
@@ -291,6 +295,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunResult, LoadgenError> {
             concurrency: w.load.concurrency,
             conns_per_server: cfg.conns.max(1),
             batch: cfg.batch.max(1),
+            udp_segment: cfg.udp_segment.max(1),
             timeout_ns: cfg.timeout.as_nanos() as u64,
             clock,
             start_ns,

@@ -128,7 +128,7 @@ pub fn run<S: Source>(plan: &WorkerPlan, mut source: S) -> Result<WorkerResult, 
                 slots: (0..SLOTS).map(|_| Slot::default()).collect(),
                 next_id: 0,
                 fifo: VecDeque::with_capacity(1024),
-                tx: SendBatch::new(batch),
+                tx: SendBatch::new(batch, plan.udp_segment),
             });
         }
         socks_of_server.push(ids);

@@ -35,6 +35,8 @@ pub struct WorkerPlan {
     pub conns_per_server: usize,
     /// Requests per `sendmmsg`/`recvmmsg`.
     pub batch: usize,
+    /// UDP: most datagrams per segmented send message (1 = no segmentation).
+    pub udp_segment: usize,
     /// A request without reply after this long is a timeout.
     pub timeout_ns: u64,
     /// Shared clock.

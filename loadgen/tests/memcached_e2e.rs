@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use loadgen::runner::{self, RunConfig, Transport};
 use loadgen::units::HumanDuration;
+use loadgen::units::SizeRange;
 use loadgen::workload::{Distribution, LoadMode, Workload};
 
 /// The tests in this file share two CPUs with memcached; run them one at a time.
@@ -187,6 +188,33 @@ fn half_populated_multiget_hit_ratio_needs_root() {
         assert_eq!(c.errors, 0);
         assert!(c.timeouts * 100 <= c.sent);
     }
+}
+
+/// Values bigger than one datagram: memcached sends each reply as several datagrams (1400-byte
+/// pieces and a shorter last one), which the receive path may get coalesced by UDP GRO; every
+/// GET must still come back as one whole, correct hit.
+#[test]
+fn multi_datagram_udp_replies_are_reassembled_needs_root() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mc) = start_memcached() else { return };
+    let mut w = workload(2_000, Duration::from_secs(2));
+    w.keyspace.value_size = SizeRange::fixed(5_000);
+    w.phases.populate = true;
+    let pop = runner::populate(&config(&mc, Transport::Tcp, w.clone())).unwrap();
+    assert_eq!(pop.stored, 2_000);
+    w.phases.populate = false;
+    let hits_before = stat(mc.addr, "get_hits");
+    let c = runner::run(&config(&mc, Transport::Udp, w))
+        .unwrap()
+        .report
+        .counters;
+    eprintln!("{c:?}");
+    assert!(c.completed > 1000, "only {} replies", c.completed);
+    assert_eq!(c.get_misses, 0);
+    assert_eq!(c.get_hits, c.get_keys);
+    assert_eq!(c.errors, 0);
+    assert!(c.timeouts * 100 <= c.sent, "loss {}/{}", c.timeouts, c.sent);
+    assert!(stat(mc.addr, "get_hits") - hits_before >= c.get_hits);
 }
 
 /// A SET/GET/DELETE mix over UDP and TCP text: every reply is classified, none is an error.
