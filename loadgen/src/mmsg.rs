@@ -154,7 +154,7 @@ impl SendBatch {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                if self.max_segments > 1 && rc_means_no_offload(&e) {
+                if self.max_segments > 1 && refuses_segmentation(&e) {
                     // This route or device cannot segment: plain datagrams from now on.
                     self.max_segments = 1;
                     continue;
@@ -170,7 +170,7 @@ impl SendBatch {
 }
 
 /// Errors with which the kernel refuses UDP segmentation (not the destination).
-fn rc_means_no_offload(e: &io::Error) -> bool {
+fn refuses_segmentation(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(libc::ENOPROTOOPT)
