@@ -44,6 +44,8 @@ pub struct Shared {
     pub resyncs: AtomicU64,
     pub watch_invalidations: AtomicU64,
     pub lease_renewals: AtomicU64,
+    /// What became of the TTL questions (see [`crate::ttl`]).
+    pub ttl: crate::ttl::Outcomes,
     /// Set when the cache was adopted warm (upgrade mode): the first watch connection does
     /// not flush it.
     pub skip_first_watch_resync: AtomicBool,
@@ -60,6 +62,7 @@ impl Shared {
             resyncs: AtomicU64::new(0),
             watch_invalidations: AtomicU64::new(0),
             lease_renewals: AtomicU64::new(0),
+            ttl: Default::default(),
             skip_first_watch_resync: AtomicBool::new(false),
         })
     }

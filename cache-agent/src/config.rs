@@ -13,7 +13,7 @@ use crate::error::{AgentError, Result};
 /// Where maps are pinned; the layout version is part of the path so an upgrade that changes it
 /// never reads the old maps with the new layout.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/memcache-accel";
-pub const PIN_LAYOUT: &str = "v1";
+pub const PIN_LAYOUT: &str = "v2";
 
 /// `cache-agent run` / `check-config` options. Unset options fall back to the config file,
 /// then to the defaults shown.
@@ -63,6 +63,10 @@ pub struct RunArgs {
     /// Time the hit path in the kernel (two clock reads on one GET in 64) [default: true].
     #[arg(long, env = "CACHE_AGENT_HIT_LATENCY")]
     pub hit_latency: Option<bool>,
+    /// Ask memcached (`me <key>`) the TTL of entries filled without one, so they live as long
+    /// as memcached's item instead of --max-age [default: true].
+    #[arg(long, env = "CACHE_AGENT_LEARN_TTL")]
+    pub learn_ttl: Option<bool>,
     /// Follow memcached's `watch` stream as a coherence backstop [default: true].
     #[arg(long, env = "CACHE_AGENT_WATCH")]
     pub watch: Option<bool>,
@@ -109,6 +113,7 @@ pub struct Settings {
     pub max_amplification: u32,
     pub hit_latency: bool,
     pub watch: bool,
+    pub learn_ttl: bool,
     pub pin_root: PathBuf,
     pub json_logs: bool,
     pub keep_on_exit: bool,
@@ -240,6 +245,7 @@ impl Settings {
             max_amplification: pick!(max_amplification).unwrap_or(32),
             hit_latency: pick!(hit_latency).unwrap_or(true),
             watch: pick!(watch).unwrap_or(true),
+            learn_ttl: pick!(learn_ttl).unwrap_or(true),
             pin_root: pick!(pin_root).unwrap_or_else(|| DEFAULT_PIN_ROOT.into()),
             keep_on_exit: pick!(keep_on_exit).unwrap_or(false),
             json_logs: match pick!(log_format).as_deref().unwrap_or("text") {

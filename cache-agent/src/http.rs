@@ -307,6 +307,7 @@ mod tests {
                 resyncs: 0,
                 watch_invalidations: 0,
                 lease_renewals: 1,
+                ttl_answers: [0; 5],
                 interface: "lo".into(),
                 mode: "generic",
                 kernel_read_errors: 0,

@@ -100,6 +100,7 @@ fn configure_and_load(loader: &mut EbpfLoader<'_>, settings: &Settings) -> Resul
         names::XDP_CACHE,
         names::XDP_PASS,
         names::XDP_REFLECTOR,
+        names::XDP_LEARN_TTL,
     ] {
         let prog: &mut Xdp = ebpf
             .program_mut(name)
@@ -167,6 +168,9 @@ pub fn initial_config(settings: &Settings) -> Config {
     }
     if !settings.allow.is_empty() {
         f |= flags::ALLOWLIST;
+    }
+    if settings.learn_ttl {
+        f |= flags::LEARN_TTL;
     }
     let serve_ifindex = std::ffi::CString::new(settings.iface.as_str())
         // SAFETY: NUL-terminated name.

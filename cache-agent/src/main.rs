@@ -188,6 +188,10 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
         "attached; serving once memcached and the watch stream are confirmed"
     );
 
+    let ttl_queries = match ebpf.take_map(cache_common::names::TTL_QUERIES) {
+        Some(map) => Some(aya::maps::RingBuf::try_from(map)?),
+        None => None,
+    };
     let shared = Shared::new(ebpf, config, settings.clone());
     // The kernel kept invalidating while no agent ran; only loopback stores in that gap were
     // not seen, so the first watch connection does not flush an adopted cache.
@@ -198,6 +202,13 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
     let watch = settings
         .watch
         .then(|| tokio::spawn(coherence::watch_loop(Arc::clone(&shared))));
+    let learn = match (settings.learn_ttl, ttl_queries) {
+        (true, Some(ring)) => Some(tokio::spawn(cache_agent::ttl::learn_loop(
+            Arc::clone(&shared),
+            ring,
+        ))),
+        _ => None,
+    };
     let metrics = tokio::spawn(cache_agent::http::serve(
         settings.metrics_addr,
         Arc::clone(&shared),
@@ -216,6 +227,9 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
     lease.abort();
     if let Some(w) = watch {
         w.abort();
+    }
+    if let Some(l) = learn {
+        l.abort();
     }
     metrics.abort();
     shared.revoke();

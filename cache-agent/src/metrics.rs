@@ -142,6 +142,16 @@ pub const UDP_DATAGRAMS_SCANNED: Family = counter(
     &[],
     "UDP datagrams to memcached other than get requests the kernel scanned for writes.",
 );
+pub const TTL_QUERIES: Family = counter(
+    "memcache_accel_ttl_queries_total",
+    &[],
+    "Entries filled without a TTL the kernel saw, queued for the agent to ask memcached (they live --max-age until answered).",
+);
+pub const TTL_ANSWERS: Family = counter(
+    "memcache_accel_ttl_answers_total",
+    &["result"],
+    "What became of the TTL queries: installed (the entry lives as long as memcached's item), gone (the item or entry went first), raced (a write was seen since asking: not used), failed, ring_full or queue_full (not asked).",
+);
 pub const CACHE_ENTRIES: Family = gauge(
     "memcache_accel_cache_entries",
     &["class"],
@@ -202,7 +212,7 @@ pub const MISS_SERVICE_DURATION: Family = histogram(
 );
 
 /// Every family the agent exports (the registry sorts them by name).
-pub const FAMILIES: [Family; 25] = [
+pub const FAMILIES: [Family; 27] = [
     GET_REQUESTS,
     GET_KEYS,
     HIT_REQUESTS,
@@ -216,6 +226,8 @@ pub const FAMILIES: [Family; 25] = [
     EXPIRED,
     TCP_SEGMENTS_SCANNED,
     UDP_DATAGRAMS_SCANNED,
+    TTL_QUERIES,
+    TTL_ANSWERS,
     CACHE_ENTRIES,
     CACHE_BYTES,
     CACHE_CAPACITY_BYTES,
@@ -264,7 +276,7 @@ const fn series(counter: Counter, family: Family, label: &'static str) -> Counte
 }
 
 /// Every kernel counter except the per-class slot counters (those become the cache gauges).
-pub const KERNEL_COUNTERS: [CounterSeries; 31] = [
+pub const KERNEL_COUNTERS: [CounterSeries; 33] = [
     series(Counter::GetRequests, GET_REQUESTS, ""),
     series(Counter::GetKeys, GET_KEYS, ""),
     series(Counter::HitRequests, HIT_REQUESTS, ""),
@@ -300,12 +312,17 @@ pub const KERNEL_COUNTERS: [CounterSeries; 31] = [
     series(Counter::TcpSegments, TCP_SEGMENTS_SCANNED, ""),
     series(Counter::UdpOther, UDP_DATAGRAMS_SCANNED, ""),
     series(Counter::Expired, EXPIRED, ""),
+    series(Counter::TtlQueries, TTL_QUERIES, ""),
+    series(Counter::TtlQueriesDropped, TTL_ANSWERS, "ring_full"),
 ];
 
 /// Label value the agent's own invalidations (from the watch stream) carry.
 pub const WATCH_SOURCE: &str = "watch";
 /// Label value of flushes the agent makes itself (resyncs).
 pub const AGENT_FLUSH_REASON: &str = "agent";
+
+/// Label values of the agent's own [`TTL_ANSWERS`] series, in [`View::ttl_answers`] order.
+pub const TTL_ANSWER_LABELS: [&str; 5] = ["installed", "gone", "raced", "failed", "queue_full"];
 
 /// What one scrape knows: the kernel's counters (if they could be read) and the agent's state.
 #[derive(Debug, Clone)]
@@ -317,6 +334,8 @@ pub struct View {
     pub resyncs: u64,
     pub watch_invalidations: u64,
     pub lease_renewals: u64,
+    /// The agent's TTL answers: installed, gone, raced, failed, queue_full.
+    pub ttl_answers: [u64; 5],
     pub interface: String,
     pub mode: &'static str,
     pub kernel_read_errors: u64,
@@ -453,6 +472,9 @@ pub fn families(view: &View) -> Vec<MetricFamily> {
     // The agent's own series of two kernel families.
     b.counter(&INVALIDATIONS, &[WATCH_SOURCE], view.watch_invalidations);
     b.counter(&FLUSHES, &[AGENT_FLUSH_REASON], view.resyncs);
+    for (label, n) in TTL_ANSWER_LABELS.iter().zip(view.ttl_answers) {
+        b.counter(&TTL_ANSWERS, &[label], n);
+    }
     b.gauge(&LEASE_VALID, &[], bool_gauge(view.lease_valid));
     b.counter(&LEASE_RENEWALS, &[], view.lease_renewals);
     b.gauge(&MEMCACHED_UP, &[], bool_gauge(view.memcached_up));
@@ -528,6 +550,14 @@ impl AgentCollector {
             resyncs: s.resyncs.load(Ordering::Relaxed),
             watch_invalidations: s.watch_invalidations.load(Ordering::Relaxed),
             lease_renewals: s.lease_renewals.load(Ordering::Relaxed),
+            ttl_answers: [
+                &s.ttl.installed,
+                &s.ttl.gone,
+                &s.ttl.raced,
+                &s.ttl.failed,
+                &s.ttl.dropped,
+            ]
+            .map(|c| c.load(Ordering::Relaxed)),
             interface: s.settings.iface.clone(),
             mode: mode_label(s.settings.xdp_mode),
             kernel_read_errors: self.read_errors.load(Ordering::Relaxed),
@@ -629,6 +659,7 @@ mod tests {
             resyncs: 3,
             watch_invalidations: 7,
             lease_renewals: 11,
+            ttl_answers: [1, 2, 3, 4, 5],
             interface: "eth1".into(),
             mode: "native",
             kernel_read_errors: 0,

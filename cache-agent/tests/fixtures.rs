@@ -33,7 +33,10 @@ use cache_agent::{
     config::{RunArgs, Settings},
     kernel, loader,
 };
-use cache_common::{COUNTER_COUNT, COUNTER_NAMES, Config, TEXT_CAPACITY, flags, names};
+use cache_common::{
+    COUNTER_COUNT, COUNTER_NAMES, Config, TEXT_CAPACITY, TtlAnswer, TtlQuery, flags, names,
+    ttl_answer,
+};
 use packet::{
     Eth, Ipv4, Ipv6, Net, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN, arp_request, first_difference,
     icmp_echo, ipv4_header_checksum_ok, ipv6_udp_checksum_ok, layout, mc_frame, tcp, udp,
@@ -195,6 +198,8 @@ impl Fixture {
         config.fill_hold_until_ns = 0;
         // Entries filled without a known TTL must outlive a slow test run.
         config.max_age_ns = 60 * SEC;
+        // No agent reads TTL_QUERIES here: only the TTL-learning tests turn it on.
+        config.flags &= !flags::LEARN_TTL;
         kernel::write_config(&mut ebpf, &config).expect("write config");
         Fixture { ebpf, config }
     }
@@ -1439,4 +1444,158 @@ fn write_between_get_and_reply_refuses_the_fill() {
         "reply from before the delete",
     );
     fx.expect_miss(&flow, 3, "race", "GET after the refused fill");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Learning TTLs the kernel did not see (tc_fill queues the key; the agent answers through
+// xdp_learn_ttl).
+
+impl Fixture {
+    /// The next query tc_fill queued, if any: (key, key hash, class).
+    fn next_ttl_query(&mut self) -> Option<(Vec<u8>, u32, u8)> {
+        let map = self.ebpf.map_mut(names::TTL_QUERIES).expect("TTL_QUERIES");
+        let mut ring = aya::maps::RingBuf::try_from(map).expect("ring buffer");
+        let item = ring.next()?;
+        assert_eq!(item.len(), size_of::<TtlQuery>(), "query size");
+        // SAFETY: a TtlQuery written by tc_fill.
+        let q: TtlQuery = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        Some((q.key[..q.key_len as usize].to_vec(), q.key_hash, q.class))
+    }
+
+    /// Runs xdp_learn_ttl on an answer for `key` (class 0) and returns its verdict.
+    fn answer(&self, key: &str, asked_at_ns: u64, expires_at_ns: u64) -> u32 {
+        let mut query = TtlQuery {
+            key_hash: cache_common::hash::key_hash(0, key.as_bytes()),
+            key_len: key.len() as u8,
+            instance: 0,
+            class: 0,
+            _pad: 0,
+            key: [0; cache_common::QUERY_KEY_BYTES],
+        };
+        query.key[..key.len()].copy_from_slice(key.as_bytes());
+        let answer = TtlAnswer {
+            query,
+            asked_at_ns,
+            expires_at_ns,
+            result: 0,
+            _pad: 0,
+        };
+        cache_agent::ttl::run_answer(&self.ebpf, &answer).expect("test_run xdp_learn_ttl")
+    }
+}
+
+#[test]
+fn a_fill_without_a_known_ttl_is_queued_and_a_learned_ttl_outlives_max_age() {
+    let mut fx = Fixture::new();
+    fx.update_config(|c| {
+        c.flags |= flags::LEARN_TTL;
+        c.max_age_ns = SEC / 2;
+    });
+    let flow = Flow::v4();
+    let item = Item::new("learn:me", 3, b"a value");
+    fx.expect_miss(&flow, 1, &item.key, "first GET");
+    let reply = flow.memcached_reply(1, 0, 1, &reply_body(&[&item]));
+    fx.tc_counted(
+        &reply,
+        &[("fills", 1), ("slots_filled_0", 1), ("ttl_queries", 1)],
+        "a fill whose TTL the kernel never saw is queued",
+    );
+    let (key, hash, class) = fx.next_ttl_query().expect("a query on TTL_QUERIES");
+    assert_eq!(key, b"learn:me");
+    assert_eq!(hash, cache_common::hash::key_hash(0, b"learn:me"));
+    assert_eq!(class, 0);
+    assert!(fx.next_ttl_query().is_none(), "one query per fill");
+
+    let now = kernel::coarse_now_ns();
+    assert_eq!(
+        fx.answer("learn:me", now, now + 60 * SEC),
+        ttl_answer::INSTALLED
+    );
+    sleep(Duration::from_millis(700));
+    fx.expect_hit(&flow, 2, &[&item], "past max_age, within the learned TTL");
+
+    // An answer saying the item is about to expire shortens the entry just the same.
+    let now = kernel::coarse_now_ns();
+    assert_eq!(fx.answer("learn:me", now, now), ttl_answer::INSTALLED);
+    let get = flow.get(3, b"get learn:me\r\n");
+    fx.xdp_counted(
+        &get,
+        &[
+            ("get_requests", 1),
+            ("get_keys", 1),
+            ("pass_miss", 1),
+            ("expired", 1),
+        ],
+        "after the learned expiry",
+    )
+    .assert_unchanged(XDP_PASS, &get, "after the learned expiry");
+}
+
+#[test]
+fn a_fill_whose_ttl_the_kernel_saw_is_not_queued() {
+    let mut fx = Fixture::new();
+    fx.update_config(|c| c.flags |= flags::LEARN_TTL);
+    let flow = Flow::v4();
+    let set = flow.get(1, b"set seen 0 0 1\r\nv\r\n");
+    fx.xdp(&set).assert_unchanged(XDP_PASS, &set, "UDP set");
+    sleep(SETTLE_SLEEP);
+    fx.fill(&flow, 2, &Item::new("seen", 0, b"v"), true);
+    assert!(fx.next_ttl_query().is_none(), "the TTL was known: no query");
+}
+
+#[test]
+fn a_learned_ttl_is_refused_after_a_write_and_for_keys_not_cached() {
+    // Queueing stays off: the agent's answer is what is under test.
+    let mut fx = Fixture::new();
+    fx.update_config(|c| c.max_age_ns = SEC / 2);
+    let flow = Flow::v4();
+    let item = Item::new("raced", 0, b"old");
+    fx.fill(&flow, 1, &item, true);
+    let asked_at = kernel::coarse_now_ns();
+    sleep(SETTLE_SLEEP);
+    // A write after the question: the answer may be about the old item.
+    let delete = flow.get(2, b"delete raced\r\n");
+    fx.xdp(&delete)
+        .assert_unchanged(XDP_PASS, &delete, "UDP delete");
+    sleep(SETTLE_SLEEP);
+    let fresh = Item::new("raced", 0, b"new");
+    fx.expect_miss(&flow, 3, "raced", "GET after the delete");
+    let reply = flow.memcached_reply(3, 0, 1, &reply_body(&[&fresh]));
+    fx.tc(&reply).assert_unchanged(TC_NEXT, &reply, "refill");
+    fx.expect_hit(&flow, 4, &[&fresh], "the refilled entry");
+    assert_eq!(
+        fx.answer("raced", asked_at, u64::MAX),
+        ttl_answer::WRITTEN,
+        "an answer to a question asked before the write"
+    );
+    sleep(Duration::from_millis(700));
+    let get = flow.get(5, b"get raced\r\n");
+    fx.xdp_counted(
+        &get,
+        &[
+            ("get_requests", 1),
+            ("get_keys", 1),
+            ("pass_miss", 1),
+            ("expired", 1),
+        ],
+        "the refilled entry still lives only max_age",
+    )
+    .assert_unchanged(XDP_PASS, &get, "the refilled entry after max_age");
+
+    assert_eq!(
+        fx.answer("never:cached", kernel::coarse_now_ns(), u64::MAX),
+        ttl_answer::NO_ENTRY
+    );
+    // Same tag and length, different key: the key bytes decide.
+    let (a, b) = keys_sharing_a_tag();
+    fx.fill(&flow, 6, &Item::new(&a, 0, b"va"), true);
+    assert_eq!(
+        fx.answer(&b, kernel::coarse_now_ns(), u64::MAX),
+        ttl_answer::NO_ENTRY,
+        "a key sharing the cached key's tag"
+    );
+    assert_eq!(
+        fx.answer(&a, kernel::coarse_now_ns(), u64::MAX),
+        ttl_answer::INSTALLED
+    );
 }

@@ -67,9 +67,13 @@ pub enum Counter {
     SlotsCleared1,
     SlotsCleared2,
     SlotsCleared3,
+    /// Entries filled without a known TTL, queued for the agent to ask memcached.
+    TtlQueries,
+    /// Such entries not queued because the ring buffer was full (they live `max_age`).
+    TtlQueriesDropped,
 }
 
-pub const COUNTER_COUNT: usize = Counter::SlotsCleared3 as usize + 1;
+pub const COUNTER_COUNT: usize = Counter::TtlQueriesDropped as usize + 1;
 
 impl Counter {
     pub const SLOTS_FILLED: [Counter; 4] = [
@@ -176,4 +180,6 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT] = [
     "slots_cleared_1",
     "slots_cleared_2",
     "slots_cleared_3",
+    "ttl_queries",
+    "ttl_queries_dropped",
 ];

@@ -49,6 +49,8 @@ pub mod flags {
     pub const ALLOWLIST: u32 = 1 << 2;
     /// Time the hit path into HIT_LATENCY (two clock reads on one GET in 64).
     pub const HIT_LATENCY: u32 = 1 << 3;
+    /// Queue entries filled without a known TTL on TTL_QUERIES, for the agent to ask memcached.
+    pub const LEARN_TTL: u32 = 1 << 4;
 }
 
 /// One memcached instance: the ports it listens on (host byte order, 0 = none).
@@ -200,3 +202,52 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 24);
+
+/// Key bytes a [`TtlQuery`] carries: [`MAX_KEY_LEN`] rounded up to whole words.
+pub const QUERY_KEY_BYTES: usize = 256;
+
+/// tc_fill to the agent (TTL_QUERIES ring buffer): an entry was filled whose TTL the kernel
+/// never saw, so it lives only `max_age_ns`. The agent asks memcached and answers with a
+/// [`TtlAnswer`].
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TtlQuery {
+    pub key_hash: u32,
+    pub key_len: u8,
+    pub instance: u8,
+    /// The size class the entry went to.
+    pub class: u8,
+    pub _pad: u8,
+    /// The key; bytes past `key_len` are undefined.
+    pub key: [u8; QUERY_KEY_BYTES],
+}
+const _: () = assert!(core::mem::size_of::<TtlQuery>() == 264);
+
+/// The agent to `xdp_learn_ttl` (the data of a BPF_PROG_TEST_RUN): the key's entry expires at
+/// `expires_at_ns`, as memcached said when asked at `asked_at_ns`. The program writes `result`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TtlAnswer {
+    pub query: TtlQuery,
+    /// Coarse monotonic time taken before the question was sent to memcached.
+    pub asked_at_ns: u64,
+    /// Coarse monotonic time the item is gone by (u64::MAX: never expires).
+    pub expires_at_ns: u64,
+    /// One of [`ttl_answer`], set by the kernel.
+    pub result: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<TtlAnswer>() == 288);
+
+/// [`TtlAnswer::result`] values.
+pub mod ttl_answer {
+    /// The entry now expires when memcached's item does.
+    pub const INSTALLED: u32 = 1;
+    /// No entry for the key any more (evicted, invalidated or flushed).
+    pub const NO_ENTRY: u32 = 2;
+    /// A write to the key was seen after (or just before) the question: the answer may be
+    /// about an item that no longer exists.
+    pub const WRITTEN: u32 = 3;
+    /// The answer could not be read.
+    pub const MALFORMED: u32 = 4;
+}

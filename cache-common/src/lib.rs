@@ -29,6 +29,8 @@ pub mod names {
     pub const TC_FILL: &str = "tc_fill";
     pub const XDP_PASS: &str = "xdp_pass";
     pub const XDP_REFLECTOR: &str = "xdp_reflector";
+    /// Run by the agent (BPF_PROG_TEST_RUN) to install a learned TTL; never attached.
+    pub const XDP_LEARN_TTL: &str = "xdp_learn_ttl";
 
     pub const CONFIG: &str = "CONFIG";
     pub const STATE: &str = "STATE";
@@ -41,6 +43,7 @@ pub mod names {
     pub const SCRATCH: &str = "SCRATCH";
     pub const ALLOW_V4: &str = "ALLOW_V4";
     pub const ALLOW_V6: &str = "ALLOW_V6";
+    pub const TTL_QUERIES: &str = "TTL_QUERIES";
     /// One bucket array per size class, in the order of [`crate::SLOT_SIZES`].
     pub const CLASS_MAPS: [&str; crate::CLASS_COUNT] = ["CLASS0", "CLASS1", "CLASS2", "CLASS3"];
 }
@@ -57,5 +60,7 @@ mod pod {
     unsafe impl aya::Pod for TicketKey {}
     unsafe impl aya::Pod for Ticket {}
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for TtlQuery {}
+    unsafe impl aya::Pod for TtlAnswer {}
     unsafe impl<const TEXT: usize> aya::Pod for Bucket<TEXT> {}
 }

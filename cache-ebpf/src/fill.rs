@@ -13,6 +13,7 @@ use cache_common::{
 };
 
 use crate::ingress::instance_for;
+use crate::learn;
 use crate::maps::{
     CLASS0, CLASS1, CLASS2, CLASS3, CONFIG, FILL_TICKETS, KEY_META, MISS_LATENCY, SCRATCH, STATE,
 };
@@ -154,12 +155,11 @@ fn fill(
     let Some(meta) = KEY_META.get_ptr(line.key_hash % cfg.key_meta_slots.max(1)) else {
         return Counter::FillRefusedHold;
     };
-    let expires_at_ns = unsafe {
-        if (*meta).ttl_tag == line.key_hash {
-            (*meta).ttl_expires_ns
-        } else {
-            ticket.arrived_coarse_ns + cfg.max_age_ns
-        }
+    let ttl_known = unsafe { (*meta).ttl_tag == line.key_hash };
+    let expires_at_ns = if ttl_known {
+        unsafe { (*meta).ttl_expires_ns }
+    } else {
+        ticket.arrived_coarse_ns + cfg.max_age_ns
     };
     if expires_at_ns <= now {
         return Counter::FillRefusedHold;
@@ -181,17 +181,37 @@ fn fill(
         agent_epoch: cfg.agent_epoch,
     };
     let b = &cfg.class_buckets;
-    let stored = if text_len <= TEXT_CAPACITY[0] {
-        insert(&CLASS0, b[0], &item, meta, &v, s, c, 0)
+    let class = if text_len <= TEXT_CAPACITY[0] {
+        0
     } else if text_len <= TEXT_CAPACITY[1] {
-        insert(&CLASS1, b[1], &item, meta, &v, s, c, 1)
+        1
     } else if text_len <= TEXT_CAPACITY[2] {
-        insert(&CLASS2, b[2], &item, meta, &v, s, c, 2)
+        2
     } else {
-        insert(&CLASS3, b[3], &item, meta, &v, s, c, 3)
+        3
+    };
+    let stored = match class {
+        0 => insert(&CLASS0, b[0], &item, meta, &v, s, c, 0),
+        1 => insert(&CLASS1, b[1], &item, meta, &v, s, c, 1),
+        2 => insert(&CLASS2, b[2], &item, meta, &v, s, c, 2),
+        _ => insert(&CLASS3, b[3], &item, meta, &v, s, c, 3),
     };
     match stored {
-        Stored::Filled => Counter::Fills,
+        Stored::Filled => {
+            if !ttl_known && cfg.flags & flags::LEARN_TTL != 0 {
+                let key_off = off + VALUE.len();
+                learn::ask(
+                    ctx,
+                    key_off,
+                    item.key_hash,
+                    line.key_len,
+                    instance,
+                    class,
+                    c,
+                );
+            }
+            Counter::Fills
+        }
         Stored::Race => Counter::FillRefusedRace,
     }
 }

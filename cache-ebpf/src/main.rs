@@ -9,7 +9,9 @@
 //!
 //!   The split keeps each program small enough to verify once; state crosses the tail call in
 //!   per-CPU [`scratch`] memory.
-//! - `tc_fill` (TC egress, the NIC): fills the cache from memcached's replies ([`fill`]).
+//! - `tc_fill` (TC egress, the NIC): fills the cache from memcached's replies ([`fill`]), and
+//!   queues keys whose TTL it does not know for the agent to learn ([`learn`]).
+//! - `xdp_learn_ttl`: never attached; the agent runs it to install a learned TTL ([`learn`]).
 //! - `xdp_pass`, `xdp_reflector`: testbed helpers (the peer veth needs an XDP program for
 //!   XDP_TX frames to arrive; the reflector is the zero-work benchmark ceiling).
 //!
@@ -25,6 +27,7 @@ mod csum;
 mod fill;
 mod hitpath;
 mod ingress;
+mod learn;
 mod lock;
 mod maps;
 mod net;
@@ -61,6 +64,12 @@ pub fn xdp_scan(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn tc_fill(ctx: TcContext) -> i32 {
     fill::run(&ctx)
+}
+
+/// Never attached: the agent runs it on one `TtlAnswer` to install a TTL memcached told it.
+#[xdp]
+pub fn xdp_learn_ttl(ctx: XdpContext) -> u32 {
+    learn::run_answer(&ctx)
 }
 
 #[xdp]

@@ -4,7 +4,7 @@
 use aya_ebpf::{
     btf_maps::Array as BtfArray,
     macros::{btf_map, map},
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use cache_common::{
     Bucket, Config, Counters, FlowKey, Histogram, KeyMeta, State, TEXT0, TEXT1, TEXT2, TEXT3,
@@ -38,6 +38,10 @@ pub static FILL_TICKETS: LruHashMap<TicketKey, Ticket> = LruHashMap::with_max_en
 pub static TCP_FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(1 << 16, 0);
 #[map]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+/// Keys filled without a known TTL, for the agent to ask memcached (see learn.rs). 1 MiB holds
+/// about 3,900 queries.
+#[map]
+pub static TTL_QUERIES: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 /// BPF_F_NO_PREALLOC is mandatory for LPM tries.
 #[map]
 pub static ALLOW_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(1024, 0);

@@ -29,7 +29,7 @@ fn slot_ptr<const TEXT: usize>(bucket: *mut Bucket<TEXT>, way: usize) -> *mut Sl
 }
 
 #[inline(always)]
-fn is_live<const TEXT: usize>(slot: *const Slot<TEXT>, v: &Validity) -> bool {
+pub fn is_live<const TEXT: usize>(slot: *const Slot<TEXT>, v: &Validity) -> bool {
     unsafe {
         (*slot).tag != 0
             && (*slot).kernel_epoch == v.kernel_epoch

@@ -99,6 +99,24 @@ impl Rig {
             .unwrap_or(0)
     }
 
+    /// The value of one series of the agent's /metrics (its default address, in the server
+    /// namespace), e.g. `memcache_accel_ttl_answers_total{result="installed"}`; None if the
+    /// agent does not answer or has no such series.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let series = series.to_owned();
+        self.bed.in_server(move || {
+            let mut s = TcpStream::connect("127.0.0.1:9477").ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                .ok()?;
+            let mut body = String::new();
+            s.read_to_string(&mut body).ok()?;
+            body.lines()
+                .find_map(|l| l.strip_prefix(series.as_str())?.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+    }
+
     pub fn server(&self, v6: bool) -> SocketAddr {
         let ip: IpAddr = if v6 {
             self.bed.server_v6().into()

@@ -406,3 +406,66 @@ fn deletes_and_incr_over_loopback_invalidate() {
     assert_fresh(&rig, "lodel", MISS, "delete over loopback");
     assert_fresh(&rig, "loinc", &item("loinc", 0, b"6"), "incr over loopback");
 }
+
+const TTL_INSTALLED: &str = r#"memcache_accel_ttl_answers_total{result="installed"}"#;
+
+/// Waits until the agent has installed `n` learned TTLs.
+fn wait_learned(rig: &Rig, n: f64) {
+    let start = Instant::now();
+    while rig.metric(TTL_INSTALLED).unwrap_or(0.0) < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the agent learned {:?} TTLs, expected {n}; log: {}",
+            rig.metric(TTL_INSTALLED),
+            rig.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_item_stored_before_the_agent_expires_when_memcached_says_not_after_max_age() {
+    // The kernel never saw this TTL; --max-age alone would serve the item for 30 s.
+    let mut rig = Rig::new("cottlold", 56);
+    let stored = Instant::now();
+    rig.set("old:ttl", b"short-lived", 0, 8);
+    rig.start_agent(&["--max-age", "30"]);
+    rig.warm("old:ttl", WARM);
+    wait_learned(&rig, 1.0);
+    assert_eq!(
+        rig.udp_get(&["old:ttl"]).payload,
+        item("old:ttl", 0, b"short-lived"),
+        "before it expires"
+    );
+    let expired = stored + Duration::from_millis(8_300);
+    std::thread::sleep(expired.saturating_duration_since(Instant::now()));
+    assert_fresh(&rig, "old:ttl", MISS, "exptime 8, set before the agent started");
+}
+
+#[test]
+fn an_item_stored_before_the_agent_without_ttl_stays_cached_past_max_age() {
+    let mut rig = Rig::new("cottlinf", 57);
+    rig.set("old:never", b"forever", 0, 0);
+    rig.start_agent(&["--max-age", "1"]);
+    rig.warm("old:never", WARM);
+    // memcached 1.6 answers "never" and "one second left" alike: confirmed after 3 s.
+    wait_learned(&rig, 1.0);
+    let hits = rig.mc_stat("get_hits");
+    let before = rig.counter("hit_keys");
+    for _ in 0..10 {
+        assert_eq!(
+            rig.udp_get(&["old:never"]).payload,
+            item("old:never", 0, b"forever")
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(rig.counter("hit_keys") - before, 10, "the kernel answered every GET");
+    assert_eq!(
+        rig.mc_stat("get_hits"),
+        hits,
+        "memcached answered none (the agent's questions are not gets)"
+    );
+    // A write still invalidates the learned entry.
+    rig.set("old:never", b"changed", 0, 0);
+    assert_fresh(&rig, "old:never", &item("old:never", 0, b"changed"), "set after learning");
+}

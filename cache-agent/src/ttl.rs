@@ -1,0 +1,378 @@
+//! Learning the TTLs the kernel did not see (the kernel half is cache-ebpf's `learn.rs`).
+//!
+//! A `get` reply carries no TTL, so an entry filled for an item whose write the kernel never
+//! saw (stored before the agent started, say) may live only `--max-age`: the key then goes
+//! back to memcached every `--max-age`, which costs hit ratio and tail latency. tc_fill queues
+//! such keys on the TTL_QUERIES ring buffer. This task asks memcached with `me <key>` (meta
+//! debug: it changes nothing and does not count as a get in memcached's `stats`) and installs
+//! the answer through `xdp_learn_ttl`, which refuses it if a write to the key was seen since
+//! the question (see `learn.rs` for why that is enough).
+//!
+//! memcached 1.6 prints `exp=` as its clock minus the item's exptime: `-N` for N seconds left,
+//! and `-1` both for "never expires" and for "one second left". A `-1` is asked again once
+//! memcached's one-second clock has surely moved on twice: an item with one second left is gone
+//! by then, so a second `-1` means "never" (a write in between is caught by the kernel's check
+//! against the first question's time). A positive `exp=` (a memcached that prints the time
+//! left) is read as the time left.
+
+use std::{
+    collections::{HashSet, VecDeque},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use aya::{
+    maps::{MapData, RingBuf},
+    programs::{TestRun, TestRunOptions, Xdp},
+};
+use cache_common::{TtlAnswer, TtlQuery, names, ttl_answer};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest, unix::AsyncFd},
+    net::TcpStream,
+    sync::mpsc,
+    time::{Instant, sleep, sleep_until, timeout},
+};
+use tracing::{debug, warn};
+
+use crate::coherence::Shared;
+use crate::kernel::coarse_now_ns;
+
+/// Questions sent to memcached in one pipelined write.
+const BATCH: usize = 64;
+/// Queries waiting for the asking task; more are dropped (the entries live `--max-age`).
+const QUEUE: usize = 16_384;
+/// When a `-1` is asked again (memcached's clock ticks once a second).
+const CONFIRM_AFTER: Duration = Duration::from_secs(3);
+/// memcached's clock lags real time by up to a second: expire a second (plus slack) early.
+const EXPIRY_MARGIN_NS: u64 = 1_010_000_000;
+const NS_PER_SEC: u64 = 1_000_000_000;
+const IO_LIMIT: Duration = Duration::from_secs(1);
+
+/// What became of the queries, for the metrics.
+#[derive(Default)]
+pub struct Outcomes {
+    /// The entry now expires with memcached's item.
+    pub installed: AtomicU64,
+    /// memcached no longer holds the item, or the entry went first.
+    pub gone: AtomicU64,
+    /// A write to the key was seen since the question: the answer was not used.
+    pub raced: AtomicU64,
+    /// memcached or the kernel could not be asked, or answered something unexpected.
+    pub failed: AtomicU64,
+    /// The agent's queue was full.
+    pub dropped: AtomicU64,
+}
+
+/// memcached's answer to `me <key>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Remaining {
+    /// No such item (`EN`).
+    Gone,
+    /// `exp=-1`: never expires, or one second left.
+    NeverOrOneSecond,
+    Seconds(u64),
+}
+
+/// Reads one answer line to `me <key>`; `None` if it is not one.
+pub fn parse_meta_debug(line: &str) -> Option<Remaining> {
+    let line = line.trim_end();
+    if line == "EN" {
+        return Some(Remaining::Gone);
+    }
+    if !line.starts_with("ME ") {
+        return None;
+    }
+    let exp: i64 = line
+        .split(' ')
+        .find_map(|f| f.strip_prefix("exp="))?
+        .parse()
+        .ok()?;
+    Some(match exp {
+        -1 => Remaining::NeverOrOneSecond,
+        // Expiring this very second.
+        0 => Remaining::Gone,
+        e => Remaining::Seconds(e.unsigned_abs()),
+    })
+}
+
+/// Coarse monotonic time an item with `remaining` seconds left when asked at `asked_at_ns` is
+/// surely still there; `None` if that is already now.
+pub fn expiry_ns(asked_at_ns: u64, remaining: u64) -> Option<u64> {
+    let deadline = asked_at_ns.saturating_add(remaining.saturating_mul(NS_PER_SEC));
+    let safe = deadline.checked_sub(asked_at_ns + EXPIRY_MARGIN_NS)?;
+    (safe > 0).then_some(asked_at_ns + safe)
+}
+
+/// Reads TTL_QUERIES and asks memcached, until dropped.
+pub async fn learn_loop(shared: Arc<Shared>, ring: RingBuf<MapData>) {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let reader = tokio::spawn(read_queries(Arc::clone(&shared), ring, tx));
+    ask_loop(&shared, rx).await;
+    reader.abort();
+}
+
+async fn read_queries(
+    shared: Arc<Shared>,
+    ring: RingBuf<MapData>,
+    tx: mpsc::Sender<TtlQuery>,
+) -> std::io::Result<()> {
+    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer.
+    let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if item.len() < size_of::<TtlQuery>() {
+                continue;
+            }
+            // SAFETY: TtlQuery is plain data of this size, written by tc_fill.
+            let query: TtlQuery = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            if tx.try_send(query).is_err() {
+                shared.ttl.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+/// One key to ask about.
+struct Question {
+    query: TtlQuery,
+    /// Set when asking again after a `-1`: when the first question was asked.
+    first_asked_at_ns: Option<u64>,
+}
+
+impl Question {
+    fn key(&self) -> &[u8] {
+        &self.query.key[..(self.query.key_len as usize).min(self.query.key.len())]
+    }
+}
+
+async fn ask_loop(shared: &Shared, mut rx: mpsc::Receiver<TtlQuery>) {
+    let mut conn: Option<BufReader<TcpStream>> = None;
+    // Keys answered `-1`, to ask again at the instant beside them; and those keys, so a refill
+    // of the same key in the meantime is not asked about twice.
+    let mut confirm: VecDeque<(Instant, Question)> = VecDeque::new();
+    let mut confirming: HashSet<Vec<u8>> = HashSet::new();
+    loop {
+        let next_due = confirm.front().map(|(due, _)| *due);
+        let mut batch: Vec<Question> = Vec::with_capacity(BATCH);
+        tokio::select! {
+            q = rx.recv() => match q {
+                Some(query) => batch.push(Question { query, first_asked_at_ns: None }),
+                None => return,
+            },
+            _ = sleep_until(next_due.unwrap_or_else(Instant::now)), if next_due.is_some() => {}
+        }
+        let now = Instant::now();
+        while batch.len() < BATCH && confirm.front().is_some_and(|(due, _)| *due <= now) {
+            let (_, q) = confirm.pop_front().expect("front checked");
+            confirming.remove(q.key());
+            batch.push(q);
+        }
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(query) => batch.push(Question {
+                    query,
+                    first_asked_at_ns: None,
+                }),
+                Err(_) => break,
+            }
+        }
+        batch.retain(|q| q.first_asked_at_ns.is_some() || !confirming.contains(q.key()));
+        let asked_at_ns = coarse_now_ns();
+        let Some(answers) = ask(shared, &mut conn, &batch).await else {
+            shared
+                .ttl
+                .failed
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        for (q, answer) in batch.into_iter().zip(answers) {
+            let asked = q.first_asked_at_ns.unwrap_or(asked_at_ns);
+            match answer {
+                None => {
+                    shared.ttl.failed.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(Remaining::Gone) => {
+                    shared.ttl.gone.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(Remaining::NeverOrOneSecond) if q.first_asked_at_ns.is_some() => {
+                    install(shared, &q.query, asked, u64::MAX);
+                }
+                Some(Remaining::NeverOrOneSecond) => {
+                    confirming.insert(q.key().to_vec());
+                    confirm.push_back((
+                        Instant::now() + CONFIRM_AFTER,
+                        Question {
+                            query: q.query,
+                            first_asked_at_ns: Some(asked_at_ns),
+                        },
+                    ));
+                }
+                // The TTL changed since the first question: a write the kernel will have seen.
+                Some(Remaining::Seconds(s)) => match expiry_ns(asked_at_ns, s) {
+                    Some(expires) => install(shared, &q.query, asked_at_ns, expires),
+                    None => {
+                        shared.ttl.gone.fetch_add(1, Ordering::Relaxed);
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Asks memcached about every key of `batch` in one write; one answer per key (`None` for a
+/// line that is not an answer). `None` if the connection failed.
+async fn ask(
+    shared: &Shared,
+    conn: &mut Option<BufReader<TcpStream>>,
+    batch: &[Question],
+) -> Option<Vec<Option<Remaining>>> {
+    if batch.is_empty() {
+        return Some(Vec::new());
+    }
+    if conn.is_none() {
+        let addr = shared.settings.memcached;
+        match timeout(IO_LIMIT, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                *conn = Some(BufReader::new(s));
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "TTL learning: memcached unreachable");
+                return None;
+            }
+            Err(_) => return None,
+        }
+    }
+    let mut request = Vec::with_capacity(batch.len() * 24);
+    for q in batch {
+        request.extend_from_slice(b"me ");
+        request.extend_from_slice(q.key());
+        request.extend_from_slice(b"\r\n");
+    }
+    let result = timeout(IO_LIMIT * 2, async {
+        let s = conn.as_mut()?;
+        s.get_mut().write_all(&request).await.ok()?;
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut line = String::new();
+        for _ in batch {
+            line.clear();
+            if s.read_line(&mut line).await.ok()? == 0 {
+                return None;
+            }
+            answers.push(parse_meta_debug(&line));
+        }
+        Some(answers)
+    })
+    .await
+    .ok()
+    .flatten();
+    if result.is_none() {
+        *conn = None;
+    }
+    result
+}
+
+/// Runs `xdp_learn_ttl` on one answer and counts its verdict.
+fn install(shared: &Shared, query: &TtlQuery, asked_at_ns: u64, expires_at_ns: u64) {
+    let answer = TtlAnswer {
+        query: *query,
+        asked_at_ns,
+        expires_at_ns,
+        result: 0,
+        _pad: 0,
+    };
+    let result = {
+        let ebpf = shared.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        run_answer(&ebpf, &answer)
+    };
+    let counter = match result {
+        Ok(ttl_answer::INSTALLED) => &shared.ttl.installed,
+        Ok(ttl_answer::NO_ENTRY) => &shared.ttl.gone,
+        Ok(ttl_answer::WRITTEN) => &shared.ttl.raced,
+        Ok(other) => {
+            warn!(
+                result = other,
+                "xdp_learn_ttl refused an answer as malformed"
+            );
+            &shared.ttl.failed
+        }
+        Err(e) => {
+            warn!(error = %e, "could not run xdp_learn_ttl");
+            &shared.ttl.failed
+        }
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Hands one answer to the kernel; the program's verdict (a [`ttl_answer`] value).
+pub fn run_answer(
+    ebpf: &aya::Ebpf,
+    answer: &TtlAnswer,
+) -> Result<u32, aya::programs::ProgramError> {
+    let prog: &Xdp = ebpf
+        .program(names::XDP_LEARN_TTL)
+        .ok_or(aya::programs::ProgramError::NotLoaded)?
+        .try_into()?;
+    // SAFETY: TtlAnswer is plain `repr(C)` data with explicit padding.
+    let data_in = unsafe {
+        std::slice::from_raw_parts(
+            (answer as *const TtlAnswer).cast::<u8>(),
+            size_of::<TtlAnswer>(),
+        )
+    };
+    let mut data_out = vec![0u8; size_of::<TtlAnswer>()];
+    prog.test_run(TestRunOptions {
+        data_in: Some(data_in),
+        data_out: Some(&mut data_out),
+        ..TestRunOptions::new()
+    })?;
+    let at = std::mem::offset_of!(TtlAnswer, result);
+    Ok(u32::from_ne_bytes(
+        data_out[at..at + 4].try_into().expect("4 bytes"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_debug_answers_are_read_as_memcached_1_6_prints_them() {
+        let line = "ME user:1 exp=-100 la=0 cas=1 fetch=no cls=1 size=67\r\n";
+        assert_eq!(parse_meta_debug(line), Some(Remaining::Seconds(100)));
+        assert_eq!(
+            parse_meta_debug("ME k exp=-1 la=3 cas=2 fetch=yes cls=1 size=62"),
+            Some(Remaining::NeverOrOneSecond)
+        );
+        assert_eq!(parse_meta_debug("EN\r\n"), Some(Remaining::Gone));
+        // A memcached that prints the time left.
+        assert_eq!(
+            parse_meta_debug("ME k exp=42 la=0 cas=1 fetch=no cls=1 size=1"),
+            Some(Remaining::Seconds(42))
+        );
+        assert_eq!(
+            parse_meta_debug("CLIENT_ERROR bad command line format"),
+            None
+        );
+        assert_eq!(parse_meta_debug("ME k la=0"), None);
+    }
+
+    #[test]
+    fn learned_expiry_keeps_a_margin_for_memcacheds_clock() {
+        let t = 5 * NS_PER_SEC;
+        assert_eq!(
+            expiry_ns(t, 10),
+            Some(t + 10 * NS_PER_SEC - EXPIRY_MARGIN_NS)
+        );
+        assert_eq!(expiry_ns(t, 1), None);
+        assert_eq!(expiry_ns(t, u64::MAX).map(|e| e > t), Some(true));
+    }
+}
