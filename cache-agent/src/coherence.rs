@@ -46,6 +46,8 @@ pub struct Shared {
     pub lease_renewals: AtomicU64,
     /// What became of the TTL questions (see [`crate::ttl`]).
     pub ttl: crate::ttl::Outcomes,
+    /// memcached's clock as the last health check read it.
+    clock: Mutex<Option<ClockSample>>,
     /// Set when the cache was adopted warm (upgrade mode): the first watch connection does
     /// not flush it.
     pub skip_first_watch_resync: AtomicBool,
@@ -63,6 +65,7 @@ impl Shared {
             watch_invalidations: AtomicU64::new(0),
             lease_renewals: AtomicU64::new(0),
             ttl: Default::default(),
+            clock: Mutex::new(None),
             skip_first_watch_resync: AtomicBool::new(false),
         })
     }
@@ -107,10 +110,23 @@ impl Shared {
         warn!(reason, "flushed the kernel cache");
     }
 
+    /// memcached's clock at the last health check.
+    pub fn memcached_clock(&self) -> Option<ClockSample> {
+        *self.clock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn lease_valid(&self) -> bool {
         let c = self.config.lock().expect("config lock");
         c.flags & flags::SERVE != 0 && c.lease_until_ns > kernel::coarse_now_ns()
     }
+}
+
+/// memcached's one-second clock (`uptime` in `stats`) and when the `stats` was sent: memcached
+/// answered it no earlier than that.
+#[derive(Debug, Clone, Copy)]
+pub struct ClockSample {
+    pub uptime: u64,
+    pub asked_at: std::time::Instant,
 }
 
 /// What `stats` says about memcached, as far as the health check needs it.
@@ -188,8 +204,15 @@ pub async fn lease_loop(shared: Arc<Shared>) {
     let mut identity: Option<Identity> = None;
     let mut healthy = false;
     loop {
+        let asked_at = std::time::Instant::now();
         let id = probe.identity(s.memcached, limit).await;
         let ok = id.is_some();
+        if let Some(id) = id {
+            *shared.clock.lock().unwrap_or_else(|p| p.into_inner()) = Some(ClockSample {
+                uptime: id.uptime,
+                asked_at,
+            });
+        }
         shared.memcached_ok.store(ok, Ordering::Relaxed);
         match (id, identity) {
             (Some(now), Some(before)) if now.pid != before.pid || now.uptime < before.uptime => {

@@ -67,6 +67,10 @@ pub struct RunArgs {
     /// as memcached's item instead of --max-age [default: true].
     #[arg(long, env = "CACHE_AGENT_LEARN_TTL")]
     pub learn_ttl: Option<bool>,
+    /// At start, fill the kernel cache with memcached's most recently used items
+    /// (`lru_crawler metadump`, then `get`) [default: true].
+    #[arg(long, env = "CACHE_AGENT_WARM_START")]
+    pub warm_start: Option<bool>,
     /// Follow memcached's `watch` stream as a coherence backstop [default: true].
     #[arg(long, env = "CACHE_AGENT_WATCH")]
     pub watch: Option<bool>,
@@ -114,6 +118,7 @@ pub struct Settings {
     pub hit_latency: bool,
     pub watch: bool,
     pub learn_ttl: bool,
+    pub warm_start: bool,
     pub pin_root: PathBuf,
     pub json_logs: bool,
     pub keep_on_exit: bool,
@@ -246,6 +251,7 @@ impl Settings {
             hit_latency: pick!(hit_latency).unwrap_or(true),
             watch: pick!(watch).unwrap_or(true),
             learn_ttl: pick!(learn_ttl).unwrap_or(true),
+            warm_start: pick!(warm_start).unwrap_or(true),
             pin_root: pick!(pin_root).unwrap_or_else(|| DEFAULT_PIN_ROOT.into()),
             keep_on_exit: pick!(keep_on_exit).unwrap_or(false),
             json_logs: match pick!(log_format).as_deref().unwrap_or("text") {

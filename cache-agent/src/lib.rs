@@ -5,6 +5,7 @@
 //! - [`loader`]: loads the object sized to the configured capacity and attaches XDP and TC.
 //! - [`kernel`]: typed access to the maps (configuration, counters, histograms, invalidation).
 //! - [`coherence`]: the lease, memcached's health and restarts, and the `watch` backstop.
+//! - [`warm`]: fills the kernel cache from memcached's contents when the agent starts.
 //! - [`ttl`]: learns from memcached the TTLs of entries filled without one.
 //! - [`stats`]: counters read from pinned maps, for `cache-agent stats` and `status`.
 //! - [`metrics`], [`http`]: Prometheus metrics on /metrics; [`notify`]: systemd readiness and
@@ -26,6 +27,7 @@ pub mod metrics;
 pub mod notify;
 pub mod stats;
 pub mod ttl;
+pub mod warm;
 
 /// The eBPF object built from cache-ebpf by build.rs.
 pub static EBPF_OBJECT: &[u8] =

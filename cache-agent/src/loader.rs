@@ -101,6 +101,7 @@ fn configure_and_load(loader: &mut EbpfLoader<'_>, settings: &Settings) -> Resul
         names::XDP_PASS,
         names::XDP_REFLECTOR,
         names::XDP_LEARN_TTL,
+        names::XDP_WARM_FILL,
     ] {
         let prog: &mut Xdp = ebpf
             .program_mut(name)

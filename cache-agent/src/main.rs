@@ -209,6 +209,9 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
         ))),
         _ => None,
     };
+    // Not after an adoption: the kept cache is warm already.
+    let warm = (settings.warm_start && !adopting)
+        .then(|| tokio::spawn(cache_agent::warm::warm_start(Arc::clone(&shared))));
     let metrics = tokio::spawn(cache_agent::http::serve(
         settings.metrics_addr,
         Arc::clone(&shared),
@@ -230,6 +233,9 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
     }
     if let Some(l) = learn {
         l.abort();
+    }
+    if let Some(w) = warm {
+        w.abort();
     }
     metrics.abort();
     shared.revoke();

@@ -152,6 +152,11 @@ pub const TTL_ANSWERS: Family = counter(
     &["result"],
     "What became of the TTL queries: installed (the entry lives as long as memcached's item), gone (the item or entry went first), raced (a write was seen since asking: not used), failed, ring_full or queue_full (not asked).",
 );
+pub const WARM_FILLS: Family = counter(
+    "memcache_accel_warm_fills_total",
+    &[],
+    "Entries stored from memcached's own contents when the agent started (warm start).",
+);
 pub const CACHE_ENTRIES: Family = gauge(
     "memcache_accel_cache_entries",
     &["class"],
@@ -212,7 +217,7 @@ pub const MISS_SERVICE_DURATION: Family = histogram(
 );
 
 /// Every family the agent exports (the registry sorts them by name).
-pub const FAMILIES: [Family; 27] = [
+pub const FAMILIES: [Family; 28] = [
     GET_REQUESTS,
     GET_KEYS,
     HIT_REQUESTS,
@@ -228,6 +233,7 @@ pub const FAMILIES: [Family; 27] = [
     UDP_DATAGRAMS_SCANNED,
     TTL_QUERIES,
     TTL_ANSWERS,
+    WARM_FILLS,
     CACHE_ENTRIES,
     CACHE_BYTES,
     CACHE_CAPACITY_BYTES,
@@ -276,7 +282,7 @@ const fn series(counter: Counter, family: Family, label: &'static str) -> Counte
 }
 
 /// Every kernel counter except the per-class slot counters (those become the cache gauges).
-pub const KERNEL_COUNTERS: [CounterSeries; 33] = [
+pub const KERNEL_COUNTERS: [CounterSeries; 34] = [
     series(Counter::GetRequests, GET_REQUESTS, ""),
     series(Counter::GetKeys, GET_KEYS, ""),
     series(Counter::HitRequests, HIT_REQUESTS, ""),
@@ -314,6 +320,7 @@ pub const KERNEL_COUNTERS: [CounterSeries; 33] = [
     series(Counter::Expired, EXPIRED, ""),
     series(Counter::TtlQueries, TTL_QUERIES, ""),
     series(Counter::TtlQueriesDropped, TTL_ANSWERS, "ring_full"),
+    series(Counter::WarmFills, WARM_FILLS, ""),
 ];
 
 /// Label value the agent's own invalidations (from the watch stream) carry.

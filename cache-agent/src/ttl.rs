@@ -10,10 +10,10 @@
 //!
 //! memcached 1.6 prints `exp=` as its clock minus the item's exptime: `-N` for N seconds left,
 //! and `-1` both for "never expires" and for "one second left". A `-1` is asked again once
-//! memcached's one-second clock has surely moved on twice: an item with one second left is gone
-//! by then, so a second `-1` means "never" (a write in between is caught by the kernel's check
-//! against the first question's time). A positive `exp=` (a memcached that prints the time
-//! left) is read as the time left.
+//! memcached's own one-second clock (its `uptime`, read by the health check) has ticked past
+//! the answer: an item with one second left is gone by then, so a second `-1` means "never" (a
+//! write in between is caught by the kernel's check against the first question's time). A
+//! positive `exp=` (a memcached that prints the time left) is read as the time left.
 
 use std::{
     collections::{HashSet, VecDeque},
@@ -33,23 +33,25 @@ use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest, unix::AsyncFd},
     net::TcpStream,
     sync::mpsc,
-    time::{Instant, sleep, sleep_until, timeout},
+    time::{sleep, timeout},
 };
 use tracing::{debug, warn};
 
-use crate::coherence::Shared;
+use crate::coherence::{ClockSample, Shared};
 use crate::kernel::coarse_now_ns;
 
 /// Questions sent to memcached in one pipelined write.
 const BATCH: usize = 64;
 /// Queries waiting for the asking task; more are dropped (the entries live `--max-age`).
 const QUEUE: usize = 16_384;
-/// When a `-1` is asked again (memcached's clock ticks once a second).
-const CONFIRM_AFTER: Duration = Duration::from_secs(3);
+/// How often answers waiting for memcached's clock to tick are checked.
+const CLOCK_POLL: Duration = Duration::from_millis(100);
 /// memcached's clock lags real time by up to a second: expire a second (plus slack) early.
 const EXPIRY_MARGIN_NS: u64 = 1_010_000_000;
 const NS_PER_SEC: u64 = 1_000_000_000;
 const IO_LIMIT: Duration = Duration::from_secs(1);
+/// How often the ring buffer is read when the kernel did not wake the agent.
+const POLL_EVERY: Duration = Duration::from_millis(10);
 
 /// What became of the queries, for the metrics.
 #[derive(Default)]
@@ -122,9 +124,15 @@ async fn read_queries(
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)?;
+    // The kernel wakes the agent only once a batch has built up: poll for the rest.
+    let mut poll = tokio::time::interval(POLL_EVERY);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = fd.readable_mut().await?;
-        let ring = guard.get_inner_mut();
+        tokio::select! {
+            guard = fd.readable_mut() => guard?.clear_ready(),
+            _ = poll.tick() => {}
+        }
+        let ring = fd.get_mut();
         while let Some(item) = ring.next() {
             if item.len() < size_of::<TtlQuery>() {
                 continue;
@@ -135,7 +143,6 @@ async fn read_queries(
                 shared.ttl.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
-        guard.clear_ready();
     }
 }
 
@@ -152,28 +159,85 @@ impl Question {
     }
 }
 
+/// Keys answered `-1`, waiting for memcached's clock to tick past the answer.
+#[derive(Default)]
+struct Confirmations {
+    groups: VecDeque<AnsweredTogether>,
+    /// Their keys, so a refill of the same key meanwhile is not asked about again.
+    keys: HashSet<Vec<u8>>,
+}
+
+struct AnsweredTogether {
+    answered_at: std::time::Instant,
+    /// memcached's clock in a `stats` sent after the answers arrived: at least the clock the
+    /// answers were given at.
+    clock_bound: Option<u64>,
+    questions: Vec<Question>,
+}
+
+impl Confirmations {
+    fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    fn waiting(&self, key: &[u8]) -> bool {
+        self.keys.contains(key)
+    }
+
+    fn push(&mut self, answered_at: std::time::Instant, q: Question) {
+        self.keys.insert(q.key().to_vec());
+        match self.groups.back_mut() {
+            Some(g) if g.answered_at == answered_at => g.questions.push(q),
+            _ => self.groups.push_back(AnsweredTogether {
+                answered_at,
+                clock_bound: None,
+                questions: vec![q],
+            }),
+        }
+    }
+
+    /// Questions to ask again: memcached's clock has moved past the bound taken after their
+    /// answers, so an item that had one second left is gone by now.
+    fn ready(&mut self, clock: Option<ClockSample>) -> Vec<Question> {
+        let Some(clock) = clock else {
+            return Vec::new();
+        };
+        for g in self.groups.iter_mut() {
+            if g.clock_bound.is_none() && clock.asked_at > g.answered_at {
+                g.clock_bound = Some(clock.uptime);
+            }
+        }
+        let mut out = Vec::new();
+        while self
+            .groups
+            .front()
+            .is_some_and(|g| g.clock_bound.is_some_and(|b| clock.uptime > b))
+        {
+            let g = self.groups.pop_front().expect("front checked");
+            for q in &g.questions {
+                self.keys.remove(q.key());
+            }
+            out.extend(g.questions);
+        }
+        out
+    }
+}
+
 async fn ask_loop(shared: &Shared, mut rx: mpsc::Receiver<TtlQuery>) {
     let mut conn: Option<BufReader<TcpStream>> = None;
-    // Keys answered `-1`, to ask again at the instant beside them; and those keys, so a refill
-    // of the same key in the meantime is not asked about twice.
-    let mut confirm: VecDeque<(Instant, Question)> = VecDeque::new();
-    let mut confirming: HashSet<Vec<u8>> = HashSet::new();
+    let mut confirm = Confirmations::default();
+    let mut clock_poll = tokio::time::interval(CLOCK_POLL);
+    clock_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let next_due = confirm.front().map(|(due, _)| *due);
         let mut batch: Vec<Question> = Vec::with_capacity(BATCH);
         tokio::select! {
             q = rx.recv() => match q {
                 Some(query) => batch.push(Question { query, first_asked_at_ns: None }),
                 None => return,
             },
-            _ = sleep_until(next_due.unwrap_or_else(Instant::now)), if next_due.is_some() => {}
+            _ = clock_poll.tick(), if !confirm.is_empty() => {}
         }
-        let now = Instant::now();
-        while batch.len() < BATCH && confirm.front().is_some_and(|(due, _)| *due <= now) {
-            let (_, q) = confirm.pop_front().expect("front checked");
-            confirming.remove(q.key());
-            batch.push(q);
-        }
+        let mut again = confirm.ready(shared.memcached_clock());
         while batch.len() < BATCH {
             match rx.try_recv() {
                 Ok(query) => batch.push(Question {
@@ -183,46 +247,59 @@ async fn ask_loop(shared: &Shared, mut rx: mpsc::Receiver<TtlQuery>) {
                 Err(_) => break,
             }
         }
-        batch.retain(|q| q.first_asked_at_ns.is_some() || !confirming.contains(q.key()));
-        let asked_at_ns = coarse_now_ns();
-        let Some(answers) = ask(shared, &mut conn, &batch).await else {
-            shared
-                .ttl
-                .failed
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            sleep(Duration::from_millis(200)).await;
-            continue;
-        };
-        for (q, answer) in batch.into_iter().zip(answers) {
-            let asked = q.first_asked_at_ns.unwrap_or(asked_at_ns);
-            match answer {
+        batch.retain(|q| !confirm.waiting(q.key()));
+        batch.append(&mut again);
+        for chunk in batch.chunks(BATCH) {
+            ask_and_install(shared, &mut conn, chunk, &mut confirm).await;
+        }
+    }
+}
+
+/// Asks about one batch and acts on the answers.
+async fn ask_and_install(
+    shared: &Shared,
+    conn: &mut Option<BufReader<TcpStream>>,
+    batch: &[Question],
+    confirm: &mut Confirmations,
+) {
+    let asked_at_ns = coarse_now_ns();
+    let Some(answers) = ask(shared, conn, batch).await else {
+        shared
+            .ttl
+            .failed
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        sleep(Duration::from_millis(200)).await;
+        return;
+    };
+    let answered_at = std::time::Instant::now();
+    for (q, answer) in batch.iter().zip(answers) {
+        match answer {
+            None => {
+                shared.ttl.failed.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(Remaining::Gone) => {
+                shared.ttl.gone.fetch_add(1, Ordering::Relaxed);
+            }
+            // Still `-1` after memcached's clock ticked: it never expires. The kernel checks
+            // for writes since the first question.
+            Some(Remaining::NeverOrOneSecond) if q.first_asked_at_ns.is_some() => {
+                let first = q.first_asked_at_ns.unwrap_or(asked_at_ns);
+                install(shared, &q.query, first, u64::MAX);
+            }
+            Some(Remaining::NeverOrOneSecond) => confirm.push(
+                answered_at,
+                Question {
+                    query: q.query,
+                    first_asked_at_ns: Some(asked_at_ns),
+                },
+            ),
+            // (On a second question, a TTL means a write changed it, which the kernel saw.)
+            Some(Remaining::Seconds(s)) => match expiry_ns(asked_at_ns, s) {
+                Some(expires) => install(shared, &q.query, asked_at_ns, expires),
                 None => {
-                    shared.ttl.failed.fetch_add(1, Ordering::Relaxed);
-                }
-                Some(Remaining::Gone) => {
                     shared.ttl.gone.fetch_add(1, Ordering::Relaxed);
                 }
-                Some(Remaining::NeverOrOneSecond) if q.first_asked_at_ns.is_some() => {
-                    install(shared, &q.query, asked, u64::MAX);
-                }
-                Some(Remaining::NeverOrOneSecond) => {
-                    confirming.insert(q.key().to_vec());
-                    confirm.push_back((
-                        Instant::now() + CONFIRM_AFTER,
-                        Question {
-                            query: q.query,
-                            first_asked_at_ns: Some(asked_at_ns),
-                        },
-                    ));
-                }
-                // The TTL changed since the first question: a write the kernel will have seen.
-                Some(Remaining::Seconds(s)) => match expiry_ns(asked_at_ns, s) {
-                    Some(expires) => install(shared, &q.query, asked_at_ns, expires),
-                    None => {
-                        shared.ttl.gone.fetch_add(1, Ordering::Relaxed);
-                    }
-                },
-            }
+            },
         }
     }
 }

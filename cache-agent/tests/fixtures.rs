@@ -34,8 +34,8 @@ use cache_agent::{
     kernel, loader,
 };
 use cache_common::{
-    COUNTER_COUNT, COUNTER_NAMES, Config, TEXT_CAPACITY, TtlAnswer, TtlQuery, flags, names,
-    ttl_answer,
+    COUNTER_COUNT, COUNTER_NAMES, Config, TEXT_CAPACITY, TtlAnswer, TtlQuery, WarmFill, flags,
+    names, ttl_answer, warm_fill,
 };
 use packet::{
     Eth, Ipv4, Ipv6, Net, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN, arp_request, first_difference,
@@ -1597,5 +1597,92 @@ fn a_learned_ttl_is_refused_after_a_write_and_for_keys_not_cached() {
     assert_eq!(
         fx.answer(&a, kernel::coarse_now_ns(), u64::MAX),
         ttl_answer::INSTALLED
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Warm start (xdp_warm_fill stores items the agent read from memcached).
+
+impl Fixture {
+    fn warm_fill(&self, item: &Item, asked_at_ns: u64, epochs: (u32, u32)) -> u32 {
+        let text = item.text();
+        let fill = WarmFill {
+            key_hash: cache_common::hash::key_hash(0, item.key.as_bytes()),
+            text_len: text.len() as u16,
+            key_len: item.key.len() as u8,
+            instance: 0,
+            kernel_epoch: epochs.0,
+            agent_epoch: epochs.1,
+            asked_at_ns,
+            expires_at_ns: u64::MAX,
+            result: 0,
+            _pad: 0,
+            text: [0; cache_common::TEXT3],
+        };
+        cache_agent::warm::run_warm_fill(&self.ebpf, &fill, &text).expect("test_run xdp_warm_fill")
+    }
+
+    fn epochs(&self) -> (u32, u32) {
+        (self.kernel_epoch() as u32, self.config.agent_epoch)
+    }
+}
+
+#[test]
+fn a_warm_filled_item_is_served_exactly_as_memcached_sends_it() {
+    let fx = Fixture::new();
+    let flow = Flow::v4();
+    let small = Item::new("warm:small", 7, b"v\r\nwith CRLF");
+    let big = Item::new("warm:big", 0, &vec![b'x'; 300]);
+    for item in [&small, &big] {
+        let before = fx.counters();
+        let slot = format!("slots_filled_{}", item.class());
+        assert_eq!(
+            fx.warm_fill(item, kernel::coarse_now_ns(), fx.epochs()),
+            warm_fill::FILLED
+        );
+        fx.assert_counted(
+            &before,
+            &[("warm_fills", 1), (slot.as_str(), 1)],
+            "warm fill",
+        );
+    }
+    fx.expect_hit(&flow, 1, &[&small], "warmed small item");
+    fx.expect_hit(&flow, 2, &[&big, &small], "warmed items, multi-get");
+}
+
+#[test]
+fn a_warm_fill_is_refused_after_a_write_or_a_flush_since_the_agent_asked() {
+    let fx = Fixture::new();
+    let flow = Flow::v4();
+    let asked_at = kernel::coarse_now_ns();
+    let epochs = fx.epochs();
+    sleep(SETTLE_SLEEP);
+    let delete = flow.get(1, b"delete warm:w\r\n");
+    fx.xdp(&delete)
+        .assert_unchanged(XDP_PASS, &delete, "UDP delete");
+    assert_eq!(
+        fx.warm_fill(&Item::new("warm:w", 0, b"old"), asked_at, epochs),
+        warm_fill::RACED,
+        "written after the agent asked"
+    );
+    fx.expect_miss(&flow, 2, "warm:w", "not stored");
+
+    let flush = flow.get(3, b"flush_all\r\n");
+    fx.xdp(&flush)
+        .assert_unchanged(XDP_PASS, &flush, "UDP flush_all");
+    assert_eq!(
+        fx.warm_fill(&Item::new("warm:f", 0, b"old"), asked_at, epochs),
+        warm_fill::REFUSED,
+        "a flush since the agent asked"
+    );
+    fx.expect_miss(&flow, 4, "warm:f", "not stored");
+    assert_eq!(
+        fx.warm_fill(
+            &Item::new("warm:f", 0, b"new"),
+            kernel::coarse_now_ns(),
+            fx.epochs()
+        ),
+        warm_fill::FILLED,
+        "asked after the flush"
     );
 }

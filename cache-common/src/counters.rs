@@ -71,9 +71,11 @@ pub enum Counter {
     TtlQueries,
     /// Such entries not queued because the ring buffer was full (they live `max_age`).
     TtlQueriesDropped,
+    /// Entries stored from what the agent read from memcached when it started (warm start).
+    WarmFills,
 }
 
-pub const COUNTER_COUNT: usize = Counter::TtlQueriesDropped as usize + 1;
+pub const COUNTER_COUNT: usize = Counter::WarmFills as usize + 1;
 
 impl Counter {
     pub const SLOTS_FILLED: [Counter; 4] = [
@@ -182,4 +184,5 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT] = [
     "slots_cleared_3",
     "ttl_queries",
     "ttl_queries_dropped",
+    "warm_fills",
 ];

@@ -251,3 +251,40 @@ pub mod ttl_answer {
     /// The answer could not be read.
     pub const MALFORMED: u32 = 4;
 }
+
+/// The agent to `xdp_warm_fill` (the data of a BPF_PROG_TEST_RUN): one item the agent read
+/// from memcached when it started, stored like a fill of a GET that reached XDP at
+/// `asked_at_ns`. The program writes `result`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct WarmFill {
+    pub key_hash: u32,
+    /// Bytes of `text` in use: `VALUE <key> <flags> <bytes>\r\n<data>\r\n`.
+    pub text_len: u16,
+    pub key_len: u8,
+    pub instance: u8,
+    /// The epochs when the agent started asking (a flush since then refuses the item).
+    pub kernel_epoch: u32,
+    pub agent_epoch: u32,
+    /// Coarse monotonic time taken before the agent asked memcached.
+    pub asked_at_ns: u64,
+    /// Coarse monotonic time the item is gone by (u64::MAX: never expires).
+    pub expires_at_ns: u64,
+    /// One of [`warm_fill`], set by the kernel.
+    pub result: u32,
+    pub _pad: u32,
+    pub text: [u8; TEXT3],
+}
+/// Bytes of [`WarmFill`] before `text`.
+pub const WARM_FILL_HEADER: usize = 40;
+const _: () = assert!(core::mem::size_of::<WarmFill>() == WARM_FILL_HEADER + TEXT3);
+
+/// [`WarmFill::result`] values.
+pub mod warm_fill {
+    pub const FILLED: u32 = 1;
+    /// A write to the key was seen after (or just before) the agent asked: not stored.
+    pub const RACED: u32 = 2;
+    /// Filling is off, the lease ran out, a flush or resync happened since the agent asked.
+    pub const REFUSED: u32 = 3;
+    pub const MALFORMED: u32 = 4;
+}

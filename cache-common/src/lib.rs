@@ -31,6 +31,8 @@ pub mod names {
     pub const XDP_REFLECTOR: &str = "xdp_reflector";
     /// Run by the agent (BPF_PROG_TEST_RUN) to install a learned TTL; never attached.
     pub const XDP_LEARN_TTL: &str = "xdp_learn_ttl";
+    /// Run by the agent (BPF_PROG_TEST_RUN) to store an item read at start; never attached.
+    pub const XDP_WARM_FILL: &str = "xdp_warm_fill";
 
     pub const CONFIG: &str = "CONFIG";
     pub const STATE: &str = "STATE";
@@ -62,5 +64,6 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for TtlQuery {}
     unsafe impl aya::Pod for TtlAnswer {}
+    unsafe impl aya::Pod for WarmFill {}
     unsafe impl<const TEXT: usize> aya::Pod for Bucket<TEXT> {}
 }

@@ -13,13 +13,14 @@
 //! refused under the bucket lock, by the same rule and lock order as a fill (store::insert).
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, xdp_action},
     btf_maps::Array as BtfArray,
     helpers::generated::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
     programs::{TcContext, XdpContext},
 };
 use cache_common::{
-    Bucket, Counter, Counters, KeyMeta, QUERY_KEY_BYTES, Slot, TtlAnswer, TtlQuery, WAYS, ttl_answer,
+    Bucket, Counter, Counters, KeyMeta, QUERY_KEY_BYTES, Slot, TtlAnswer, TtlQuery, WAYS,
+    ttl_answer,
 };
 
 use crate::lock::Guard;
@@ -29,6 +30,9 @@ use crate::scratch::{Scratch, forget};
 use crate::stats::count;
 use crate::store::{KEY_AT, Validity};
 use crate::time::coarse_ns;
+
+/// Queued bytes at which a query wakes the agent: 64 queries (plus ring record headers).
+const WAKE_AFTER_BYTES: u64 = 64 * (core::mem::size_of::<TtlQuery>() as u64 + 8);
 
 /// Queues a key just filled without a known TTL. `key_off` is where the key starts in the
 /// reply packet. Best effort: a full ring only means the entry lives `max_age_ns`.
@@ -67,7 +71,15 @@ pub fn ask(
         count(c, Counter::TtlQueriesDropped);
         return;
     }
-    entry.submit(0);
+    // Waking the agent costs more than the rest of the fill: wake it only once a batch has
+    // built up (it also polls every few milliseconds).
+    let pending = TTL_QUERIES.query(BPF_RB_AVAIL_DATA as u64);
+    let wake = if pending >= WAKE_AFTER_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(wake as u64);
     count(c, Counter::TtlQueries);
 }
 

@@ -12,6 +12,8 @@
 //! - `tc_fill` (TC egress, the NIC): fills the cache from memcached's replies ([`fill`]), and
 //!   queues keys whose TTL it does not know for the agent to learn ([`learn`]).
 //! - `xdp_learn_ttl`: never attached; the agent runs it to install a learned TTL ([`learn`]).
+//! - `xdp_warm_fill`: never attached; the agent runs it to store items it read from memcached
+//!   when it started ([`warm`]).
 //! - `xdp_pass`, `xdp_reflector`: testbed helpers (the peer veth needs an XDP program for
 //!   XDP_TX frames to arrive; the reflector is the zero-work benchmark ceiling).
 //!
@@ -37,6 +39,7 @@ mod scratch;
 mod stats;
 mod store;
 mod time;
+mod warm;
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -70,6 +73,12 @@ pub fn tc_fill(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn xdp_learn_ttl(ctx: XdpContext) -> u32 {
     learn::run_answer(&ctx)
+}
+
+/// Never attached: the agent runs it on one `WarmFill` read from memcached at start.
+#[xdp]
+pub fn xdp_warm_fill(ctx: XdpContext) -> u32 {
+    warm::run(&ctx)
 }
 
 #[xdp]

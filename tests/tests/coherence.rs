@@ -429,7 +429,8 @@ fn an_item_stored_before_the_agent_expires_when_memcached_says_not_after_max_age
     let mut rig = Rig::new("cottlold", 56);
     let stored = Instant::now();
     rig.set("old:ttl", b"short-lived", 0, 8);
-    rig.start_agent(&["--max-age", "30"]);
+    // Warm start off: the item must reach the cache through a GET and its TTL be learned.
+    rig.start_agent(&["--max-age", "30", "--warm-start", "false"]);
     rig.warm("old:ttl", WARM);
     wait_learned(&rig, 1.0);
     assert_eq!(
@@ -439,14 +440,19 @@ fn an_item_stored_before_the_agent_expires_when_memcached_says_not_after_max_age
     );
     let expired = stored + Duration::from_millis(8_300);
     std::thread::sleep(expired.saturating_duration_since(Instant::now()));
-    assert_fresh(&rig, "old:ttl", MISS, "exptime 8, set before the agent started");
+    assert_fresh(
+        &rig,
+        "old:ttl",
+        MISS,
+        "exptime 8, set before the agent started",
+    );
 }
 
 #[test]
 fn an_item_stored_before_the_agent_without_ttl_stays_cached_past_max_age() {
     let mut rig = Rig::new("cottlinf", 57);
     rig.set("old:never", b"forever", 0, 0);
-    rig.start_agent(&["--max-age", "1"]);
+    rig.start_agent(&["--max-age", "1", "--warm-start", "false"]);
     rig.warm("old:never", WARM);
     // memcached 1.6 answers "never" and "one second left" alike: confirmed after 3 s.
     wait_learned(&rig, 1.0);
@@ -459,7 +465,11 @@ fn an_item_stored_before_the_agent_without_ttl_stays_cached_past_max_age() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    assert_eq!(rig.counter("hit_keys") - before, 10, "the kernel answered every GET");
+    assert_eq!(
+        rig.counter("hit_keys") - before,
+        10,
+        "the kernel answered every GET"
+    );
     assert_eq!(
         rig.mc_stat("get_hits"),
         hits,
@@ -467,5 +477,65 @@ fn an_item_stored_before_the_agent_without_ttl_stays_cached_past_max_age() {
     );
     // A write still invalidates the learned entry.
     rig.set("old:never", b"changed", 0, 0);
-    assert_fresh(&rig, "old:never", &item("old:never", 0, b"changed"), "set after learning");
+    assert_fresh(
+        &rig,
+        "old:never",
+        &item("old:never", 0, b"changed"),
+        "set after learning",
+    );
+}
+
+#[test]
+fn a_new_agent_serves_memcacheds_items_from_the_first_get_and_honours_their_ttl() {
+    let mut rig = Rig::new("cowarm", 58);
+    let stored = Instant::now();
+    rig.set("warm:a", b"alpha", 1, 0);
+    rig.set("warm:b", b"beta\r\nwith a line break", 2, 0);
+    rig.set("warm:ttl", b"short-lived", 3, 6);
+    rig.start_agent(&["--max-age", "30"]);
+    let start = Instant::now();
+    while rig.counter("warm_fills") < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "warm start stored {} items; log: {}",
+            rig.counter("warm_fills"),
+            rig.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let hits = rig.mc_stat("get_hits");
+    let before = rig.counter("hit_keys");
+    for (key, flags, value) in [
+        ("warm:a", 1, &b"alpha"[..]),
+        ("warm:b", 2, &b"beta\r\nwith a line break"[..]),
+        ("warm:ttl", 3, &b"short-lived"[..]),
+    ] {
+        assert_eq!(
+            rig.udp_get(&[key]).payload,
+            item(key, flags, value),
+            "{key}"
+        );
+    }
+    assert_eq!(
+        rig.counter("hit_keys") - before,
+        3,
+        "the kernel answered the first GETs"
+    );
+    assert_eq!(
+        rig.mc_stat("get_hits"),
+        hits,
+        "memcached answered none of them"
+    );
+    // A write still invalidates a warmed entry.
+    rig.set("warm:a", b"changed", 1, 0);
+    assert_fresh(
+        &rig,
+        "warm:a",
+        &item("warm:a", 1, b"changed"),
+        "set after warm start",
+    );
+    // The TTL memcached listed, not --max-age, bounds the warmed entry.
+    let expired = stored + Duration::from_millis(6_300);
+    std::thread::sleep(expired.saturating_duration_since(Instant::now()));
+    assert_fresh(&rig, "warm:ttl", MISS, "exptime 6, warmed at start");
 }
