@@ -174,6 +174,29 @@ pub fn invalidate_key(ebpf: &Ebpf, udp_port: u16, key: &[u8]) -> Result<(), Prog
     Ok(())
 }
 
+/// Runs one of the agent's control programs (`xdp_learn_ttl`, `xdp_warm_fill`: XDP programs
+/// that are never attached) on `data` with BPF_PROG_TEST_RUN, and returns the u32 verdict the
+/// program wrote back at `result_at`.
+pub fn run_control(
+    ebpf: &Ebpf,
+    program: &'static str,
+    data: &[u8],
+    result_at: usize,
+) -> Result<u32, ProgramError> {
+    let prog: &Xdp = ebpf
+        .program(program)
+        .ok_or(ProgramError::NotLoaded)?
+        .try_into()?;
+    let mut data_out = vec![0u8; data.len()];
+    prog.test_run(TestRunOptions {
+        data_in: Some(data),
+        data_out: Some(&mut data_out),
+        ..TestRunOptions::new()
+    })?;
+    let verdict = &data_out[result_at..result_at + 4];
+    Ok(u32::from_ne_bytes(verdict.try_into().expect("4 bytes")))
+}
+
 /// Ethernet + IPv4 + UDP (to `port`) + memcached frame header + `payload`.
 pub fn synthetic_udp_frame(port: u16, payload: &[u8]) -> Vec<u8> {
     let udp_len = 8 + 8 + payload.len();

@@ -24,10 +24,7 @@ use std::{
     time::Duration,
 };
 
-use aya::{
-    maps::{MapData, RingBuf},
-    programs::{TestRun, TestRunOptions, Xdp},
-};
+use aya::maps::{MapData, RingBuf};
 use cache_common::{TtlAnswer, TtlQuery, names, ttl_answer};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest, unix::AsyncFd},
@@ -394,27 +391,19 @@ pub fn run_answer(
     ebpf: &aya::Ebpf,
     answer: &TtlAnswer,
 ) -> Result<u32, aya::programs::ProgramError> {
-    let prog: &Xdp = ebpf
-        .program(names::XDP_LEARN_TTL)
-        .ok_or(aya::programs::ProgramError::NotLoaded)?
-        .try_into()?;
     // SAFETY: TtlAnswer is plain `repr(C)` data with explicit padding.
-    let data_in = unsafe {
+    let data = unsafe {
         std::slice::from_raw_parts(
             (answer as *const TtlAnswer).cast::<u8>(),
             size_of::<TtlAnswer>(),
         )
     };
-    let mut data_out = vec![0u8; size_of::<TtlAnswer>()];
-    prog.test_run(TestRunOptions {
-        data_in: Some(data_in),
-        data_out: Some(&mut data_out),
-        ..TestRunOptions::new()
-    })?;
-    let at = std::mem::offset_of!(TtlAnswer, result);
-    Ok(u32::from_ne_bytes(
-        data_out[at..at + 4].try_into().expect("4 bytes"),
-    ))
+    crate::kernel::run_control(
+        ebpf,
+        names::XDP_LEARN_TTL,
+        data,
+        std::mem::offset_of!(TtlAnswer, result),
+    )
 }
 
 #[cfg(test)]

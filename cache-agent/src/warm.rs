@@ -15,7 +15,6 @@ use std::{
     time::Duration,
 };
 
-use aya::programs::{TestRun, TestRunOptions, Xdp};
 use cache_common::{
     MAX_KEY_LEN, TEXT3, WARM_FILL_HEADER, WAYS, WarmFill, hash::key_hash, names, warm_fill,
 };
@@ -306,25 +305,16 @@ pub fn run_warm_fill(
     fill: &WarmFill,
     text: &[u8],
 ) -> Result<u32, aya::programs::ProgramError> {
-    let prog: &Xdp = ebpf
-        .program(names::XDP_WARM_FILL)
-        .ok_or(aya::programs::ProgramError::NotLoaded)?
-        .try_into()?;
     // SAFETY: WarmFill is plain `repr(C)` data with explicit padding.
     let header = unsafe {
         std::slice::from_raw_parts((fill as *const WarmFill).cast::<u8>(), WARM_FILL_HEADER)
     };
-    let data_in = [header, text].concat();
-    let mut data_out = vec![0u8; data_in.len()];
-    prog.test_run(TestRunOptions {
-        data_in: Some(&data_in),
-        data_out: Some(&mut data_out),
-        ..TestRunOptions::new()
-    })?;
-    let at = std::mem::offset_of!(WarmFill, result);
-    Ok(u32::from_ne_bytes(
-        data_out[at..at + 4].try_into().expect("4 bytes"),
-    ))
+    kernel::run_control(
+        ebpf,
+        names::XDP_WARM_FILL,
+        &[header, text].concat(),
+        std::mem::offset_of!(WarmFill, result),
+    )
 }
 
 #[cfg(test)]
