@@ -90,6 +90,11 @@ impl Shared {
         self.lease_renewals.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Stops tc_fill queueing TTL queries (nobody will answer them).
+    pub fn stop_ttl_queries(&self) {
+        self.publish(|c| c.flags &= !flags::LEARN_TTL);
+    }
+
     /// Stops serving now (memcached answers everything).
     pub fn revoke(&self) {
         self.publish(|c| {

@@ -73,13 +73,17 @@ pub enum Remaining {
     /// `exp=-1`: never expires, or one second left.
     NeverOrOneSecond,
     Seconds(u64),
+    /// `ERROR`: a memcached without meta commands (before 1.6).
+    Unsupported,
 }
 
 /// Reads one answer line to `me <key>`; `None` if it is not one.
 pub fn parse_meta_debug(line: &str) -> Option<Remaining> {
     let line = line.trim_end();
-    if line == "EN" {
-        return Some(Remaining::Gone);
+    match line {
+        "EN" => return Some(Remaining::Gone),
+        "ERROR" => return Some(Remaining::Unsupported),
+        _ => {}
     }
     if !line.starts_with("ME ") {
         return None;
@@ -247,10 +251,25 @@ async fn ask_loop(shared: &Shared, mut rx: mpsc::Receiver<TtlQuery>) {
         batch.retain(|q| !confirm.waiting(q.key()));
         batch.append(&mut again);
         for chunk in batch.chunks(BATCH) {
-            ask_and_install(shared, &mut conn, chunk, &mut confirm).await;
+            if let Err(Unsupported) = ask_and_install(shared, &mut conn, chunk, &mut confirm).await
+            {
+                warn!(
+                    "memcached does not know `me` (meta commands need memcached 1.6): TTLs the \
+                     kernel did not see stay bounded by --max-age"
+                );
+                shared.stop_ttl_queries();
+                // Whatever was queued before the kernel stopped is not asked about.
+                while let Some(_query) = rx.recv().await {
+                    shared.ttl.failed.fetch_add(1, Ordering::Relaxed);
+                }
+                return;
+            }
         }
     }
 }
+
+/// memcached answered `ERROR` to `me`.
+struct Unsupported;
 
 /// Asks about one batch and acts on the answers.
 async fn ask_and_install(
@@ -258,7 +277,7 @@ async fn ask_and_install(
     conn: &mut Option<BufReader<TcpStream>>,
     batch: &[Question],
     confirm: &mut Confirmations,
-) {
+) -> Result<(), Unsupported> {
     let asked_at_ns = coarse_now_ns();
     let Some(answers) = ask(shared, conn, batch).await else {
         shared
@@ -266,13 +285,17 @@ async fn ask_and_install(
             .failed
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         sleep(Duration::from_millis(200)).await;
-        return;
+        return Ok(());
     };
     let answered_at = std::time::Instant::now();
     for (q, answer) in batch.iter().zip(answers) {
         match answer {
             None => {
                 shared.ttl.failed.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(Remaining::Unsupported) => {
+                shared.ttl.failed.fetch_add(1, Ordering::Relaxed);
+                return Err(Unsupported);
             }
             Some(Remaining::Gone) => {
                 shared.ttl.gone.fetch_add(1, Ordering::Relaxed);
@@ -299,6 +322,7 @@ async fn ask_and_install(
             },
         }
     }
+    Ok(())
 }
 
 /// Asks memcached about every key of `batch` in one write; one answer per key (`None` for a
@@ -419,6 +443,7 @@ mod tests {
             Some(Remaining::NeverOrOneSecond)
         );
         assert_eq!(parse_meta_debug("EN\r\n"), Some(Remaining::Gone));
+        assert_eq!(parse_meta_debug("ERROR\r\n"), Some(Remaining::Unsupported));
         // A memcached that prints the time left.
         assert_eq!(
             parse_meta_debug("ME k exp=42 la=0 cas=1 fetch=no cls=1 size=1"),
