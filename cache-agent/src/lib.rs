@@ -6,6 +6,7 @@
 //! - [`kernel`]: typed access to the maps (configuration, counters, histograms, invalidation).
 //! - [`coherence`]: the lease, memcached's health and restarts, and the `watch` backstop.
 //! - [`warm`]: fills the kernel cache from memcached's contents when the agent starts.
+//! - [`requests`]: keeps the agent's own requests to memcached within one scanner buffer.
 //! - [`ttl`]: learns from memcached the TTLs of entries filled without one.
 //! - [`stats`]: counters read from pinned maps, for `cache-agent stats` and `status`.
 //! - [`metrics`], [`http`]: Prometheus metrics on /metrics; [`notify`]: systemd readiness and
@@ -25,6 +26,7 @@ pub mod kernel;
 pub mod loader;
 pub mod metrics;
 pub mod notify;
+pub mod requests;
 pub mod stats;
 pub mod ttl;
 pub mod warm;

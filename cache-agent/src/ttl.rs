@@ -36,6 +36,7 @@ use tracing::{debug, warn};
 
 use crate::coherence::{ClockSample, Shared};
 use crate::kernel::coarse_now_ns;
+use crate::requests;
 
 /// Questions sent to memcached in one pipelined write.
 const BATCH: usize = 64;
@@ -250,7 +251,8 @@ async fn ask_loop(shared: &Shared, mut rx: mpsc::Receiver<TtlQuery>) {
         }
         batch.retain(|q| !confirm.waiting(q.key()));
         batch.append(&mut again);
-        for chunk in batch.chunks(BATCH) {
+        // `me <key>\r\n` per key.
+        for chunk in requests::runs(&batch, 0, BATCH, |q| q.key().len() + 5) {
             if let Err(Unsupported) = ask_and_install(shared, &mut conn, chunk, &mut confirm).await
             {
                 warn!(

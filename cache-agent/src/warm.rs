@@ -27,6 +27,7 @@ use tracing::{info, warn};
 
 use crate::coherence::{Shared, watch_key};
 use crate::kernel;
+use crate::requests;
 
 /// Items kept from the listing at most (bounds the agent's memory on a huge memcached).
 const MAX_ITEMS: usize = 500_000;
@@ -144,7 +145,8 @@ async fn warm(shared: &Shared) -> std::io::Result<(usize, usize, Outcome)> {
     chosen.sort_by_key(|l| l.last_access);
     let offset_ns = kernel::realtime_offset_ns();
     let mut outcome = Outcome::default();
-    for batch in chosen.chunks(GET_BATCH) {
+    // `get` and ` <key>` per key, then CRLF.
+    for batch in requests::runs(&chosen, 5, GET_BATCH, |l| l.key.len() + 1) {
         let expiries: HashMap<&[u8], Option<u64>> = batch
             .iter()
             .map(|l| (l.key.as_slice(), l.expires_unix))

@@ -539,3 +539,45 @@ fn a_new_agent_serves_memcacheds_items_from_the_first_get_and_honours_their_ttl(
     std::thread::sleep(expired.saturating_duration_since(Instant::now()));
     assert_fresh(&rig, "warm:ttl", MISS, "exptime 6, warmed at start");
 }
+
+#[test]
+fn the_agents_own_requests_with_long_keys_never_flush_the_cache() {
+    // The agent's warm-start gets and TTL questions cross `lo`, where the kernel follows them
+    // like any client's stream: requests longer than one scan buffer would make it flush.
+    let mut rig = Rig::new("colong", 59);
+    let keys: Vec<String> = (0..60)
+        .map(|i| format!("{i:03}{}", "k".repeat(197)))
+        .collect();
+    for k in &keys {
+        rig.set(k, b"v", 0, 0);
+    }
+    rig.start_agent(&[]);
+    let start = Instant::now();
+    while rig.counter("warm_fills") < keys.len() as u64 {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "warm start stored {} of {}; log: {}",
+            rig.counter("warm_fills"),
+            keys.len(),
+            rig.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        rig.counter("flush_unsynced"),
+        0,
+        "warm start flushed the cache"
+    );
+
+    // A new agent that does not warm start learns their TTLs instead.
+    rig.start_agent(&["--warm-start", "false"]);
+    for k in &keys {
+        rig.udp_get(&[k]);
+    }
+    wait_learned(&rig, keys.len() as f64);
+    assert_eq!(
+        rig.counter("flush_unsynced"),
+        0,
+        "TTL questions flushed the cache"
+    );
+}

@@ -1,0 +1,67 @@
+//! Sizing the agent's own requests to memcached.
+//!
+//! The agent's connections to memcached cross `lo`, where the kernel's write scanner follows
+//! them like any client's. A TCP segment longer than the scanner's buffer (2 KiB of payload)
+//! makes it lose the stream, and a lost stream flushes the whole cache. With TCP_NODELAY and
+//! one request in flight at a time, one write is one segment: so every write stays under
+//! [`MAX_REQUEST_BYTES`].
+
+/// Largest request the agent writes at once.
+pub const MAX_REQUEST_BYTES: usize = 1400;
+
+/// Splits `items` into consecutive runs of at most `max_items` whose request fits
+/// [`MAX_REQUEST_BYTES`]: `fixed` bytes per request plus `cost(item)` per item. An item too big
+/// on its own gets a run of its own.
+pub fn runs<T>(
+    items: &[T],
+    fixed: usize,
+    max_items: usize,
+    cost: impl Fn(&T) -> usize,
+) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut bytes = fixed;
+    for (i, item) in items.iter().enumerate() {
+        let c = cost(item);
+        let full = i - start == max_items.max(1) || bytes + c > MAX_REQUEST_BYTES;
+        if i > start && full {
+            out.push(&items[start..i]);
+            start = i;
+            bytes = fixed;
+        }
+        bytes += c;
+    }
+    if start < items.len() {
+        out.push(&items[start..]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_stay_under_the_scanners_buffer_and_keep_every_item_in_order() {
+        let keys: Vec<usize> = (0..300).map(|i| 1 + (i * 37) % 250).collect();
+        let split = runs(&keys, 5, 64, |&k| k + 1);
+        assert_eq!(split.concat(), keys, "every item once, in order");
+        for r in &split {
+            assert!(r.len() <= 64);
+            assert!(5 + r.iter().map(|k| k + 1).sum::<usize>() <= MAX_REQUEST_BYTES);
+        }
+        // Short keys fill runs up to the item limit.
+        let short = vec![16usize; 200];
+        assert!(
+            runs(&short, 5, 64, |&k| k + 1)
+                .iter()
+                .all(|r| r.len() == 64 || r.len() == 8)
+        );
+        let big = vec![5000usize];
+        assert_eq!(
+            runs(&big, 5, 64, |&k| k).len(),
+            1,
+            "an oversized item alone"
+        );
+    }
+}
