@@ -136,16 +136,36 @@ async fn read_queries(
         }
         let ring = fd.get_mut();
         while let Some(item) = ring.next() {
-            if item.len() < size_of::<TtlQuery>() {
+            let Some(query) = read_query(&item) else {
                 continue;
-            }
-            // SAFETY: TtlQuery is plain data of this size, written by tc_fill.
-            let query: TtlQuery = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            };
             if tx.try_send(query).is_err() {
                 shared.ttl.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
+}
+
+/// A ring buffer record: a [`TtlQuery`], or a [`cache_common::ShortTtlQuery`] (the same
+/// layout, cut short) for short keys.
+pub fn read_query(record: &[u8]) -> Option<TtlQuery> {
+    let head = size_of::<TtlQuery>() - cache_common::QUERY_KEY_BYTES;
+    if record.len() < head || record.len() > size_of::<TtlQuery>() {
+        return None;
+    }
+    let mut query = TtlQuery {
+        key_hash: 0,
+        key_len: 0,
+        instance: 0,
+        class: 0,
+        _pad: 0,
+        key: [0; cache_common::QUERY_KEY_BYTES],
+    };
+    // SAFETY: TtlQuery is plain `repr(C)` data; at most its size is written.
+    unsafe {
+        std::ptr::copy_nonoverlapping(record.as_ptr(), (&raw mut query).cast::<u8>(), record.len())
+    };
+    (query.key_len as usize <= record.len() - head).then_some(query)
 }
 
 /// One key to ask about.

@@ -1456,9 +1456,14 @@ impl Fixture {
         let map = self.ebpf.map_mut(names::TTL_QUERIES).expect("TTL_QUERIES");
         let mut ring = aya::maps::RingBuf::try_from(map).expect("ring buffer");
         let item = ring.next()?;
-        assert_eq!(item.len(), size_of::<TtlQuery>(), "query size");
-        // SAFETY: a TtlQuery written by tc_fill.
-        let q: TtlQuery = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        let q = cache_agent::ttl::read_query(&item).expect("a well-formed query record");
+        // Short keys travel in short records.
+        let want = if q.key_len as usize <= cache_common::SHORT_QUERY_KEY_BYTES {
+            size_of::<cache_common::ShortTtlQuery>()
+        } else {
+            size_of::<TtlQuery>()
+        };
+        assert_eq!(item.len(), want, "record size for a {}-byte key", q.key_len);
         Some((q.key[..q.key_len as usize].to_vec(), q.key_hash, q.class))
     }
 
@@ -1529,6 +1534,25 @@ fn a_fill_without_a_known_ttl_is_queued_and_a_learned_ttl_outlives_max_age() {
         "after the learned expiry",
     )
     .assert_unchanged(XDP_PASS, &get, "after the learned expiry");
+}
+
+#[test]
+fn long_and_short_keys_are_queued_whole() {
+    let mut fx = Fixture::new();
+    fx.update_config(|c| c.flags |= flags::LEARN_TTL);
+    let flow = Flow::v4();
+    for (i, len) in [1usize, 64, 65, 250].into_iter().enumerate() {
+        let key: String = (0..len).map(|j| (b'a' + (j % 26) as u8) as char).collect();
+        let item = Item::new(&key, 0, b"v");
+        let id = i as u16 + 1;
+        fx.expect_miss(&flow, id, &key, "first GET");
+        let reply = flow.memcached_reply(id, 0, 1, &reply_body(&[&item]));
+        fx.tc(&reply).assert_unchanged(TC_NEXT, &reply, "fill");
+        let (queued, hash, class) = fx.next_ttl_query().expect("a query");
+        assert_eq!(queued, key.as_bytes(), "a {len}-byte key");
+        assert_eq!(hash, cache_common::hash::key_hash(0, key.as_bytes()));
+        assert_eq!(class as usize, item.class());
+    }
 }
 
 #[test]

@@ -205,13 +205,20 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 24);
 
 /// Key bytes a [`TtlQuery`] carries: [`MAX_KEY_LEN`] rounded up to whole words.
 pub const QUERY_KEY_BYTES: usize = 256;
+/// Key bytes of a [`ShortTtlQuery`], the record for keys up to this long: a quarter of the
+/// ring buffer traffic for typical keys.
+pub const SHORT_QUERY_KEY_BYTES: usize = 64;
 
 /// tc_fill to the agent (TTL_QUERIES ring buffer): an entry was filled whose TTL the kernel
 /// never saw, so it lives only `max_age_ns`. The agent asks memcached and answers with a
-/// [`TtlAnswer`].
+/// [`TtlAnswer`]. Records are a [`TtlQuery`] or, for short keys, a [`ShortTtlQuery`]: the
+/// same layout, cut after 64 key bytes.
+pub type TtlQuery = TtlQueryOf<QUERY_KEY_BYTES>;
+pub type ShortTtlQuery = TtlQueryOf<SHORT_QUERY_KEY_BYTES>;
+
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct TtlQuery {
+pub struct TtlQueryOf<const KEY: usize> {
     pub key_hash: u32,
     pub key_len: u8,
     pub instance: u8,
@@ -219,9 +226,10 @@ pub struct TtlQuery {
     pub class: u8,
     pub _pad: u8,
     /// The key; bytes past `key_len` are undefined.
-    pub key: [u8; QUERY_KEY_BYTES],
+    pub key: [u8; KEY],
 }
 const _: () = assert!(core::mem::size_of::<TtlQuery>() == 264);
+const _: () = assert!(core::mem::size_of::<ShortTtlQuery>() == 72);
 
 /// The agent to `xdp_learn_ttl` (the data of a BPF_PROG_TEST_RUN): the key's entry expires at
 /// `expires_at_ns`, as memcached said when asked at `asked_at_ns`. The program writes `result`.

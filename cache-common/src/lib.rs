@@ -62,7 +62,7 @@ mod pod {
     unsafe impl aya::Pod for TicketKey {}
     unsafe impl aya::Pod for Ticket {}
     unsafe impl aya::Pod for FlowKey {}
-    unsafe impl aya::Pod for TtlQuery {}
+    unsafe impl<const KEY: usize> aya::Pod for TtlQueryOf<KEY> {}
     unsafe impl aya::Pod for TtlAnswer {}
     unsafe impl aya::Pod for WarmFill {}
     unsafe impl<const TEXT: usize> aya::Pod for Bucket<TEXT> {}

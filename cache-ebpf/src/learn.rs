@@ -19,8 +19,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use cache_common::{
-    Bucket, Counter, Counters, KeyMeta, QUERY_KEY_BYTES, Slot, TtlAnswer, TtlQuery, WAYS,
-    ttl_answer,
+    Bucket, Counter, Counters, KeyMeta, QUERY_KEY_BYTES, SHORT_QUERY_KEY_BYTES, ShortTtlQuery,
+    Slot, TtlAnswer, TtlQuery, TtlQueryOf, WAYS, ttl_answer,
 };
 
 use crate::lock::Guard;
@@ -31,8 +31,8 @@ use crate::stats::count;
 use crate::store::{KEY_AT, Validity};
 use crate::time::coarse_ns;
 
-/// Queued bytes at which a query wakes the agent: 64 queries (plus ring record headers).
-const WAKE_AFTER_BYTES: u64 = 64 * (core::mem::size_of::<TtlQuery>() as u64 + 8);
+/// Queued bytes at which a query wakes the agent: about 64 queries.
+const WAKE_AFTER_BYTES: u64 = 64 * (core::mem::size_of::<ShortTtlQuery>() as u64 + 8);
 
 /// Queues a key just filled without a known TTL. `key_off` is where the key starts in the
 /// reply packet. Best effort: a full ring only means the entry lives `max_age_ns`.
@@ -46,18 +46,37 @@ pub fn ask(
     class: usize,
     c: Option<*mut Counters>,
 ) {
-    let Some(mut entry) = TTL_QUERIES.reserve::<TtlQuery>(0) else {
-        count(c, Counter::TtlQueriesDropped);
-        return;
+    let head = (key_hash, key_len as u8, instance, class as u8);
+    let queued = if key_len <= SHORT_QUERY_KEY_BYTES {
+        queue::<SHORT_QUERY_KEY_BYTES>(ctx, key_off, head)
+    } else {
+        queue::<QUERY_KEY_BYTES>(ctx, key_off, head)
+    };
+    count(
+        c,
+        if queued {
+            Counter::TtlQueries
+        } else {
+            Counter::TtlQueriesDropped
+        },
+    );
+}
+
+/// One record with room for `KEY` key bytes (a power of two); false if the ring was full.
+#[inline(always)]
+fn queue<const KEY: usize>(ctx: &TcContext, key_off: usize, head: (u32, u8, u8, u8)) -> bool {
+    let Some(mut entry) = TTL_QUERIES.reserve::<TtlQueryOf<KEY>>(0) else {
+        return false;
     };
     let q = entry.as_mut_ptr();
-    // Within 1..=QUERY_KEY_BYTES by construction (a fill's key is 1..=250 bytes).
-    let n = ((key_len.wrapping_sub(1)) & (QUERY_KEY_BYTES - 1)) + 1;
+    let (key_hash, key_len, instance, class) = head;
+    // Within 1..=KEY by construction (the caller picked KEY for this key length).
+    let n = ((key_len as usize).wrapping_sub(1) & (KEY - 1)) + 1;
     let loaded = unsafe {
         (*q).key_hash = key_hash;
-        (*q).key_len = key_len as u8;
+        (*q).key_len = key_len;
         (*q).instance = instance;
-        (*q).class = class as u8;
+        (*q).class = class;
         (*q)._pad = 0;
         bpf_skb_load_bytes(
             ctx.skb.skb.cast(),
@@ -68,8 +87,7 @@ pub fn ask(
     };
     if loaded != 0 {
         entry.discard(0);
-        count(c, Counter::TtlQueriesDropped);
-        return;
+        return false;
     }
     // Waking the agent costs more than the rest of the fill: wake it only once a batch has
     // built up (it also polls every few milliseconds).
@@ -80,7 +98,7 @@ pub fn ask(
         BPF_RB_NO_WAKEUP
     };
     entry.submit(wake as u64);
-    count(c, Counter::TtlQueries);
+    true
 }
 
 /// `xdp_learn_ttl`: the packet is one [`TtlAnswer`]; writes its `result` and passes.
