@@ -31,6 +31,8 @@ use crate::requests;
 
 /// Items kept from the listing at most (bounds the agent's memory on a huge memcached).
 const MAX_ITEMS: usize = 500_000;
+/// More than memcached's per-item header, so `size=` never rules out an item that fits a slot.
+const ITEM_HEADER_SLACK: usize = 128;
 /// Keys fetched with one `get`.
 const GET_BATCH: usize = 100;
 /// memcached's clock lags real time by up to a second, and `exp` has second resolution.
@@ -49,8 +51,8 @@ pub struct Listed {
     pub expires_unix: Option<u64>,
 }
 
-/// Parses `key=<uri-encoded> exp=<unix or -1> la=<unix> ...`; None for keys the text protocol
-/// cannot `get` (or the kernel cannot cache).
+/// Parses `key=<uri-encoded> exp=<unix or -1> la=<unix> ... size=<bytes>`; None for keys the
+/// text protocol cannot `get` and for items too big for any slot (not worth fetching).
 pub fn parse_metadump_line(line: &str) -> Option<Listed> {
     let key = watch_key(line)?;
     if key.len() > MAX_KEY_LEN || key.iter().any(|&b| b <= b' ' || b == 0x7f) {
@@ -61,6 +63,11 @@ pub fn parse_metadump_line(line: &str) -> Option<Listed> {
             .find_map(|f| f.strip_prefix(name))
             .and_then(|v| v.trim().parse::<i64>().ok())
     };
+    // memcached's item size includes its header (about 50 bytes) and the value: an item
+    // larger than the biggest slot plus that never fits one.
+    if field("size=").is_some_and(|size| size > (TEXT3 + ITEM_HEADER_SLACK) as i64) {
+        return None;
+    }
     let exp = field("exp=")?;
     Some(Listed {
         key,
@@ -339,6 +346,13 @@ mod tests {
             parse_metadump_line("key=a%20b exp=-1 la=5 cas=2 fetch=no cls=1 size=62").is_none()
         );
         assert!(parse_metadump_line("END").is_none());
+        // Too big for any slot: not fetched at all.
+        assert!(
+            parse_metadump_line("key=big exp=-1 la=5 cas=2 fetch=no cls=9 size=100000").is_none()
+        );
+        assert!(
+            parse_metadump_line("key=fits exp=-1 la=5 cas=2 fetch=no cls=9 size=1500").is_some()
+        );
     }
 
     #[test]
