@@ -581,3 +581,137 @@ fn the_agents_own_requests_with_long_keys_never_flush_the_cache() {
         "TTL questions flushed the cache"
     );
 }
+
+#[test]
+fn writes_during_warm_start_never_leave_an_old_value_cached() {
+    // A writer rewrites every key over and over while the agent starts and warm starts: an
+    // item fetched before one of those writes must never be stored.
+    let mut rig = Rig::new("cowrace", 60);
+    const KEYS: usize = 3000;
+    let key = |i: usize| format!("wr:{i}");
+    let mut load = Vec::new();
+    for i in 0..KEYS {
+        load.extend_from_slice(format!("set {} 0 0 2 noreply\r\nv0\r\n", key(i)).as_bytes());
+    }
+    load.extend_from_slice(b"version\r\n");
+    rig.tcp(&load, &[b"\r\n"]);
+
+    // Segments no longer than an Ethernet MTU, as on a NIC: a veth pair would otherwise pass
+    // the writer's pipelined sets on as 64 KiB GSO segments, which the scanner cannot follow
+    // (it flushes instead, and the warm start under test would never run).
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", rig.bed.client_netns(), "ethtool", "-K"])
+        .args([rig.bed.client_iface(), "tso", "off", "gso", "off"])
+        .output()
+        .expect("ethtool");
+    assert!(
+        out.status.success(),
+        "ethtool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Attached (not yet serving): the writer's connection is then followed from its SYN.
+    rig.bed.start_agent(&[]).expect("agent");
+    let start = Instant::now();
+    while !rig.agent_log().contains("attached XDP") {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "agent never attached"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let addr = rig.server(false);
+    let ns = rig.bed.client_netns().to_owned();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            loadgen::netns::run_in(&ns, move || {
+                let mut s = TcpStream::connect(addr).expect("connect");
+                s.set_nodelay(true).expect("nodelay");
+                let mut pass = 1u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Even keys only: the odd ones are warmed, the even ones must not be.
+                    for chunk in (0..KEYS).step_by(2).collect::<Vec<_>>().chunks(20) {
+                        let mut req = Vec::new();
+                        for &i in chunk {
+                            let v = format!("v{pass}");
+                            req.extend_from_slice(
+                                format!("set wr:{i} 0 0 {} noreply\r\n{v}\r\n", v.len()).as_bytes(),
+                            );
+                        }
+                        s.write_all(&req).expect("write");
+                        // About 20k writes/s: memcached's watch stream keeps up.
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    pass += 1;
+                }
+                // Every write applied before the writer says it is done.
+                let mut ack = [0u8; 64];
+                s.write_all(b"version\r\n").expect("write");
+                let _ = std::io::Read::read(&mut s, &mut ack);
+                pass
+            })
+            .expect("client namespace")
+        })
+    };
+    rig.wait_serving(true, Duration::from_secs(15));
+    // The warm start runs once the start-up hold is over (settle time plus a second).
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let passes = writer.join().expect("writer");
+    assert!(passes > 1, "the writer ran {passes} passes only");
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let log = rig.agent_log();
+    let warm_line = log
+        .lines()
+        .find(|l| l.contains("warm start: filled"))
+        .unwrap_or_else(|| panic!("no warm start; log: {log}"));
+    // The log is colored: drop the escape sequences (ESC ... m) first.
+    let mut plain = String::new();
+    let mut in_escape = false;
+    for c in warm_line.chars() {
+        match (in_escape, c) {
+            (false, '\u{1b}') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (false, c) => plain.push(c),
+            (true, _) => {}
+        }
+    }
+    let field = |name: &str| -> u64 {
+        plain
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {plain}"))
+    };
+    assert!(
+        field("filled") > 0 && field("raced") > 0,
+        "the warm start did not run through the writes: {warm_line}"
+    );
+    assert_eq!(
+        rig.counter("flush_unsynced"),
+        0,
+        "the writer's stream was lost"
+    );
+
+    // Twice: the first round fills what the writes cleared, the second is answered by the
+    // kernel. Every reply must be memcached's current value.
+    let before = rig.counter("hit_keys");
+    for round in 0..2 {
+        for i in (0..KEYS).step_by(7) {
+            let k = key(i);
+            let reply = rig.udp_get(&[&k]);
+            assert_eq!(
+                reply.payload,
+                authoritative(&rig, &k),
+                "round {round}: {k} after {passes} write passes"
+            );
+        }
+    }
+    assert!(
+        rig.counter("hit_keys") > before,
+        "the kernel answered none of the reads: {:?}",
+        rig.agent_stats()
+    );
+}
