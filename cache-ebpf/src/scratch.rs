@@ -61,7 +61,11 @@ pub struct KeyRef {
 }
 
 /// Writes found in one scanned chunk, applied after the scan (see scanner::queue_write).
-pub const MAX_PENDING: usize = 32;
+/// Enough for every write a full buffer can hold (the shortest, `md k\n`, is 5 bytes): a
+/// client pipelining small writes must not overflow it, or its stream would be lost and
+/// every later segment of it would flush the cache.
+pub const MAX_PENDING: usize = 512;
+const _: () = assert!(MAX_PENDING * 5 >= BUF_SIZE);
 
 #[repr(C)]
 #[derive(Clone, Copy)]

@@ -715,3 +715,42 @@ fn writes_during_warm_start_never_leave_an_old_value_cached() {
         rig.agent_stats()
     );
 }
+
+#[test]
+fn a_client_pipelining_hundreds_of_small_writes_is_followed_without_flushing() {
+    // Full segments of short noreply writes (50 or more per segment): the kernel must follow
+    // every one, not lose the stream and flush the cache on each later segment.
+    let rig = Rig::with_agent("cosmall", 61, &[]);
+    for k in ["kept", "hit"] {
+        rig.set(k, b"old", 0, 0);
+        rig.warm(k, WARM);
+    }
+    let mut batch = Vec::new();
+    for i in 0..1000 {
+        batch.extend_from_slice(format!("set sm:{i} 0 0 1 noreply\r\nv\r\n").as_bytes());
+    }
+    for i in 0..1000 {
+        batch.extend_from_slice(format!("md sm:{i} q\r\n").as_bytes());
+    }
+    batch.extend_from_slice(b"set hit 0 0 3 noreply\r\nnew\r\nversion\r\n");
+    let reply = rig.tcp(&batch, &[b"\r\n"]);
+    assert!(
+        reply.starts_with(b"VERSION"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    assert_eq!(rig.counter("flush_unsynced"), 0, "the stream was lost");
+    assert_fresh(
+        &rig,
+        "hit",
+        &item("hit", 0, b"new"),
+        "the last of 2001 pipelined writes",
+    );
+    let before = rig.counter("hit_keys");
+    assert_eq!(rig.udp_get(&["kept"]).payload, item("kept", 0, b"old"));
+    assert_eq!(
+        rig.counter("hit_keys"),
+        before + 1,
+        "a key nobody wrote stays cached"
+    );
+}
