@@ -485,6 +485,20 @@ fn an_item_stored_before_the_agent_without_ttl_stays_cached_past_max_age() {
     );
 }
 
+/// Waits until the agent's warm start has stored `n` items.
+fn wait_warmed(rig: &Rig, n: u64) {
+    let start = Instant::now();
+    while rig.counter("warm_fills") < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "warm start stored {} of {n} items; log: {}",
+            rig.counter("warm_fills"),
+            rig.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn a_new_agent_serves_memcacheds_items_from_the_first_get_and_honours_their_ttl() {
     let mut rig = Rig::new("cowarm", 58);
@@ -493,16 +507,7 @@ fn a_new_agent_serves_memcacheds_items_from_the_first_get_and_honours_their_ttl(
     rig.set("warm:b", b"beta\r\nwith a line break", 2, 0);
     rig.set("warm:ttl", b"short-lived", 3, 6);
     rig.start_agent(&["--max-age", "30"]);
-    let start = Instant::now();
-    while rig.counter("warm_fills") < 3 {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "warm start stored {} items; log: {}",
-            rig.counter("warm_fills"),
-            rig.agent_log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_warmed(&rig, 3);
     let hits = rig.mc_stat("get_hits");
     let before = rig.counter("hit_keys");
     for (key, flags, value) in [
@@ -552,17 +557,7 @@ fn the_agents_own_requests_with_long_keys_never_flush_the_cache() {
         rig.set(k, b"v", 0, 0);
     }
     rig.start_agent(&[]);
-    let start = Instant::now();
-    while rig.counter("warm_fills") < keys.len() as u64 {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "warm start stored {} of {}; log: {}",
-            rig.counter("warm_fills"),
-            keys.len(),
-            rig.agent_log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_warmed(&rig, keys.len() as u64);
     assert_eq!(
         rig.counter("flush_unsynced"),
         0,
