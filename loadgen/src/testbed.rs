@@ -397,8 +397,8 @@ fn log_tail(path: &Path, lines: usize) -> String {
 }
 
 /// Removes testbed `name`: kills the processes recorded in its pid files (after checking their
-/// command line), deletes both namespaces (which deletes the veth pair and pinned XDP links in
-/// them) and the state directory. Idempotent; tolerates partial state.
+/// command line), deletes both namespaces (which deletes the veth pair), unpins the client
+/// veth's xdp-pass link and removes the state directory. Idempotent; tolerates partial state.
 pub fn down(name: &str) -> Result<(), TestbedError> {
     TestbedConfig {
         name: name.to_owned(),
@@ -433,6 +433,11 @@ pub fn down(name: &str) -> Result<(), TestbedError> {
             ip_quiet(&["link", "del", &link]);
         }
     }
+    // The client veth's xdp-pass link is pinned in bpffs, outside the namespace: unpin it (the
+    // agent knows where its pins live).
+    let mut unpin = Command::new(agent_bin());
+    unpin.args(["xdp-pass", "--detach", "--iface", &format!("{name}c")]);
+    let _ = run_bounded(unpin, Duration::from_secs(20));
     if dir.exists() {
         fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
     }
