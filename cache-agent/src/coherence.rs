@@ -155,9 +155,7 @@ impl Probe {
         limit: Duration,
     ) -> Option<Vec<String>> {
         if self.stream.is_none() {
-            let s = timeout(limit, TcpStream::connect(addr)).await.ok()?.ok()?;
-            let _ = s.set_nodelay(true);
-            self.stream = Some(BufReader::new(s));
+            self.stream = Some(crate::requests::connect(addr, limit).await.ok()?);
         }
         let result = timeout(limit, async {
             let s = self.stream.as_mut()?;

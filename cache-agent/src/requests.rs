@@ -6,6 +6,20 @@
 //! one request in flight at a time, one write is one segment: so every write stays under
 //! [`MAX_REQUEST_BYTES`].
 
+use std::{net::SocketAddr, time::Duration};
+
+use tokio::{io::BufReader, net::TcpStream, time::timeout};
+
+/// A connection for the agent's own requests: TCP_NODELAY, so each write leaves as it is
+/// (one request, one segment), and buffered reads for memcached's line replies.
+pub async fn connect(addr: SocketAddr, limit: Duration) -> std::io::Result<BufReader<TcpStream>> {
+    let stream = timeout(limit, TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    stream.set_nodelay(true)?;
+    Ok(BufReader::new(stream))
+}
+
 /// Largest request the agent writes at once.
 pub const MAX_REQUEST_BYTES: usize = 1400;
 

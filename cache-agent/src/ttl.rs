@@ -44,8 +44,8 @@ const BATCH: usize = 64;
 const QUEUE: usize = 16_384;
 /// How often answers waiting for memcached's clock to tick are checked.
 const CLOCK_POLL: Duration = Duration::from_millis(100);
-/// memcached's clock lags real time by up to a second: expire a second (plus slack) early.
-const EXPIRY_MARGIN_NS: u64 = 1_010_000_000;
+/// memcached's clock lags real time by up to a second: expire that much early.
+const EXPIRY_MARGIN_NS: u64 = cache_common::MEMCACHED_CLOCK_MARGIN_NS;
 const NS_PER_SEC: u64 = 1_000_000_000;
 const IO_LIMIT: Duration = Duration::from_secs(1);
 /// How often the ring buffer is read when the kernel did not wake the agent.
@@ -358,17 +358,12 @@ async fn ask(
         return Some(Vec::new());
     }
     if conn.is_none() {
-        let addr = shared.settings.memcached;
-        match timeout(IO_LIMIT, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                *conn = Some(BufReader::new(s));
-            }
-            Ok(Err(e)) => {
+        match requests::connect(shared.settings.memcached, IO_LIMIT).await {
+            Ok(c) => *conn = Some(c),
+            Err(e) => {
                 debug!(error = %e, "TTL learning: memcached unreachable");
                 return None;
             }
-            Err(_) => return None,
         }
     }
     let mut request = Vec::with_capacity(batch.len() * 24);

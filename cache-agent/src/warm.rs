@@ -35,8 +35,9 @@ const MAX_ITEMS: usize = 500_000;
 const ITEM_HEADER_SLACK: usize = 128;
 /// Keys fetched with one `get`.
 const GET_BATCH: usize = 100;
-/// memcached's clock lags real time by up to a second, and `exp` has second resolution.
-const EXPIRY_MARGIN_NS: u64 = 2_000_000_000;
+/// memcached's clock margin, plus a second: the listing's `exp` is memcached's clock plus its
+/// start time, both in whole seconds.
+const EXPIRY_MARGIN_NS: u64 = cache_common::MEMCACHED_CLOCK_MARGIN_NS + 1_000_000_000;
 const NS_PER_SEC: u64 = 1_000_000_000;
 const DUMP_LIMIT: Duration = Duration::from_secs(120);
 const IO_LIMIT: Duration = Duration::from_secs(5);
@@ -142,9 +143,7 @@ async fn warm(shared: &Shared) -> std::io::Result<(usize, usize, Outcome)> {
         .map(|&b| b as usize * WAYS)
         .sum::<usize>()
         .min(MAX_ITEMS);
-    let stream = timeout(IO_LIMIT, TcpStream::connect(shared.settings.memcached)).await??;
-    let _ = stream.set_nodelay(true);
-    let mut conn = BufReader::new(stream);
+    let mut conn = requests::connect(shared.settings.memcached, IO_LIMIT).await?;
     let (listed, mut chosen) = timeout(DUMP_LIMIT, list(&mut conn, capacity))
         .await
         .map_err(|_| std::io::Error::other("metadump took too long"))??;

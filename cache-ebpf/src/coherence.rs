@@ -4,7 +4,7 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use cache_common::{Config, Counter, Counters, REALTIME_MAXDELTA};
+use cache_common::{Config, Counter, Counters, MEMCACHED_CLOCK_MARGIN_NS, REALTIME_MAXDELTA};
 
 use crate::maps::{CLASS0, CLASS1, CLASS2, CLASS3, KEY_META, STATE};
 use crate::stats::count;
@@ -12,10 +12,8 @@ use crate::store::invalidate;
 use crate::time::coarse_ns;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
-/// memcached's clock ticks once a second and lags real time by up to a second: an item set
-/// with exptime E at time t may already be gone at t + E - 1. Expire ours a second (plus
-/// timer slack) early.
-const EXPIRY_MARGIN_NS: u64 = NS_PER_SEC + 10_000_000;
+/// An item set with exptime E at time t may already be gone at t + E - 1: expire ours early.
+const EXPIRY_MARGIN_NS: u64 = MEMCACHED_CLOCK_MARGIN_NS;
 
 /// How a write changes the key's TTL.
 #[derive(Clone, Copy)]

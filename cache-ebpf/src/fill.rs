@@ -7,20 +7,17 @@
 
 use aya_ebpf::{helpers::generated::bpf_skb_load_bytes, programs::TcContext};
 use cache_common::{
-    Config, Counter, Counters, END, FRAME_HEADER_LEN, MAX_KEY_LEN, TEXT_CAPACITY, Ticket,
-    TicketKey, VALUE, flags,
+    Config, Counter, Counters, END, FRAME_HEADER_LEN, MAX_KEY_LEN, Ticket, TicketKey, VALUE, flags,
     hash::{finish, seed, step},
 };
 
 use crate::ingress::instance_for;
 use crate::learn;
-use crate::maps::{
-    CLASS0, CLASS1, CLASS2, CLASS3, CONFIG, FILL_TICKETS, KEY_META, MISS_LATENCY, SCRATCH, STATE,
-};
+use crate::maps::{CONFIG, FILL_TICKETS, KEY_META, MISS_LATENCY, SCRATCH, STATE};
 use crate::net::{Frame, IPPROTO_UDP, parse};
 use crate::scratch::{MAX_TEXT, Scratch, helper_len};
 use crate::stats::{count, counters, record};
-use crate::store::{FillItem, Stored, Validity, insert};
+use crate::store::{FillItem, Stored, Validity, class_of, insert_into_class};
 use crate::time::{coarse_ns, precise_ns};
 
 /// Let later TC programs run; the packet is never changed.
@@ -180,23 +177,8 @@ fn fill(
         kernel_epoch: state.kernel_epoch as u32,
         agent_epoch: cfg.agent_epoch,
     };
-    let b = &cfg.class_buckets;
-    let class = if text_len <= TEXT_CAPACITY[0] {
-        0
-    } else if text_len <= TEXT_CAPACITY[1] {
-        1
-    } else if text_len <= TEXT_CAPACITY[2] {
-        2
-    } else {
-        3
-    };
-    let stored = match class {
-        0 => insert(&CLASS0, b[0], &item, meta, &v, s, c, 0),
-        1 => insert(&CLASS1, b[1], &item, meta, &v, s, c, 1),
-        2 => insert(&CLASS2, b[2], &item, meta, &v, s, c, 2),
-        _ => insert(&CLASS3, b[3], &item, meta, &v, s, c, 3),
-    };
-    match stored {
+    let class = class_of(text_len);
+    match insert_into_class(class, cfg, &item, meta, &v, s, c) {
         Stored::Filled => {
             if !ttl_known && cfg.flags & flags::LEARN_TTL != 0 {
                 let key_off = off + VALUE.len();

@@ -6,7 +6,11 @@
 //! long ago from squatting forever. Plain LRU would let every cold miss push out a hot key.
 
 use aya_ebpf::btf_maps::Array as BtfArray;
-use cache_common::{Bucket, Counter, Counters, KeyMeta, MAX_KEYS_PER_GET, Slot, WAYS};
+use cache_common::{
+    Bucket, Config, Counter, Counters, KeyMeta, MAX_KEYS_PER_GET, Slot, TEXT_CAPACITY, WAYS,
+};
+
+use crate::maps::{CLASS0, CLASS1, CLASS2, CLASS3};
 
 use crate::lock::Guard;
 use crate::scratch::{BUF_MASK, Scratch, forget};
@@ -275,6 +279,40 @@ pub fn insert<const TEXT: usize, const N: usize>(
         (*slot).expires_at_ns = item.expires_at_ns;
     }
     Stored::Filled
+}
+
+/// The size class whose slots hold a text of `text_len` bytes (the smallest that fits).
+#[inline(always)]
+pub fn class_of(text_len: usize) -> usize {
+    if text_len <= TEXT_CAPACITY[0] {
+        0
+    } else if text_len <= TEXT_CAPACITY[1] {
+        1
+    } else if text_len <= TEXT_CAPACITY[2] {
+        2
+    } else {
+        3
+    }
+}
+
+/// [`insert`] into the bucket array of `class`: the one entry point of TC fills and warm fills.
+#[inline(always)]
+pub fn insert_into_class(
+    class: usize,
+    cfg: &Config,
+    item: &FillItem,
+    meta: *const KeyMeta,
+    v: &Validity,
+    s: *const Scratch,
+    c: Option<*mut Counters>,
+) -> Stored {
+    let b = &cfg.class_buckets;
+    match class {
+        0 => insert(&CLASS0, b[0], item, meta, v, s, c, 0),
+        1 => insert(&CLASS1, b[1], item, meta, v, s, c, 1),
+        2 => insert(&CLASS2, b[2], item, meta, v, s, c, 2),
+        _ => insert(&CLASS3, b[3], item, meta, v, s, c, 3),
+    }
 }
 
 /// Clears every way holding `key_hash`, counting each in `SLOTS_CLEARED[class]` (counted in

@@ -10,12 +10,12 @@
 use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_xdp_load_bytes, programs::XdpContext,
 };
-use cache_common::{Counter, TEXT_CAPACITY, WARM_FILL_HEADER, WarmFill, flags, warm_fill};
+use cache_common::{Counter, WARM_FILL_HEADER, WarmFill, flags, warm_fill};
 
-use crate::maps::{CLASS0, CLASS1, CLASS2, CLASS3, CONFIG, KEY_META, SCRATCH, STATE};
+use crate::maps::{CONFIG, KEY_META, SCRATCH, STATE};
 use crate::scratch::{MAX_TEXT, helper_len};
 use crate::stats::{count, counters};
-use crate::store::{FillItem, KEY_AT, Stored, Validity, insert};
+use crate::store::{FillItem, KEY_AT, Stored, Validity, class_of, insert_into_class};
 use crate::time::coarse_ns;
 
 /// `xdp_warm_fill`: the packet is one [`WarmFill`]; writes its `result` and passes.
@@ -91,17 +91,7 @@ fn store(ctx: &XdpContext, w: *const WarmFill, frame_len: usize) -> u32 {
         agent_epoch: cfg.agent_epoch,
     };
     let c = counters();
-    let b = &cfg.class_buckets;
-    let stored = if text_len <= TEXT_CAPACITY[0] {
-        insert(&CLASS0, b[0], &item, meta, &v, s, c, 0)
-    } else if text_len <= TEXT_CAPACITY[1] {
-        insert(&CLASS1, b[1], &item, meta, &v, s, c, 1)
-    } else if text_len <= TEXT_CAPACITY[2] {
-        insert(&CLASS2, b[2], &item, meta, &v, s, c, 2)
-    } else {
-        insert(&CLASS3, b[3], &item, meta, &v, s, c, 3)
-    };
-    match stored {
+    match insert_into_class(class_of(text_len), cfg, &item, meta, &v, s, c) {
         Stored::Filled => {
             count(c, Counter::WarmFills);
             warm_fill::FILLED

@@ -409,18 +409,25 @@ fn deletes_and_incr_over_loopback_invalidate() {
 
 const TTL_INSTALLED: &str = r#"memcache_accel_ttl_answers_total{result="installed"}"#;
 
-/// Waits until the agent has installed `n` learned TTLs.
-fn wait_learned(rig: &Rig, n: f64) {
+/// Waits (up to 15 s) until `progress` reaches `n`; `what` names it in the failure.
+fn wait_for(rig: &Rig, what: &str, n: f64, progress: impl Fn(&Rig) -> f64) {
     let start = Instant::now();
-    while rig.metric(TTL_INSTALLED).unwrap_or(0.0) < n {
+    while progress(rig) < n {
         assert!(
             start.elapsed() < Duration::from_secs(15),
-            "the agent learned {:?} TTLs, expected {n}; log: {}",
-            rig.metric(TTL_INSTALLED),
+            "{what}: {} of {n}; log: {}",
+            progress(rig),
             rig.agent_log()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Waits until the agent has installed `n` learned TTLs.
+fn wait_learned(rig: &Rig, n: f64) {
+    wait_for(rig, "TTLs learned", n, |r| {
+        r.metric(TTL_INSTALLED).unwrap_or(0.0)
+    });
 }
 
 #[test]
@@ -487,16 +494,9 @@ fn an_item_stored_before_the_agent_without_ttl_stays_cached_past_max_age() {
 
 /// Waits until the agent's warm start has stored `n` items.
 fn wait_warmed(rig: &Rig, n: u64) {
-    let start = Instant::now();
-    while rig.counter("warm_fills") < n {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "warm start stored {} of {n} items; log: {}",
-            rig.counter("warm_fills"),
-            rig.agent_log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(rig, "items warmed", n as f64, |r| {
+        r.counter("warm_fills") as f64
+    });
 }
 
 #[test]
