@@ -1,5 +1,6 @@
 //! Loads the eBPF object sized to the settings and attaches it: XDP on the interface (native
-//! unless generic was asked for; no silent fallback) and TC egress for fills. The links belong
+//! unless generic was asked for; no silent fallback), TC egress for fills, and TC ingress for
+//! the hits whose reply the XDP frame cannot hold. The links belong
 //! to this process: if it dies, the kernel detaches them and memcached answers everything.
 
 use aya::{
@@ -52,6 +53,7 @@ pub const PINNED_MAPS: [&str; 14] = [
 ];
 const LINK_XDP: &str = "link_xdp";
 const LINK_TC: &str = "link_tc";
+const LINK_TC_SERVE: &str = "link_tc_serve";
 
 /// Whether `dir` holds a kept cache this agent can adopt: links pinned by an agent in upgrade
 /// mode, and maps of the same sizes (the pinned CONFIG says which).
@@ -144,15 +146,17 @@ fn configure_and_load(loader: &mut EbpfLoader<'_>, settings: &Settings) -> Resul
             source,
         })?;
     }
-    let tc: &mut SchedClassifier = ebpf
-        .program_mut(names::TC_FILL)
-        .expect("in object")
-        .try_into()
-        .expect("tc");
-    tc.load().map_err(|source| AgentError::Program {
-        program: names::TC_FILL,
-        source,
-    })?;
+    for name in [names::TC_FILL, names::TC_SERVE] {
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .expect("in object")
+            .try_into()
+            .expect("tc");
+        tc.load().map_err(|source| AgentError::Program {
+            program: name,
+            source,
+        })?;
+    }
     Ok(ebpf)
 }
 
@@ -239,6 +243,9 @@ pub fn interface_exists(iface: &str) -> bool {
 pub struct Links {
     xdp: XdpLinkId,
     tc: SchedClassifierLinkId,
+    /// `tc_serve` on TC ingress, if it could be attached (without it, hits too big for the
+    /// XDP frame go to memcached).
+    pub tc_serve: Option<SchedClassifierLinkId>,
     /// The write scanner on `lo` (generic XDP), if it could be attached.
     lo: Option<XdpLinkId>,
 }
@@ -253,10 +260,39 @@ fn xdp_program(ebpf: &mut Ebpf) -> &mut Xdp {
 }
 
 fn tc_program(ebpf: &mut Ebpf) -> &mut SchedClassifier {
-    ebpf.program_mut(names::TC_FILL)
+    classifier(ebpf, names::TC_FILL)
+}
+
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut SchedClassifier {
+    ebpf.program_mut(name)
         .expect("loaded")
         .try_into()
         .expect("tc")
+}
+
+/// Attaches `tc_serve` on TC ingress (adopting the previous agent's link if one is pinned in
+/// `dir`). Best effort: without it, XDP passes the hits it has no room for to memcached.
+fn attach_tc_serve(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    dir: &std::path::Path,
+) -> Option<SchedClassifierLinkId> {
+    let tc = classifier(ebpf, names::TC_SERVE);
+    if dir.join(LINK_TC_SERVE).exists() {
+        match unpin_link::<SchedClassifierLink>(dir, LINK_TC_SERVE)
+            .and_then(|l| tc.attach_to_link(l).map_err(program_error(names::TC_SERVE)))
+        {
+            Ok(id) => return Some(id),
+            Err(e) => tracing::warn!(error = %e, "could not adopt the TC ingress hit path"),
+        }
+    }
+    match tc.attach(iface, TcAttachType::Ingress) {
+        Ok(id) => Some(id),
+        Err(e) => {
+            tracing::warn!(iface, error = %e, "no TC ingress hit path: hits too big for the XDP frame go to memcached");
+            None
+        }
+    }
 }
 
 fn program_error(program: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> AgentError {
@@ -322,7 +358,7 @@ fn attach_loopback(ebpf: &mut Ebpf, dir: &std::path::Path) -> Option<XdpLinkId> 
 
 /// Takes over the links a previous agent left pinned in `dir` (upgrade mode): the new
 /// programs replace the old ones atomically, with no moment where nothing is attached.
-pub fn adopt(ebpf: &mut Ebpf, dir: &std::path::Path) -> Result<Links> {
+pub fn adopt(ebpf: &mut Ebpf, iface: &str, dir: &std::path::Path) -> Result<Links> {
     let xdp_link: XdpLink = unpin_link(dir, LINK_XDP)?;
     let xdp = xdp_program(ebpf)
         .attach_to_link(xdp_link)
@@ -332,8 +368,14 @@ pub fn adopt(ebpf: &mut Ebpf, dir: &std::path::Path) -> Result<Links> {
         .attach_to_link(tc_link)
         .map_err(program_error(names::TC_FILL))?;
     let lo = attach_loopback(ebpf, dir);
+    let tc_serve = attach_tc_serve(ebpf, iface, dir);
     info!(dir = %dir.display(), "adopted the attached programs and the warm cache of the previous agent");
-    Ok(Links { xdp, tc, lo })
+    Ok(Links {
+        xdp,
+        tc,
+        tc_serve,
+        lo,
+    })
 }
 
 /// Upgrade mode on exit: pins the links so the programs stay attached after this process.
@@ -359,6 +401,14 @@ pub fn keep_attached(ebpf: &mut Ebpf, dir: &std::path::Path, links: Links) -> Re
         dir,
         LINK_TC,
     )?;
+    if let Some(id) = links.tc_serve {
+        let tc = classifier(ebpf, names::TC_SERVE);
+        pin_link(
+            tc.take_link(id).map_err(program_error(names::TC_SERVE))?,
+            dir,
+            LINK_TC_SERVE,
+        )?;
+    }
     Ok(())
 }
 
@@ -398,10 +448,12 @@ pub fn attach(ebpf: &mut Ebpf, settings: &Settings) -> Result<Links> {
     } else {
         attach_loopback(ebpf, &settings.pin_dir())
     };
-    info!(iface, mode = ?settings.xdp_mode, loopback_scanner = lo.is_some(), "attached XDP hit path and TC egress fill");
+    let tc_serve = attach_tc_serve(ebpf, iface, &settings.pin_dir());
+    info!(iface, mode = ?settings.xdp_mode, loopback_scanner = lo.is_some(), tc_ingress_hits = tc_serve.is_some(), "attached XDP hit path, TC egress fill and TC ingress hit path");
     Ok(Links {
         xdp: xdp_id,
         tc: tc_id,
+        tc_serve,
         lo,
     })
 }

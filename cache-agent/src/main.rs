@@ -174,10 +174,15 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
         warn!("no --allow list: the kernel answers every client that reaches the interface");
     }
     let links = if adopting {
-        loader::adopt(&mut ebpf, &dir)?
+        loader::adopt(&mut ebpf, &settings.iface, &dir)?
     } else {
         loader::attach(&mut ebpf, &settings)?
     };
+    if links.tc_serve.is_some() {
+        // XDP may hand hits it has no room for to TC ingress only once something is there.
+        config.flags |= cache_common::flags::TC_SERVE;
+        kernel::write_config(&mut ebpf, &config)?;
+    }
     let _ = std::fs::create_dir_all("/run/cache-agent");
     let _ = std::fs::write(pid_file(&settings.iface), std::process::id().to_string());
     info!(

@@ -90,12 +90,17 @@ pub const GET_KEYS: Family = counter(
 pub const HIT_REQUESTS: Family = counter(
     "memcache_accel_hit_requests_total",
     &[],
-    "UDP get requests answered entirely by the kernel (XDP_TX), never reaching memcached.",
+    "UDP get requests answered entirely by the kernel (XDP_TX, or TC ingress for replies the XDP frame could not hold), never reaching memcached.",
 );
 pub const HIT_KEYS: Family = counter(
     "memcache_accel_hit_keys_total",
     &[],
     "Keys answered by the kernel; divide by memcache_accel_get_keys_total for the hit ratio.",
+);
+pub const TC_HIT_REQUESTS: Family = counter(
+    "memcache_accel_tc_hit_requests_total",
+    &[],
+    "UDP get requests answered from TC ingress because the XDP frame had no room for the reply (a subset of hit_requests).",
 );
 pub const PASSED_REQUESTS: Family = counter(
     "memcache_accel_passed_requests_total",
@@ -217,11 +222,12 @@ pub const MISS_SERVICE_DURATION: Family = histogram(
 );
 
 /// Every family the agent exports (the registry sorts them by name).
-pub const FAMILIES: [Family; 28] = [
+pub const FAMILIES: [Family; 29] = [
     GET_REQUESTS,
     GET_KEYS,
     HIT_REQUESTS,
     HIT_KEYS,
+    TC_HIT_REQUESTS,
     PASSED_REQUESTS,
     FILLS,
     FILL_REFUSED,
@@ -282,11 +288,12 @@ const fn series(counter: Counter, family: Family, label: &'static str) -> Counte
 }
 
 /// Every kernel counter except the per-class slot counters (those become the cache gauges).
-pub const KERNEL_COUNTERS: [CounterSeries; 34] = [
+pub const KERNEL_COUNTERS: [CounterSeries; 35] = [
     series(Counter::GetRequests, GET_REQUESTS, ""),
     series(Counter::GetKeys, GET_KEYS, ""),
     series(Counter::HitRequests, HIT_REQUESTS, ""),
     series(Counter::HitKeys, HIT_KEYS, ""),
+    series(Counter::HitRequestsTc, TC_HIT_REQUESTS, ""),
     series(Counter::PassMiss, PASSED_REQUESTS, "miss"),
     series(Counter::PassPartial, PASSED_REQUESTS, "partial"),
     series(Counter::PassTooBig, PASSED_REQUESTS, "too_big"),

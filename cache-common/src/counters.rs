@@ -73,9 +73,12 @@ pub enum Counter {
     TtlQueriesDropped,
     /// Entries stored from what the agent read from memcached when it started (warm start).
     WarmFills,
+    /// Requests answered by `tc_serve` (TC ingress): every key hit but XDP could not grow the
+    /// frame to hold the reply. Also counted in HitRequests.
+    HitRequestsTc,
 }
 
-pub const COUNTER_COUNT: usize = Counter::WarmFills as usize + 1;
+pub const COUNTER_COUNT: usize = Counter::HitRequestsTc as usize + 1;
 
 impl Counter {
     pub const SLOTS_FILLED: [Counter; 4] = [
@@ -185,4 +188,5 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT] = [
     "ttl_queries",
     "ttl_queries_dropped",
     "warm_fills",
+    "hit_requests_tc",
 ];

@@ -51,7 +51,14 @@ pub mod flags {
     pub const HIT_LATENCY: u32 = 1 << 3;
     /// Queue entries filled without a known TTL on TTL_QUERIES, for the agent to ask memcached.
     pub const LEARN_TTL: u32 = 1 << 4;
+    /// `tc_serve` is attached on TC ingress: a hit whose reply the XDP frame cannot hold is
+    /// handed to it (XDP metadata [`crate::TC_HANDOFF`]) instead of passing to memcached.
+    pub const TC_SERVE: u32 = 1 << 5;
 }
+
+/// XDP metadata (4 bytes in front of the frame) marking a request `tc_serve` should answer.
+pub const TC_HANDOFF: u32 = 0x6d63_7463; // "mctc"
+pub const TC_HANDOFF_LEN: usize = 4;
 
 /// One memcached instance: the ports it listens on (host byte order, 0 = none).
 #[repr(C)]

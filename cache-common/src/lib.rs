@@ -27,6 +27,8 @@ pub mod names {
     pub const JUMP_GET: u32 = 0;
     pub const JUMP_SCAN: u32 = 1;
     pub const TC_FILL: &str = "tc_fill";
+    /// TC ingress: answers the hits XDP could not grow the frame for (see flags::TC_SERVE).
+    pub const TC_SERVE: &str = "tc_serve";
     pub const XDP_PASS: &str = "xdp_pass";
     pub const XDP_REFLECTOR: &str = "xdp_reflector";
     /// Run by the agent (BPF_PROG_TEST_RUN) to install a learned TTL; never attached.

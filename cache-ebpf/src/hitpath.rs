@@ -9,16 +9,13 @@
 use aya_ebpf::{
     bindings::xdp_action,
     cty::c_void,
-    helpers::generated::{
-        bpf_csum_diff, bpf_loop, bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
-        bpf_xdp_store_bytes,
-    },
+    helpers::generated::{bpf_csum_diff, bpf_loop, bpf_xdp_adjust_meta},
     maps::lpm_trie::Key,
     programs::XdpContext,
 };
 use cache_common::{
-    Config, Counter, Counters, END, FRAME_HEADER_LEN, MAX_KEY_LEN, MAX_KEYS_PER_GET, State, Ticket,
-    TicketKey, flags,
+    Config, Counter, Counters, END, FRAME_HEADER_LEN, MAX_KEY_LEN, MAX_KEYS_PER_GET, State,
+    TC_HANDOFF, TC_HANDOFF_LEN, Ticket, TicketKey, flags,
     hash::{finish, seed, step},
 };
 
@@ -28,6 +25,7 @@ use crate::maps::{
     STATE,
 };
 use crate::net::{Frame, Headers, IPV4_LEN, IPV6_LEN, UDP_LEN};
+use crate::reply::{ReplyTarget, XdpTarget};
 use crate::scratch::{BUF_MASK, BUF_SIZE, MAX_TEXT, REPLY_MASK, Scratch, forget, helper_len};
 use crate::stats::{count, count_n, record};
 use crate::store::{Found, KEY_AT, Validity, lookup};
@@ -54,41 +52,72 @@ pub fn run_get(ctx: &XdpContext) -> u32 {
     };
     let h = crate::ingress::saved_headers(s);
     let (head, instance) = unsafe { ((*s).pkt.head, (*s).pkt.instance as u8) };
-    let frame = Frame {
-        start: ctx.data(),
-        end: ctx.data_end(),
-    };
-    serve(
-        ctx,
-        &frame,
-        s,
-        h,
-        &head,
-        cfg,
-        instance,
-        crate::stats::counters(),
-    )
+    let c = crate::stats::counters();
+    match serve(&XdpTarget(ctx), s, h, &head, cfg, instance, c) {
+        Served::Reply => xdp_action::XDP_TX,
+        Served::Pass => xdp_action::XDP_PASS,
+        Served::NoRoom => {
+            if cfg.flags & flags::TC_SERVE != 0 && hand_over(ctx) {
+                // tc_serve answers it (and counts it) on its way up the stack.
+                xdp_action::XDP_PASS
+            } else {
+                pass(c, Counter::PassNoRoom);
+                xdp_action::XDP_PASS
+            }
+        }
+        Served::Broken => xdp_action::XDP_DROP,
+    }
 }
 
+/// Marks the frame for `tc_serve` with XDP metadata, which the driver hands to the skb.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn serve(
-    ctx: &XdpContext,
-    frame: &Frame,
+fn hand_over(ctx: &XdpContext) -> bool {
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(TC_HANDOFF_LEN as i32)) } != 0 {
+        return false;
+    }
+    let meta = unsafe { (*ctx.ctx).data_meta } as usize;
+    if meta + TC_HANDOFF_LEN > ctx.data() {
+        return false;
+    }
+    unsafe { *(meta as *mut u32) = TC_HANDOFF };
+    true
+}
+
+/// What became of a request.
+pub enum Served {
+    /// The packet is the reply now: send it back.
+    Reply,
+    /// Untouched, for memcached (the reason is counted).
+    Pass,
+    /// Every key hit but the packet could not grow to hold the reply (not counted yet).
+    NoRoom,
+    /// The request was overwritten and the reply could not be finished.
+    Broken,
+}
+
+/// Answers the `get` whose headers are `h` and whose memcached frame header and first four
+/// payload bytes are `head`, if every key hits and the reply fits.
+#[inline(always)]
+pub fn serve<T: ReplyTarget>(
+    target: &T,
     s: *mut Scratch,
     h: &Headers,
     head: &[u8; FRAME_HEADER_LEN + 4],
     cfg: &Config,
     instance: u8,
     c: Option<*mut Counters>,
-) -> u32 {
+) -> Served {
     // Time one request in 64: two clock reads on every hit would cost more than they tell.
-    let sample = c
-        .map(|c| unsafe { (*c).get(Counter::GetRequests) } & 63 == 0)
-        .unwrap_or(false);
-    let timed = forget(s, (cfg.flags & flags::HIT_LATENCY != 0 && sample) as u32) != 0;
+    let timed = T::FIRST_STAGE && {
+        let sample = c
+            .map(|c| unsafe { (*c).get(Counter::GetRequests) } & 63 == 0)
+            .unwrap_or(false);
+        forget(s, (cfg.flags & flags::HIT_LATENCY != 0 && sample) as u32) != 0
+    };
     let started = if timed { precise_ns() } else { 0 };
-    count(c, Counter::GetRequests);
+    if T::FIRST_STAGE {
+        count(c, Counter::GetRequests);
+    }
     let now = coarse_ns();
     let fh = head;
     // Only single-datagram requests: seq 0 of total 1.
@@ -111,15 +140,17 @@ fn serve(
     }
     let n = helper_len(req_len);
     let off = (h.payload_off + FRAME_HEADER_LEN) as u32;
-    if unsafe { bpf_xdp_load_bytes(ctx.ctx, off, (&raw mut (*s).req).cast(), n) } != 0 {
+    if !target.load(off, unsafe { (&raw mut (*s).req).cast() }, n) {
         return pass(c, Counter::PassMalformed);
     }
     let Some(nkeys) = parse_keys(s, n as usize, instance) else {
         return pass(c, Counter::PassUnsupported);
     };
-    count_n(c, Counter::GetKeys, nkeys as u64);
+    if T::FIRST_STAGE {
+        count_n(c, Counter::GetKeys, nkeys as u64);
+    }
     let Some(state) = STATE.get(0) else {
-        return xdp_action::XDP_PASS;
+        return pass(c, Counter::PassMiss);
     };
 
     let mut hits = HitCtx {
@@ -168,35 +199,36 @@ fn serve(
     }
     let l3_len = if h.is_v6 { IPV6_LEN } else { IPV4_LEN };
     let new_len = h.l3_off + l3_len + UDP_LEN + payload_len;
+    let frame = target.frame();
     let old_len = frame.len();
     if cfg.max_amplification_pct != 0
         && new_len * 100 > old_len * cfg.max_amplification_pct as usize
     {
         return pass(c, Counter::PassAmplification);
     }
-    let saved = SavedHeaders::read(frame, h);
+    let saved = SavedHeaders::read(&frame, h);
     let Some(saved) = saved else {
         return pass(c, Counter::PassMalformed);
     };
-    if !resize(ctx, new_len as i32 - old_len as i32) {
-        return pass(c, Counter::PassNoRoom);
+    if !target.resize(new_len as i32 - old_len as i32, new_len as u32) {
+        return Served::NoRoom;
     }
-    // From here on the request is gone: the frame is the reply.
-    if !write_reply(ctx, h, &saved, request_id, nkeys, payload_len) {
-        return xdp_action::XDP_DROP;
+    // From here on the request is gone: the packet is the reply.
+    if !write_reply(target, h, &saved, request_id, nkeys, payload_len) {
+        return Served::Broken;
     }
     count(c, Counter::HitRequests);
     count_n(c, Counter::HitKeys, nkeys as u64);
     if timed {
         record(HIT_LATENCY.get_ptr_mut(0), precise_ns() - started);
     }
-    xdp_action::XDP_TX
+    Served::Reply
 }
 
 #[inline(always)]
-fn pass(c: Option<*mut Counters>, reason: Counter) -> u32 {
+pub fn pass(c: Option<*mut Counters>, reason: Counter) -> Served {
     count(c, reason);
-    xdp_action::XDP_PASS
+    Served::Pass
 }
 
 #[inline(always)]
@@ -525,48 +557,6 @@ impl SavedHeaders {
     }
 }
 
-/// Grows or shrinks the frame by `delta` bytes. Tail growth is the cheap way but veth (and
-/// drivers with small buffers) often refuse it; head growth works inside the 256-byte XDP
-/// headroom; a mix covers the rest. On failure the frame is as it was.
-#[inline(always)]
-fn resize(ctx: &XdpContext, delta: i32) -> bool {
-    unsafe {
-        if delta <= 0 {
-            return delta == 0 || bpf_xdp_adjust_tail(ctx.ctx, delta) == 0;
-        }
-        // Drivers either have tailroom (page-sized buffers) or not (veth): start with what
-        // worked last time on this CPU, so the common case costs one helper call.
-        let head_first = SCRATCH
-            .get_ptr_mut(0)
-            .map(|s| &raw mut (*s).grow_head_first);
-        let prefer_head = head_first.is_some_and(|p| *p != 0);
-        if prefer_head && bpf_xdp_adjust_head(ctx.ctx, -delta) == 0 {
-            return true;
-        }
-        if bpf_xdp_adjust_tail(ctx.ctx, delta) == 0 {
-            if let Some(p) = head_first {
-                *p = 0;
-            }
-            return true;
-        }
-        if !prefer_head && bpf_xdp_adjust_head(ctx.ctx, -delta) == 0 {
-            if let Some(p) = head_first {
-                *p = 1;
-            }
-            return true;
-        }
-        for head in [192i32, 128, 64] {
-            if head < delta && bpf_xdp_adjust_head(ctx.ctx, -head) == 0 {
-                if bpf_xdp_adjust_tail(ctx.ctx, delta - head) == 0 {
-                    return true;
-                }
-                bpf_xdp_adjust_head(ctx.ctx, head);
-            }
-        }
-    }
-    false
-}
-
 /// Ones' complement sum (native order) of `len` staged bytes at the aligned offset `at`: whole
 /// 4-byte words by bpf_csum_diff in 512-byte pieces, the last 1-3 bytes by hand (reading
 /// only, never padding in place: the next key's text may start right after this one).
@@ -602,17 +592,18 @@ fn sum_staged(s: *mut Scratch, at: usize, len: usize) -> u16 {
 /// bpf_loop context of the per-key payload writes.
 #[repr(C)]
 struct EmitCtx {
-    /// The xdp_md pointer, as an integer (the callback cannot take the context otherwise).
-    xdp: u64,
+    /// The packet context, as an integer (the callback cannot take it otherwise).
+    raw: u64,
     pos: u32,
     payload_off: u32,
-    is_v6: u32,
+    /// 1 if the texts are summed for the UDP checksum.
+    sum: u32,
     failed: u32,
     csum: u64,
 }
 
-/// Copies key `index`'s staged text into the packet (and adds it to the IPv6 checksum).
-extern "C" fn emit_step(index: u64, ctx: *mut c_void) -> i64 {
+/// Copies key `index`'s staged text into the packet (and adds it to the UDP checksum).
+extern "C" fn emit_step<T: ReplyTarget>(index: u64, ctx: *mut c_void) -> i64 {
     let e = unsafe { &mut *(ctx as *mut EmitCtx) };
     let Some(s) = SCRATCH.get_ptr_mut(0) else {
         e.failed = 1;
@@ -628,12 +619,11 @@ extern "C" fn emit_step(index: u64, ctx: *mut c_void) -> i64 {
     let at = kr.staged_at as usize & (BUF_MASK & !7);
     let src = unsafe { ((&raw mut (*s).reply) as *mut u8).add(at) };
     let pos = e.pos as usize;
-    let xdp = e.xdp as *mut aya_ebpf::bindings::xdp_md;
-    if unsafe { bpf_xdp_store_bytes(xdp, pos as u32, src.cast(), len as u32) } != 0 {
+    if !T::store_raw(e.raw, pos as u32, src.cast(), len as u32) {
         e.failed = 1;
         return 1;
     }
-    if e.is_v6 != 0 {
+    if e.sum != 0 {
         let part = sum_staged(s, at, len);
         // A text starting at an odd payload offset lands byte-swapped in the sum.
         let odd = (pos - e.payload_off as usize) & 1 == 1;
@@ -643,20 +633,17 @@ extern "C" fn emit_step(index: u64, ctx: *mut c_void) -> i64 {
     0
 }
 
-/// Writes headers (addresses and ports swapped) and the payload into the resized frame.
+/// Writes headers (addresses and ports swapped) and the payload into the resized packet.
 #[inline(always)]
-fn write_reply(
-    ctx: &XdpContext,
+fn write_reply<T: ReplyTarget>(
+    target: &T,
     h: &Headers,
     saved: &SavedHeaders,
     request_id: u16,
     nkeys: u32,
     payload_len: usize,
 ) -> bool {
-    let frame = Frame {
-        start: ctx.data(),
-        end: ctx.data_end(),
-    };
+    let frame = target.frame();
     let l3 = h.l3_off;
     let l3_len = if h.is_v6 { IPV6_LEN } else { IPV4_LEN };
     let l4 = l3 + l3_len;
@@ -728,28 +715,30 @@ fn write_reply(
     udp[6..8].copy_from_slice(&[0, 0]);
     udp[8..10].copy_from_slice(&request_id.to_be_bytes());
     udp[10..16].copy_from_slice(&[0, 0, 0, 1, 0, 0]);
-    let mut csum_acc = if h.is_v6 {
-        sum_bytes(&h.src)
+    let summed = h.is_v6 || T::SUM_IPV4;
+    let (pseudo, mut datagram) = if summed {
+        // IPv4 addresses fill the first four bytes; the zeros after them add nothing.
+        let pseudo = sum_bytes(&h.src)
             + sum_bytes(&h.dst)
             + sum_bytes(&(udp_len as u32).to_be_bytes())
-            + sum_bytes(&[0, 0, 0, crate::net::IPPROTO_UDP])
-            + sum_bytes(&udp[..])
+            + sum_bytes(&[0, 0, 0, crate::net::IPPROTO_UDP]);
+        (fold(pseudo), sum_bytes(&udp[..]))
     } else {
-        0
+        (0, 0)
     };
 
     let mut emit = EmitCtx {
-        xdp: ctx.ctx as u64,
+        raw: target.raw(),
         pos: (payload_off + FRAME_HEADER_LEN) as u32,
         payload_off: payload_off as u32,
-        is_v6: h.is_v6 as u32,
+        sum: summed as u32,
         failed: 0,
         csum: 0,
     };
     unsafe {
         bpf_loop(
             nkeys,
-            emit_step as *const () as *mut c_void,
+            emit_step::<T> as *const () as *mut c_void,
             (&raw mut emit).cast(),
             0,
         )
@@ -757,36 +746,22 @@ fn write_reply(
     if emit.failed != 0 {
         return false;
     }
-    csum_acc += emit.csum;
+    datagram += emit.csum;
     let pos = emit.pos as usize;
     let end = *END;
-    if unsafe {
-        bpf_xdp_store_bytes(
-            ctx.ctx,
-            pos as u32,
-            end.as_ptr() as *mut c_void,
-            END.len() as u32,
-        )
-    } != 0
-    {
+    if !T::store_raw(
+        target.raw(),
+        pos as u32,
+        end.as_ptr() as *mut c_void,
+        END.len() as u32,
+    ) {
         return false;
     }
-    if h.is_v6 {
+    if summed {
         let part = fold(sum_bytes(&end));
         let odd = (pos - payload_off) & 1 == 1;
-        csum_acc += if odd { part.swap_bytes() } else { part } as u64;
-        let mut csum = !fold(csum_acc);
-        if csum == 0 {
-            csum = 0xffff;
-        }
-        let frame = Frame {
-            start: ctx.data(),
-            end: ctx.data_end(),
-        };
-        let Some(c) = frame.bytes::<2>(l4 + 6) else {
-            return false;
-        };
-        unsafe { *c = csum.to_ne_bytes() };
+        datagram += if odd { part.swap_bytes() } else { part } as u64;
+        return target.finish_udp_csum(l4 + 6, pseudo, fold(datagram));
     }
     true
 }

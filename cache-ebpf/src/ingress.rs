@@ -82,7 +82,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn save(s: *mut Scratch, h: &Headers, instance: u8, head: &[u8; 12]) {
+pub fn save(s: *mut Scratch, h: &Headers, instance: u8, head: &[u8; 12]) {
     unsafe {
         let p = &raw mut (*s).pkt;
         copy_words(&raw mut (*p).hdr, h);

@@ -11,6 +11,8 @@
 //!   per-CPU [`scratch`] memory.
 //! - `tc_fill` (TC egress, the NIC): fills the cache from memcached's replies ([`fill`]), and
 //!   queues keys whose TTL it does not know for the agent to learn ([`learn`]).
+//! - `tc_serve` (TC ingress, the NIC): answers the hits whose reply the XDP frame could not
+//!   grow to hold ([`tcserve`]); the hit path is written once for both ([`reply`]).
 //! - `xdp_learn_ttl`: never attached; the agent runs it to install a learned TTL ([`learn`]).
 //! - `xdp_warm_fill`: never attached; the agent runs it to store items it read from memcached
 //!   when it started ([`warm`]).
@@ -34,10 +36,12 @@ mod lock;
 mod maps;
 mod net;
 mod reflector;
+mod reply;
 mod scanner;
 mod scratch;
 mod stats;
 mod store;
+mod tcserve;
 mod time;
 mod warm;
 
@@ -67,6 +71,12 @@ pub fn xdp_scan(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn tc_fill(ctx: TcContext) -> i32 {
     fill::run(&ctx)
+}
+
+/// TC ingress: answers the hits `xdp_get` had no room for in the XDP frame.
+#[classifier]
+pub fn tc_serve(ctx: TcContext) -> i32 {
+    tcserve::run(&ctx)
 }
 
 /// Never attached: the agent runs it on one `TtlAnswer` to install a TTL memcached told it.

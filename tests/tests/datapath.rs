@@ -200,3 +200,213 @@ fn gets_and_meta_gets_pass_to_memcached_untouched() {
     let meta = rig.udp(b"mg g v f\r\n", next_id(), false);
     assert_eq!(meta.payload, b"VA 5 f2\r\nvalue\r\n");
 }
+
+/// The client's count of UDP datagrams dropped for a bad checksum (its namespace's
+/// /proc/net/snmp, read from the thread that joined it).
+fn client_udp_csum_errors(rig: &Rig) -> u64 {
+    rig.bed.in_client(|| {
+        let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap_or_default();
+        let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+        let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+            return 0;
+        };
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == "InCsumErrors")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0)
+    })
+}
+
+/// Turns transmit checksum offload off (`tx off`) on one end of the veth pair, so checksums
+/// leaving it are computed in software.
+fn tx_checksum_off(ns: &str, iface: &str) {
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "ethtool", "-K", iface, "tx", "off"])
+        .status()
+        .expect("ethtool");
+    assert!(status.success(), "ethtool -K {iface} tx off in {ns}");
+}
+
+/// A raw socket on the client's veth that sees every frame in both directions.
+struct WireCapture {
+    fd: i32,
+}
+
+impl WireCapture {
+    fn open(rig: &Rig) -> WireCapture {
+        let iface = std::ffi::CString::new(rig.bed.client_iface()).unwrap();
+        let fd = rig.bed.in_client(move || {
+            // SAFETY: plain socket and bind calls on a zeroed sockaddr_ll.
+            unsafe {
+                let proto = (libc::ETH_P_ALL as u16).to_be();
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto as i32);
+                assert!(fd >= 0, "AF_PACKET socket");
+                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+                addr.sll_family = libc::AF_PACKET as u16;
+                addr.sll_protocol = proto;
+                addr.sll_ifindex = libc::if_nametoindex(iface.as_ptr()) as i32;
+                let rc = libc::bind(
+                    fd,
+                    (&raw const addr).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                assert_eq!(rc, 0, "bind AF_PACKET");
+                fd
+            }
+        });
+        WireCapture { fd }
+    }
+
+    /// Every frame captured so far.
+    fn frames(&self) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            // SAFETY: reads into a buffer of the given length.
+            let n = unsafe {
+                libc::recv(
+                    self.fd,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n <= 0 {
+                return out;
+            }
+            out.push(buf[..n as usize].to_vec());
+        }
+    }
+}
+
+impl Drop for WireCapture {
+    fn drop(&mut self) {
+        // SAFETY: closes the socket this capture owns.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+/// The UDP datagrams from `port` in `frames` whose checksum does not verify (IPv4 may send 0,
+/// "no checksum"), and how many were checked.
+fn bad_udp_checksums(frames: &[Vec<u8>], port: u16) -> (usize, usize) {
+    fn sum(bytes: &[u8]) -> u64 {
+        bytes
+            .chunks(2)
+            .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u64)
+            .sum()
+    }
+    let (mut bad, mut checked) = (0, 0);
+    for f in frames {
+        let (pseudo, udp) = match u16::from_be_bytes([f[12], f[13]]) {
+            0x0800 if f[14 + 9] == 17 => {
+                let ihl = (f[14] & 0x0f) as usize * 4;
+                let udp = &f[14 + ihl..];
+                (sum(&f[26..34]) + 17 + udp.len() as u64, udp)
+            }
+            0x86dd if f[14 + 6] == 17 => {
+                let udp = &f[54..];
+                (sum(&f[22..54]) + 17 + udp.len() as u64, udp)
+            }
+            _ => continue,
+        };
+        if u16::from_be_bytes([udp[0], udp[1]]) != port {
+            continue;
+        }
+        checked += 1;
+        let field = u16::from_be_bytes([udp[6], udp[7]]);
+        if field == 0 && f[12] == 0x08 {
+            continue;
+        }
+        let mut total = pseudo + sum(udp);
+        while total > 0xffff {
+            total = (total & 0xffff) + (total >> 16);
+        }
+        if total != 0xffff {
+            bad += 1;
+        }
+    }
+    (bad, checked)
+}
+
+/// Values too big for the request's XDP frame to grow into (veth leaves tens of bytes of
+/// tailroom and 256 of headroom) are answered by `tc_serve` at TC ingress: same bytes as
+/// memcached, over IPv4 and IPv6, with UDP checksums that verify on the wire whether the
+/// request's checksum was left to offload (veth's default: the reply's is then finished on the
+/// way out) or computed by the client (the kernel then writes the final one).
+#[test]
+fn replies_too_big_for_the_xdp_frame_are_answered_from_tc_ingress() {
+    for (round, offload) in ["default", "server tx off", "both tx off"]
+        .iter()
+        .enumerate()
+    {
+        let rig = Rig::with_agent(&format!("dptc{round}"), 18 + round as u8, &[]);
+        if *offload != "default" {
+            tx_checksum_off(rig.bed.server_netns(), rig.bed.server_iface());
+        }
+        if *offload == "both tx off" {
+            tx_checksum_off(rig.bed.client_netns(), rig.bed.client_iface());
+        }
+        let wire = WireCapture::open(&rig);
+        let csum_errors = client_udp_csum_errors(&rig);
+        for n in [400usize, 1000, 1340] {
+            let key = format!("big:{n}");
+            let value = value_of(n, n as u8);
+            rig.set(&key, &value, 9, 0);
+            let expected = [value_text(&key, 9, &value), b"END\r\n".to_vec()].concat();
+            assert_eq!(rig.udp_get(&[&key]).payload, expected, "{offload}: {key}");
+            let kernel = rig.warm(&key, WARM);
+            assert_eq!(
+                kernel.payload, expected,
+                "{offload}: kernel reply for {key}"
+            );
+            assert_eq!(kernel.datagrams, 1);
+            let (mc_hits, tc_hits) = (rig.mc_stat("get_hits"), rig.counter("hit_requests_tc"));
+            for v6 in [false, true, false, true] {
+                let reply = rig.udp(format!("get {key}\r\n").as_bytes(), next_id(), v6);
+                assert_eq!(reply.payload, expected, "{offload}: {key} v6={v6}");
+            }
+            assert_eq!(
+                rig.mc_stat("get_hits"),
+                mc_hits,
+                "{offload}: memcached answered GETs for {key} the kernel should have"
+            );
+            // XDP itself sometimes has the room (a page-pool fragment's tailroom varies);
+            // a kilobyte more than the request never fits on veth.
+            if n >= 1000 {
+                assert!(
+                    rig.counter("hit_requests_tc") >= tc_hits + 4,
+                    "{offload}: {key} was not answered from TC ingress: {:?}",
+                    rig.agent_stats()
+                );
+            }
+        }
+        assert_eq!(
+            client_udp_csum_errors(&rig),
+            csum_errors,
+            "{offload}: the client dropped replies with a bad UDP checksum"
+        );
+        // With offload on, checksums on the veth are left for "hardware" that never runs:
+        // only the other rounds carry final checksums on the wire.
+        if *offload != "default" {
+            let (bad, checked) = bad_udp_checksums(&wire.frames(), rig.bed.memcached_port());
+            assert!(checked >= 20, "{offload}: only {checked} replies captured");
+            assert_eq!(
+                bad, 0,
+                "{offload}: {bad} of {checked} replies with a bad UDP checksum"
+            );
+        }
+        // A write still invalidates what TC ingress serves.
+        rig.set("big:1000", &value_of(1000, 77), 9, 0);
+        assert_eq!(
+            rig.udp_get(&["big:1000"]).payload,
+            [
+                value_text("big:1000", 9, &value_of(1000, 77)),
+                b"END\r\n".to_vec()
+            ]
+            .concat(),
+            "{offload}: stale value after a write"
+        );
+    }
+}
