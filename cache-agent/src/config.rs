@@ -71,6 +71,10 @@ pub struct RunArgs {
     /// (`lru_crawler metadump`, then `get`) [default: true].
     #[arg(long, env = "CACHE_AGENT_WARM_START")]
     pub warm_start: Option<bool>,
+    /// Answer hits whose reply the XDP frame cannot grow to hold (veth, small driver buffers)
+    /// from TC ingress instead of passing them to memcached [default: true].
+    #[arg(long, env = "CACHE_AGENT_TC_SERVE")]
+    pub tc_serve: Option<bool>,
     /// Follow memcached's `watch` stream as a coherence backstop [default: true].
     #[arg(long, env = "CACHE_AGENT_WATCH")]
     pub watch: Option<bool>,
@@ -119,6 +123,7 @@ pub struct Settings {
     pub watch: bool,
     pub learn_ttl: bool,
     pub warm_start: bool,
+    pub tc_serve: bool,
     pub pin_root: PathBuf,
     pub json_logs: bool,
     pub keep_on_exit: bool,
@@ -252,6 +257,7 @@ impl Settings {
             watch: pick!(watch).unwrap_or(true),
             learn_ttl: pick!(learn_ttl).unwrap_or(true),
             warm_start: pick!(warm_start).unwrap_or(true),
+            tc_serve: pick!(tc_serve).unwrap_or(true),
             pin_root: pick!(pin_root).unwrap_or_else(|| DEFAULT_PIN_ROOT.into()),
             keep_on_exit: pick!(keep_on_exit).unwrap_or(false),
             json_logs: match pick!(log_format).as_deref().unwrap_or("text") {

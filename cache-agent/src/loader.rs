@@ -358,7 +358,7 @@ fn attach_loopback(ebpf: &mut Ebpf, dir: &std::path::Path) -> Option<XdpLinkId> 
 
 /// Takes over the links a previous agent left pinned in `dir` (upgrade mode): the new
 /// programs replace the old ones atomically, with no moment where nothing is attached.
-pub fn adopt(ebpf: &mut Ebpf, iface: &str, dir: &std::path::Path) -> Result<Links> {
+pub fn adopt(ebpf: &mut Ebpf, settings: &Settings, dir: &std::path::Path) -> Result<Links> {
     let xdp_link: XdpLink = unpin_link(dir, LINK_XDP)?;
     let xdp = xdp_program(ebpf)
         .attach_to_link(xdp_link)
@@ -368,7 +368,13 @@ pub fn adopt(ebpf: &mut Ebpf, iface: &str, dir: &std::path::Path) -> Result<Link
         .attach_to_link(tc_link)
         .map_err(program_error(names::TC_FILL))?;
     let lo = attach_loopback(ebpf, dir);
-    let tc_serve = attach_tc_serve(ebpf, iface, dir);
+    let tc_serve = if settings.tc_serve {
+        attach_tc_serve(ebpf, &settings.iface, dir)
+    } else {
+        // A previous agent's link stays pinned only until this one exits or detaches.
+        let _ = std::fs::remove_file(dir.join(LINK_TC_SERVE));
+        None
+    };
     info!(dir = %dir.display(), "adopted the attached programs and the warm cache of the previous agent");
     Ok(Links {
         xdp,
@@ -448,7 +454,10 @@ pub fn attach(ebpf: &mut Ebpf, settings: &Settings) -> Result<Links> {
     } else {
         attach_loopback(ebpf, &settings.pin_dir())
     };
-    let tc_serve = attach_tc_serve(ebpf, iface, &settings.pin_dir());
+    let tc_serve = settings
+        .tc_serve
+        .then(|| attach_tc_serve(ebpf, iface, &settings.pin_dir()))
+        .flatten();
     info!(iface, mode = ?settings.xdp_mode, loopback_scanner = lo.is_some(), tc_ingress_hits = tc_serve.is_some(), "attached XDP hit path, TC egress fill and TC ingress hit path");
     Ok(Links {
         xdp: xdp_id,

@@ -174,7 +174,7 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
         warn!("no --allow list: the kernel answers every client that reaches the interface");
     }
     let links = if adopting {
-        loader::adopt(&mut ebpf, &settings.iface, &dir)?
+        loader::adopt(&mut ebpf, &settings, &dir)?
     } else {
         loader::attach(&mut ebpf, &settings)?
     };

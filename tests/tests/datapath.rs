@@ -410,3 +410,24 @@ fn replies_too_big_for_the_xdp_frame_are_answered_from_tc_ingress() {
         );
     }
 }
+
+/// `--tc-serve false`: a hit too big for the XDP frame passes to memcached, counted as no room.
+#[test]
+fn without_tc_serve_hits_too_big_for_the_frame_go_to_memcached() {
+    let rig = Rig::with_agent("dpnotc", 21, &["--tc-serve", "false"]);
+    let value = value_of(1340, 3);
+    rig.set("huge", &value, 1, 0);
+    rig.set("tiny", b"t", 1, 0);
+    rig.warm("tiny", WARM);
+    let expected = [value_text("huge", 1, &value), b"END\r\n".to_vec()].concat();
+    // The first GET fills; the rest find the entry but no room in the frame.
+    assert_eq!(rig.udp_get(&["huge"]).payload, expected);
+    std::thread::sleep(Duration::from_millis(300));
+    let (mc_hits, no_room) = (rig.mc_stat("get_hits"), rig.counter("pass_no_room"));
+    for _ in 0..5 {
+        assert_eq!(rig.udp_get(&["huge"]).payload, expected);
+    }
+    assert_eq!(rig.mc_stat("get_hits"), mc_hits + 5);
+    assert_eq!(rig.counter("pass_no_room"), no_room + 5);
+    assert_eq!(rig.counter("hit_requests_tc"), 0);
+}
