@@ -3,6 +3,8 @@
 //! - The lease: the kernel serves hits only while `lease_until_ns` is in the future. It is
 //!   renewed only while memcached answers and the `watch` backstop is connected, so a hung
 //!   agent, a stopped memcached or a lost stream all stop serving within one lease.
+//! - The fill lease: the kernel fills only while `fill_lease_until_ns` is in the future. It is
+//!   extended only by health probes memcached answers promptly (see [`lease_loop`]).
 //! - Resync: after any doubt (memcached unreachable then back, restarted, a `skipped` watch
 //!   line, a lost stream) the agent bumps its epoch, which invalidates every entry, and holds
 //!   fills for the write-settle time plus a second, before it renews the lease again.
@@ -79,13 +81,17 @@ impl Shared {
         }
     }
 
-    /// Lets the kernel serve for one more lease.
-    pub fn renew(&self) {
+    /// Lets the kernel serve for one more lease, and fill until `fill_until` if given (else
+    /// fills stop when the fill lease already given runs out).
+    pub fn renew(&self, fill_until: Option<u64>) {
         let until = kernel::coarse_now_ns() + self.settings.lease.as_nanos() as u64;
         self.publish(|c| {
             c.lease_until_ns = until;
             c.flags |= flags::SERVE;
             c.realtime_offset_ns = kernel::realtime_offset_ns();
+            if let Some(f) = fill_until {
+                c.fill_lease_until_ns = c.fill_lease_until_ns.max(f);
+            }
         });
         self.lease_renewals.fetch_add(1, Ordering::Relaxed);
     }
@@ -99,6 +105,7 @@ impl Shared {
     pub fn revoke(&self) {
         self.publish(|c| {
             c.lease_until_ns = 0;
+            c.fill_lease_until_ns = 0;
             c.flags &= !flags::SERVE;
         });
     }
@@ -199,17 +206,27 @@ impl Probe {
 }
 
 /// Renews the lease while memcached is healthy; resyncs after any doubt. Runs until dropped.
+///
+/// Each probe that memcached answers within half the fill lease also extends the fill lease
+/// to the probe's send time plus the fill lease. A stalled memcached answers late, so fills
+/// stop by themselves in the kernel, whatever this task is doing: a write queued inside
+/// memcached for longer than the write-settle time (which the per-key settle rule alone
+/// cannot see) never lets an answer from before it be cached.
 pub async fn lease_loop(shared: Arc<Shared>) {
     let s = &shared.settings;
-    let interval = s.lease / 4;
+    let interval = s.probe_interval();
     let limit = s.lease / 2;
+    let fill_lease = s.fill_lease();
     let mut probe = Probe { stream: None };
     let mut identity: Option<Identity> = None;
     let mut healthy = false;
     loop {
         let asked_at = std::time::Instant::now();
+        let asked_at_ns = kernel::coarse_now_ns();
         let id = probe.identity(s.memcached, limit).await;
         let ok = id.is_some();
+        let fill_until = (asked_at.elapsed() < fill_lease / 2)
+            .then(|| asked_at_ns + fill_lease.as_nanos() as u64);
         if let Some(id) = id {
             *shared.clock.lock().unwrap_or_else(|p| p.into_inner()) = Some(ClockSample {
                 uptime: id.uptime,
@@ -233,7 +250,7 @@ pub async fn lease_loop(shared: Arc<Shared>) {
                 info!("memcached healthy: serving");
                 healthy = true;
             }
-            shared.renew();
+            shared.renew(fill_until);
         } else {
             if healthy {
                 warn!(

@@ -129,7 +129,28 @@ pub struct Settings {
     pub keep_on_exit: bool,
 }
 
+/// The agent probes memcached at most this often: see
+/// [`Settings::probe_interval`].
+const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(20);
+
 impl Settings {
+    /// How often the agent asks memcached for its health (and renews the leases): a quarter of
+    /// the write-settle time, so a stall longer than that time is seen in time (see
+    /// [`Settings::fill_lease`]); never more often than every 20 ms, never less often than a
+    /// quarter lease.
+    pub fn probe_interval(&self) -> Duration {
+        (self.write_settle / 4)
+            .min(self.lease / 4)
+            .max(MIN_PROBE_INTERVAL)
+    }
+
+    /// How long a prompt probe lets the kernel fill: the write-settle time (a write queued in
+    /// memcached longer than that is exactly what the per-key settle rule cannot see), or
+    /// three probe intervals if that is longer.
+    pub fn fill_lease(&self) -> Duration {
+        self.write_settle.max(3 * self.probe_interval())
+    }
+
     /// Directory of this interface's pins.
     pub fn pin_dir(&self) -> PathBuf {
         pin_dir(&self.pin_root, &self.iface)

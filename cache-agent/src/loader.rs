@@ -184,6 +184,7 @@ pub fn initial_config(settings: &Settings) -> Config {
     Config {
         lease_until_ns: 0,
         fill_hold_until_ns: 0,
+        fill_lease_until_ns: 0,
         max_age_ns: settings.max_age.as_nanos() as u64,
         write_settle_ns: settings.write_settle.as_nanos() as u64,
         realtime_offset_ns: kernel::realtime_offset_ns(),

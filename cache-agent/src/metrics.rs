@@ -288,7 +288,7 @@ const fn series(counter: Counter, family: Family, label: &'static str) -> Counte
 }
 
 /// Every kernel counter except the per-class slot counters (those become the cache gauges).
-pub const KERNEL_COUNTERS: [CounterSeries; 35] = [
+pub const KERNEL_COUNTERS: [CounterSeries; 36] = [
     series(Counter::GetRequests, GET_REQUESTS, ""),
     series(Counter::GetKeys, GET_KEYS, ""),
     series(Counter::HitRequests, HIT_REQUESTS, ""),
@@ -316,6 +316,7 @@ pub const KERNEL_COUNTERS: [CounterSeries; 35] = [
     ),
     series(Counter::FillRefusedTooBig, FILL_REFUSED, "too_big"),
     series(Counter::FillRefusedMalformed, FILL_REFUSED, "malformed"),
+    series(Counter::FillRefusedStall, FILL_REFUSED, "stall"),
     series(Counter::InvalidateText, INVALIDATIONS, "text"),
     series(Counter::InvalidateMeta, INVALIDATIONS, "meta"),
     series(Counter::InvalidateBinary, INVALIDATIONS, "binary"),
@@ -833,7 +834,7 @@ mod tests {
                 .iter()
                 .filter(|(n, _, _)| n == "memcache_accel_fill_refused_total")
                 .count(),
-            8
+            9
         );
         // Cache gauges.
         assert_eq!(

@@ -51,6 +51,7 @@ const TC_NEXT: u32 = u32::MAX;
 /// memcached's port (TCP and UDP instance 0).
 const PORT: u16 = 11211;
 const SEC: u64 = 1_000_000_000;
+const MS: u64 = 1_000_000;
 const MAX_REPLY_PAYLOAD: u32 = 1400;
 const WRITE_SETTLE_NS: u64 = 1_000_000;
 /// Longer than the write settle time plus a coarse-clock tick (a jiffy).
@@ -192,6 +193,7 @@ impl Fixture {
         assert_eq!(config.instances[0].udp_port, PORT);
         assert_eq!(config.instances[0].tcp_port, PORT);
         config.lease_until_ns = kernel::coarse_now_ns() + 60 * SEC;
+        config.fill_lease_until_ns = kernel::coarse_now_ns() + 60 * SEC;
         config.flags |= flags::SERVE | flags::FILL;
         config.max_reply_payload = MAX_REPLY_PAYLOAD;
         config.write_settle_ns = WRITE_SETTLE_NS;
@@ -1339,7 +1341,9 @@ fn tcp_write_on_a_flow_opened_before_the_agent_flushes_everything() {
 
 #[test]
 fn flush_all_clears_every_cached_key() {
-    let fx = Fixture::new();
+    let mut fx = Fixture::new();
+    // A settle time long enough to see the GET right after the flush inside it.
+    fx.update_config(|c| c.write_settle_ns = 200 * MS);
     let flow = Flow::v4();
     let a = Item::new("a", 0, b"1");
     let b = Item::new("b", 0, b"2");
@@ -1365,10 +1369,54 @@ fn flush_all_clears_every_cached_key() {
         )
         .assert_unchanged(XDP_PASS, &get, &what);
     }
-    // Filled again after the flush (flush_all without delay holds nothing back).
+    // Not filled from a GET right after the flush: memcached may not have applied it yet.
     let reply = flow.memcached_reply(4, 0, 1, &reply_body(&[&a]));
+    fx.tc_counted(
+        &reply,
+        &[("fill_refused_hold", 1)],
+        "GET right after flush_all",
+    );
+    // Filled again from GETs the settle time after the flush.
+    fx.update_config(|c| c.write_settle_ns = WRITE_SETTLE_NS);
+    sleep(SETTLE_SLEEP);
+    let get = flow.get(6, b"get a\r\n");
+    fx.xdp_counted(
+        &get,
+        &[
+            ("get_requests", 1),
+            ("get_keys", 1),
+            ("expired", 1),
+            ("pass_miss", 1),
+        ],
+        "GET the settle time after flush_all",
+    )
+    .assert_unchanged(XDP_PASS, &get, "GET the settle time after flush_all");
+    let reply = flow.memcached_reply(6, 0, 1, &reply_body(&[&a]));
     fx.tc_counted(&reply, &[("fills", 1)], "refill after flush_all");
-    fx.expect_hit(&flow, 6, &[&a], "refilled after flush_all");
+    fx.expect_hit(&flow, 7, &[&a], "refilled after flush_all");
+}
+
+#[test]
+fn a_reply_after_the_fill_lease_ran_out_is_never_filled() {
+    let mut fx = Fixture::new();
+    let flow = Flow::v4();
+    let item = Item::new("stalled", 0, b"maybe from before a queued write");
+    fx.expect_miss(&flow, 1, "stalled", "GET misses");
+    // The agent's probes went unanswered: memcached may be stalled with writes queued.
+    fx.update_config(|c| c.fill_lease_until_ns = kernel::coarse_now_ns().saturating_sub(SEC));
+    fx.tc_counted(
+        &flow.memcached_reply(1, 0, 1, &reply_body(&[&item])),
+        &[("fill_refused_stall", 1)],
+        "reply after the fill lease ran out",
+    );
+    fx.expect_miss(&flow, 2, "stalled", "GET after the refused fill");
+    let epochs = fx.epochs();
+    assert_eq!(
+        fx.warm_fill(&item, kernel::coarse_now_ns(), epochs),
+        warm_fill::REFUSED,
+        "warm fill after the fill lease ran out"
+    );
+    fx.expect_miss(&flow, 3, "stalled", "GET after the refused warm fill");
 }
 
 #[test]
@@ -1676,7 +1724,7 @@ fn a_warm_filled_item_is_served_exactly_as_memcached_sends_it() {
 
 #[test]
 fn a_warm_fill_is_refused_after_a_write_or_a_flush_since_the_agent_asked() {
-    let fx = Fixture::new();
+    let mut fx = Fixture::new();
     let flow = Flow::v4();
     let asked_at = kernel::coarse_now_ns();
     let epochs = fx.epochs();
@@ -1691,6 +1739,8 @@ fn a_warm_fill_is_refused_after_a_write_or_a_flush_since_the_agent_asked() {
     );
     fx.expect_miss(&flow, 2, "warm:w", "not stored");
 
+    // A settle time long enough to ask inside it right after the flush.
+    fx.update_config(|c| c.write_settle_ns = 200 * MS);
     let flush = flow.get(3, b"flush_all\r\n");
     fx.xdp(&flush)
         .assert_unchanged(XDP_PASS, &flush, "UDP flush_all");
@@ -1706,7 +1756,18 @@ fn a_warm_fill_is_refused_after_a_write_or_a_flush_since_the_agent_asked() {
             kernel::coarse_now_ns(),
             fx.epochs()
         ),
+        warm_fill::REFUSED,
+        "asked right after the flush (memcached may not have applied it yet)"
+    );
+    fx.update_config(|c| c.write_settle_ns = WRITE_SETTLE_NS);
+    sleep(SETTLE_SLEEP);
+    assert_eq!(
+        fx.warm_fill(
+            &Item::new("warm:f", 0, b"new"),
+            kernel::coarse_now_ns(),
+            fx.epochs()
+        ),
         warm_fill::FILLED,
-        "asked after the flush"
+        "asked the settle time after the flush"
     );
 }

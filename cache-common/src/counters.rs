@@ -76,9 +76,12 @@ pub enum Counter {
     /// Requests answered by `tc_serve` (TC ingress): every key hit but XDP could not grow the
     /// frame to hold the reply. Also counted in HitRequests.
     HitRequestsTc,
+    /// Fills refused because the agent's fill lease ran out: memcached did not answer its
+    /// probes promptly, and may be stalled with writes queued (see Config::fill_lease_until_ns).
+    FillRefusedStall,
 }
 
-pub const COUNTER_COUNT: usize = Counter::HitRequestsTc as usize + 1;
+pub const COUNTER_COUNT: usize = Counter::FillRefusedStall as usize + 1;
 
 impl Counter {
     pub const SLOTS_FILLED: [Counter; 4] = [
@@ -189,4 +192,5 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT] = [
     "ttl_queries_dropped",
     "warm_fills",
     "hit_requests_tc",
+    "fill_refused_stall",
 ];

@@ -76,6 +76,11 @@ pub struct Config {
     pub lease_until_ns: u64,
     /// Fills are refused for GETs that reached XDP before this time (set after any resync).
     pub fill_hold_until_ns: u64,
+    /// Fills (and warm fills and learned TTLs) are refused once `bpf_ktime_get_coarse_ns`
+    /// passes this. The agent extends it only while memcached answers its probes promptly:
+    /// a memcached stalled with a write queued longer than the write-settle time could
+    /// otherwise answer later GETs from the old value, and those replies would be filled.
+    pub fill_lease_until_ns: u64,
     /// Life of an entry whose TTL the kernel did not see.
     pub max_age_ns: u64,
     /// A key written less than this long before a GET arrived is not filled from that GET's
@@ -100,7 +105,7 @@ pub struct Config {
     /// memcached's own host invalidate too.
     pub serve_ifindex: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 96);
+const _: () = assert!(core::mem::size_of::<Config>() == 104);
 
 /// Written only by the kernel (one element).
 #[repr(C)]
@@ -111,8 +116,12 @@ pub struct State {
     pub kernel_epoch: u64,
     /// After `flush_all <delay>`: no fill from GETs that arrived before this time.
     pub flush_hold_until_ns: u64,
+    /// When the kernel last flushed everything (`flush_all`, a write it could not attribute):
+    /// like a write to every key, no fill from a GET that arrived within the write-settle
+    /// time after it (memcached may not have applied what caused it yet).
+    pub last_flush_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<State>() == 16);
+const _: () = assert!(core::mem::size_of::<State>() == 24);
 
 /// One cached item: the exact text memcached sent for it in a `get` reply.
 #[repr(C)]
@@ -260,8 +269,9 @@ pub mod ttl_answer {
     pub const INSTALLED: u32 = 1;
     /// No entry for the key any more (evicted, invalidated or flushed).
     pub const NO_ENTRY: u32 = 2;
-    /// A write to the key was seen after (or just before) the question: the answer may be
-    /// about an item that no longer exists.
+    /// A write to the key was seen after (or just before) the question, or the fill lease ran
+    /// out (memcached may be stalled with writes queued): the answer may be about an item
+    /// that no longer exists.
     pub const WRITTEN: u32 = 3;
     /// The answer could not be read.
     pub const MALFORMED: u32 = 4;
@@ -299,7 +309,8 @@ pub mod warm_fill {
     pub const FILLED: u32 = 1;
     /// A write to the key was seen after (or just before) the agent asked: not stored.
     pub const RACED: u32 = 2;
-    /// Filling is off, the lease ran out, a flush or resync happened since the agent asked.
+    /// Filling is off, the lease or the fill lease ran out, a flush or resync happened since
+    /// (or just before) the agent asked.
     pub const REFUSED: u32 = 3;
     pub const MALFORMED: u32 = 4;
 }

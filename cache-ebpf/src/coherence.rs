@@ -4,7 +4,9 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use cache_common::{Config, Counter, Counters, MEMCACHED_CLOCK_MARGIN_NS, REALTIME_MAXDELTA};
+use cache_common::{
+    Config, Counter, Counters, MEMCACHED_CLOCK_MARGIN_NS, REALTIME_MAXDELTA, State,
+};
 
 use crate::maps::{CLASS0, CLASS1, CLASS2, CLASS3, KEY_META, STATE};
 use crate::stats::count;
@@ -89,16 +91,29 @@ pub fn write_key(
     count(counters, source);
 }
 
-/// Invalidates the whole cache: every entry remembers the epoch it was filled in.
+/// Invalidates the whole cache: every entry remembers the epoch it was filled in. Like a
+/// write, the flush also refuses fills from GETs of the next settle window (see fill.rs).
 #[inline(always)]
 pub fn flush(counters: Option<*mut Counters>, reason: Counter) {
     if let Some(state) = STATE.get_ptr_mut(0) {
-        // Result unused: compiles to a plain atomic add, valid on every BPF CPU version.
         unsafe {
+            // Concurrent flushes write times microseconds apart: no ordering needed.
+            core::ptr::write_volatile(&raw mut (*state).last_flush_ns, coarse_ns());
+            // Result unused: compiles to a plain atomic add, valid on every BPF CPU version.
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*state).kernel_epoch, 1)
         };
     }
     count(counters, reason);
+}
+
+/// Whether a fill for a GET (or warm-start read) that reached the kernel at `arrived` must be
+/// refused because a flush, a resync or a delayed `flush_all` may not be applied in memcached
+/// yet when memcached answers it.
+#[inline(always)]
+pub fn fill_held(cfg: &Config, state: &State, arrived: u64) -> bool {
+    arrived < cfg.fill_hold_until_ns
+        || arrived < state.flush_hold_until_ns
+        || arrived < state.last_flush_ns.saturating_add(cfg.write_settle_ns)
 }
 
 /// `flush_all <delay>`: flush now, and refuse fills from GETs that arrive before the flush

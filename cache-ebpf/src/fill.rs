@@ -11,6 +11,7 @@ use cache_common::{
     hash::{finish, seed, step},
 };
 
+use crate::coherence::fill_held;
 use crate::ingress::instance_for;
 use crate::learn;
 use crate::maps::{CONFIG, FILL_TICKETS, KEY_META, MISS_LATENCY, SCRATCH, STATE};
@@ -96,15 +97,16 @@ fn fill(
     if cfg.flags & flags::FILL == 0 || now >= cfg.lease_until_ns {
         return Counter::FillRefusedHold;
     }
+    if now >= cfg.fill_lease_until_ns {
+        return Counter::FillRefusedStall;
+    }
     let Some(state) = STATE.get(0) else {
         return Counter::FillRefusedHold;
     };
     if state.kernel_epoch as u32 != ticket.kernel_epoch || cfg.agent_epoch != ticket.agent_epoch {
         return Counter::FillRefusedEpoch;
     }
-    if ticket.arrived_coarse_ns < cfg.fill_hold_until_ns
-        || ticket.arrived_coarse_ns < state.flush_hold_until_ns
-    {
+    if fill_held(cfg, state, ticket.arrived_coarse_ns) {
         return Counter::FillRefusedHold;
     }
     // The datagram is one item, optionally followed by END.

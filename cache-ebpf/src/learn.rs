@@ -155,6 +155,10 @@ fn install(ctx: &XdpContext, answer: *const TtlAnswer, s: *mut Scratch) -> u32 {
         kernel_epoch: state.kernel_epoch as u32,
         agent_epoch: cfg.agent_epoch,
     };
+    // memcached may have answered from before a write it still had queued.
+    if v.now >= cfg.fill_lease_until_ns {
+        return ttl_answer::WRITTEN;
+    }
     let b = &cfg.class_buckets;
     match q.class {
         0 => install_in(&CLASS0, b[0], &want, meta, &v, s),

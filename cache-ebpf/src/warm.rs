@@ -12,6 +12,7 @@ use aya_ebpf::{
 };
 use cache_common::{Counter, WARM_FILL_HEADER, WarmFill, flags, warm_fill};
 
+use crate::coherence::fill_held;
 use crate::maps::{CONFIG, KEY_META, SCRATCH, STATE};
 use crate::scratch::{MAX_TEXT, helper_len};
 use crate::stats::{count, counters};
@@ -52,10 +53,10 @@ fn store(ctx: &XdpContext, w: *const WarmFill, frame_len: usize) -> u32 {
     let now = coarse_ns();
     if cfg.flags & flags::FILL == 0
         || now >= cfg.lease_until_ns
+        || now >= cfg.fill_lease_until_ns
         || state.kernel_epoch as u32 != unsafe { (*w).kernel_epoch }
         || cfg.agent_epoch != unsafe { (*w).agent_epoch }
-        || asked_at < cfg.fill_hold_until_ns
-        || asked_at < state.flush_hold_until_ns
+        || fill_held(cfg, state, asked_at)
     {
         return warm_fill::REFUSED;
     }

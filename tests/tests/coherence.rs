@@ -266,41 +266,17 @@ fn ttl_expiry_touch_gat_and_flush_all_are_honoured() {
 
 #[test]
 fn a_get_racing_a_write_never_refills_the_old_value() {
-    let rig = Rig::with_agent("corace", 36, &[]);
+    let rig = Rig::with_agent("corace", 36, RACE_AGENT);
     rig.set("race", b"old", 0, 0);
     rig.warm("race", WARM);
-    let pid = rig.bed.memcached_pid() as i32;
-    // memcached stops; the SET and the GETs queue up behind it, in either order inside it.
-    unsafe { libc_kill(pid, 19) };
-    let addr = rig.server(false);
-    let writer = rig.bed.in_client(move || {
-        std::thread::spawn(move || {
-            tests::tcp_exchange(addr, b"set race 0 0 3\r\nnew\r\n", &[b"\r\n".to_vec()])
-        })
-    });
-    std::thread::sleep(Duration::from_millis(100));
-    let udp_addr = rig.server(false);
-    let readers = rig.bed.in_client(move || {
-        std::thread::spawn(move || {
-            (0..5)
-                .map(|_| tests::udp_exchange(udp_addr, b"get race\r\n", next_id()))
-                .collect::<Vec<_>>()
-        })
-    });
-    std::thread::sleep(Duration::from_millis(1500));
-    unsafe { libc_kill(pid, 18) };
-    assert_eq!(writer.join().unwrap(), b"STORED\r\n");
-    let _ = readers.join();
-    // From now on, and for as long as we look, only the new value.
-    let until = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < until {
-        assert_eq!(
-            rig.udp_get(&["race"]).payload,
-            item("race", 0, b"new"),
-            "stale refill after the race"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let reply = race_gets_against(&rig, "race", b"set race 0 0 3\r\nnew\r\n", None);
+    assert_eq!(reply, b"STORED\r\n");
+    assert_stays(
+        &rig,
+        "race",
+        &item("race", 0, b"new"),
+        "stale refill after the race",
+    );
 }
 
 #[test]
@@ -747,5 +723,87 @@ fn a_client_pipelining_hundreds_of_small_writes_is_followed_without_flushing() {
         rig.counter("hit_keys"),
         before + 1,
         "a key nobody wrote stays cached"
+    );
+}
+
+/// A lease long enough that the agent's health check sits out a 1.5 s stall of memcached:
+/// otherwise it resyncs (flush and fill hold) when memcached comes back, which would hide the
+/// race these tests look for.
+const RACE_AGENT: &[&str] = &["--lease-ms", "10000"];
+
+/// Stalls memcached, sends `write` on `conn` (or a new connection), then GETs of `key` over
+/// UDP, and resumes memcached: inside it the GETs and the write run in either order. Returns
+/// the write's reply.
+fn race_gets_against(rig: &Rig, key: &str, write: &[u8], conn: Option<TcpStream>) -> Vec<u8> {
+    let pid = rig.bed.memcached_pid() as i32;
+    unsafe { libc_kill(pid, 19) };
+    let addr = rig.server(false);
+    let write = write.to_vec();
+    let writer = rig.bed.in_client(move || {
+        std::thread::spawn(move || match conn {
+            Some(mut c) => {
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                c.write_all(&write).unwrap();
+                let mut buf = [0u8; 64];
+                let n = std::io::Read::read(&mut c, &mut buf).unwrap_or(0);
+                buf[..n].to_vec()
+            }
+            None => tests::tcp_exchange(addr, &write, &[b"\r\n".to_vec()]),
+        })
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let request = format!("get {key}\r\n").into_bytes();
+    let readers = rig.bed.in_client(move || {
+        std::thread::spawn(move || {
+            for _ in 0..5 {
+                tests::udp_exchange(addr, &request, next_id());
+            }
+        })
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    unsafe { libc_kill(pid, 18) };
+    let reply = writer.join().unwrap();
+    let _ = readers.join();
+    reply
+}
+
+/// Asserts that for 3 s every UDP GET of `key` returns `expected`.
+fn assert_stays(rig: &Rig, key: &str, expected: &[u8], what: &str) {
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert_eq!(rig.udp_get(&[key]).payload, expected, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `flush_all` flushes the kernel cache when XDP sees it, but memcached may still answer GETs
+/// that arrived after it from the old contents: none of those replies may be cached.
+#[test]
+fn gets_racing_flush_all_never_refill_the_old_value() {
+    let rig = Rig::with_agent("coflrace", 62, RACE_AGENT);
+    rig.set("flr", b"old", 0, 0);
+    rig.warm("flr", WARM);
+    let reply = race_gets_against(&rig, "flr", b"flush_all\r\n", None);
+    assert_eq!(reply, b"OK\r\n");
+    assert_stays(&rig, "flr", MISS, "stale refill after flush_all");
+}
+
+/// A write the kernel cannot attribute to a key (here: on a connection opened before the
+/// agent) flushes everything; GETs racing it must not refill the old value either.
+#[test]
+fn gets_racing_an_unattributable_write_never_refill_the_old_value() {
+    let mut rig = Rig::new("counrace", 63);
+    rig.set("unr", b"old", 0, 0);
+    let addr = rig.server(false);
+    let conn = rig.bed.in_client(move || TcpStream::connect(addr).unwrap());
+    rig.start_agent(RACE_AGENT);
+    rig.warm("unr", WARM);
+    let reply = race_gets_against(&rig, "unr", b"set unr 0 0 3\r\nnew\r\n", Some(conn));
+    assert_eq!(reply, b"STORED\r\n");
+    assert_stays(
+        &rig,
+        "unr",
+        &item("unr", 0, b"new"),
+        "stale refill after an unattributed write",
     );
 }
