@@ -98,8 +98,10 @@ pub fn saved_headers(s: *mut Scratch) -> &'static Headers {
     unsafe { &(*s).pkt.hdr }
 }
 
-/// The write scanner program (tail-called): scans what `run` chose, applies the writes, and
-/// for TCP stores the flow's state back.
+/// The write scanner program (tail-called): scans what `run` chose, one scan buffer at a
+/// time, applies the writes, and for TCP stores the flow's state back. A payload longer than
+/// one buffer (jumbo frames, large segments on `lo`) is scanned a buffer per call: the program
+/// tail-calls itself for the rest, exactly as if the rest were the next segment.
 pub fn run_scan(ctx: &XdpContext) -> u32 {
     let Some(s) = SCRATCH.get_ptr_mut(0) else {
         return xdp_action::XDP_PASS;
@@ -115,19 +117,30 @@ pub fn run_scan(ctx: &XdpContext) -> u32 {
             p.is_tcp != 0,
         )
     };
-    let followed = scan(ctx, s, off, len, instance);
+    let chunk = if len > BUF_SIZE { BUF_SIZE } else { len };
+    let mut followed = scan(ctx, s, off, chunk, instance);
     apply_pending(s);
+    let rest = len - chunk;
+    let key = flow_key(&h);
+    if is_tcp && let Some(flow) = TCP_FLOWS.get_ptr_mut(&key) {
+        unsafe {
+            let seq = (*flow).next_seq;
+            copy_words(flow, &raw const (*s).flow);
+            (*flow).next_seq = seq.wrapping_add(chunk as u32);
+        }
+    }
+    if followed && rest > 0 {
+        unsafe {
+            (*s).pkt.scan_off = (off + chunk) as u32;
+            (*s).pkt.scan_len = rest as u32;
+            JUMP.tail_call(ctx, JUMP_SCAN);
+        }
+        // Out of tail calls (a payload of more than 32 buffers): the rest goes unscanned.
+        followed = false;
+    }
     if is_tcp {
-        let key = flow_key(&h);
-        if let Some(flow) = TCP_FLOWS.get_ptr_mut(&key) {
-            unsafe {
-                let seq = (*flow).next_seq;
-                copy_words(flow, &raw const (*s).flow);
-                (*flow).next_seq = seq.wrapping_add(len as u32);
-                if !followed {
-                    (*flow).mode_lost();
-                }
-            }
+        if !followed && let Some(flow) = TCP_FLOWS.get_ptr_mut(&key) {
+            unsafe { (*flow).mode_lost() };
         }
         if h.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
             let _ = TCP_FLOWS.remove(&key);
@@ -153,8 +166,8 @@ pub fn instance_for(cfg: &Config, port: u16, tcp: bool) -> Option<u8> {
     None
 }
 
-/// Loads the payload into scratch and scans it. False if the stream was lost or is longer than
-/// one buffer (jumbo frames: the stream is then treated as lost).
+/// Loads `len` (at most one buffer) payload bytes at `off` into scratch and scans them. False
+/// if the stream was lost.
 #[inline(always)]
 fn scan(ctx: &XdpContext, s: *mut Scratch, off: usize, len: usize, instance: u8) -> bool {
     unsafe {

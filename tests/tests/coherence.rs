@@ -383,6 +383,65 @@ fn deletes_and_incr_over_loopback_invalidate() {
     assert_fresh(&rig, "loinc", &item("loinc", 0, b"6"), "incr over loopback");
 }
 
+/// Segments longer than one scan buffer (2 KiB): `lo` carries up to 64 KiB in one, as do
+/// jumbo frames. The scanner follows them buffer by buffer, so writes after a big value in the
+/// same segment still invalidate, and nothing is flushed.
+#[test]
+fn writes_in_segments_longer_than_a_scan_buffer_invalidate_without_a_flush() {
+    let rig = Rig::with_agent("cobigseg", 64, &[]);
+    for k in ["bs:del", "bs:incr", "bs:set"] {
+        rig.set(k, b"5", 0, 0);
+        rig.warm(k, WARM);
+    }
+    let flushes = rig.counter("flush_unsynced");
+    let segments = rig.counter("tcp_segments");
+    let mut batch = Vec::new();
+    for (i, key) in ["bs:big1", "bs:big2", "bs:big3"].iter().enumerate() {
+        let value = tests::value_of(9000, i as u8);
+        batch.extend(format!("set {key} 0 0 {}\r\n", value.len()).into_bytes());
+        batch.extend(&value);
+        batch.extend(b"\r\n");
+    }
+    batch.extend(b"delete bs:del\r\nincr bs:incr 2\r\nset bs:set 0 0 3\r\nnew\r\n");
+    let port = rig.bed.memcached_port();
+    let reply = rig.bed.in_server(move || {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        tests::tcp_exchange(
+            addr,
+            &batch,
+            &[b"STORED\r\nDELETED\r\n7\r\nSTORED\r\n".to_vec()],
+        )
+    });
+    assert!(
+        reply.ends_with(b"DELETED\r\n7\r\nSTORED\r\n"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    assert!(
+        rig.counter("tcp_segments") < segments + 4,
+        "the batch did not travel in a few large segments: {} segments",
+        rig.counter("tcp_segments") - segments
+    );
+    assert_fresh(&rig, "bs:del", MISS, "delete after 27 KB in its segment");
+    assert_fresh(
+        &rig,
+        "bs:incr",
+        &item("bs:incr", 0, b"7"),
+        "incr after 27 KB",
+    );
+    assert_fresh(
+        &rig,
+        "bs:set",
+        &item("bs:set", 0, b"new"),
+        "set after 27 KB",
+    );
+    assert_eq!(
+        rig.counter("flush_unsynced"),
+        flushes,
+        "a long segment made the scanner lose the stream"
+    );
+}
+
 const TTL_INSTALLED: &str = r#"memcache_accel_ttl_answers_total{result="installed"}"#;
 
 /// Waits (up to 15 s) until `progress` reaches `n`; `what` names it in the failure.
