@@ -37,7 +37,7 @@ for line in open("target/bench/bpf_samples.jsonl"):
     except ValueError:
         continue
     for p in progs:
-        if p.get("name") in ("xdp_cache", "xdp_get", "xdp_scan", "tc_fill", "xdp_reflector") and p.get("run_cnt"):
+        if p.get("name") in ("xdp_cache", "xdp_get", "xdp_scan", "tc_fill", "tc_serve", "xdp_reflector") and p.get("run_cnt"):
             last[p["id"]] = p
 by_name = {}
 for p in last.values():

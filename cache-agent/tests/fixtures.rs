@@ -1038,13 +1038,8 @@ fn non_memcached_traffic_passes_unchanged_and_counts_nothing() {
     let mut qinq = flow.get(9, b"get k\r\n");
     qinq.splice(12..12, [0x88, 0xa8, 0x00, 0x05, 0x81, 0x00, 0x00, 0x64]);
     cases.push(("QinQ (two VLAN tags) GET", qinq));
-    // An IPv4 fragment of a GET is never parsed.
-    let mut frag = flow.get(9, b"get k\r\n");
-    frag[20] = 0x20; // more fragments
-    frag[24..26].copy_from_slice(&[0, 0]);
-    let c = packet::csum_finish(packet::sum16(0, &frag[14..34]));
-    frag[24..26].copy_from_slice(&c.to_be_bytes());
-    cases.push(("IPv4 first fragment of a GET", frag));
+    // (An IPv4 first fragment to memcached's port is not passed over: see
+    // ip_fragments_for_memcached_flush_from_the_first_fragment_only.)
 
     for (what, frame) in &cases {
         fx.xdp_counted(frame, &[], what)
@@ -1417,6 +1412,46 @@ fn a_reply_after_the_fill_lease_ran_out_is_never_filled() {
         "warm fill after the fill lease ran out"
     );
     fx.expect_miss(&flow, 3, "stalled", "GET after the refused warm fill");
+}
+
+#[test]
+fn ip_fragments_for_memcached_flush_from_the_first_fragment_only() {
+    let fx = Fixture::new();
+    let flow = Flow::v4();
+    let frame = flow.get(1, b"set frag 0 0 1\r\nx\r\n");
+    let l3 = packet::layout(&frame).l3;
+    // Offset 0 with more fragments to come: the port is here, the rest is not.
+    let mut first = frame.clone();
+    first[l3 + 6..l3 + 8].copy_from_slice(&0x2000u16.to_be_bytes());
+    fx.xdp_counted(&first, &[("flush_unsynced", 1)], "first fragment")
+        .assert_unchanged(XDP_PASS, &first, "first fragment");
+    // A later fragment carries no port: its first fragment already flushed.
+    let mut later = frame.clone();
+    later[l3 + 6..l3 + 8].copy_from_slice(&185u16.to_be_bytes());
+    fx.xdp_counted(&later, &[], "later fragment")
+        .assert_unchanged(XDP_PASS, &later, "later fragment");
+    // A first fragment for another port is not memcached's.
+    let mut other = flow.udp_to(53, b"not memcached at all");
+    other[l3 + 6..l3 + 8].copy_from_slice(&0x2000u16.to_be_bytes());
+    fx.xdp_counted(&other, &[], "first fragment to port 53")
+        .assert_unchanged(XDP_PASS, &other, "first fragment to port 53");
+}
+
+#[test]
+fn ipv6_extension_headers_before_a_request_to_memcached_flush() {
+    let fx = Fixture::new();
+    let flow = Flow::v6();
+    let frame = flow.get(1, b"delete ext\r\n");
+    let l3 = packet::layout(&frame).l3;
+    // Insert an 8-byte hop-by-hop header (PadN) between the IPv6 and UDP headers.
+    let mut ext = frame[..l3 + 40].to_vec();
+    let payload_len = u16::from_be_bytes([ext[l3 + 4], ext[l3 + 5]]) + 8;
+    ext[l3 + 4..l3 + 6].copy_from_slice(&payload_len.to_be_bytes());
+    ext[l3 + 6] = 0; // next header: hop-by-hop options
+    ext.extend_from_slice(&[17, 0, 1, 4, 0, 0, 0, 0]);
+    ext.extend_from_slice(&frame[l3 + 40..]);
+    fx.xdp_counted(&ext, &[("flush_unsynced", 1)], "hop-by-hop header")
+        .assert_unchanged(XDP_PASS, &ext, "hop-by-hop header");
 }
 
 #[test]

@@ -12,7 +12,9 @@ use cache_common::{Config, Counter, Counters, FRAME_HEADER_LEN, FlowKey, GET, MA
 
 use crate::coherence::{Ttl, flush, write_key};
 use crate::maps::{CONFIG, JUMP, JUMP_GET, JUMP_SCAN, SCRATCH, TCP_FLOWS};
-use crate::net::{Frame, Headers, IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN, parse};
+use crate::net::{
+    Frame, Headers, IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN, carried_destination, parse,
+};
 use crate::scanner::scan_chunk;
 use crate::scratch::{BUF_SIZE, MAX_PENDING, Scratch, helper_len};
 use crate::stats::{count, counters};
@@ -24,6 +26,13 @@ pub fn run(ctx: &XdpContext) -> u32 {
         end: ctx.data_end(),
     };
     let Some(h) = parse(&frame) else {
+        // A fragmented datagram (or IPv6 with extension headers) for memcached: the scanner
+        // cannot follow what memcached will reassemble, and it may be a write.
+        if let (Some((proto, port)), Some(cfg)) = (carried_destination(&frame), CONFIG.get(0))
+            && instance_for(cfg, port, proto == IPPROTO_TCP).is_some()
+        {
+            flush(counters(), Counter::FlushUnsynced);
+        }
         return xdp_action::XDP_PASS;
     };
     let (Some(cfg), Some(s)) = (CONFIG.get(0), SCRATCH.get_ptr_mut(0)) else {

@@ -191,3 +191,66 @@ fn forget(mut h: Headers) -> Headers {
     h.proto = pass(h.proto as usize) as u8;
     h
 }
+
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_DSTOPTS: u8 = 60;
+/// IPv6 extension headers walked to find the transport header (each one a few instructions).
+const MAX_EXTENSION_HEADERS: usize = 4;
+
+/// For a packet [`parse`] refuses because of how it is carried, not what it is: the first
+/// fragment of a fragmented IPv4 datagram, or IPv6 with extension headers (fragment, hop-by-hop,
+/// routing, destination options). Returns its transport protocol and destination port: the
+/// datagram memcached will reassemble may be a write the scanner cannot follow. Later
+/// fragments carry no port; the first one always exists, so it is the one that counts.
+#[inline(always)]
+pub fn carried_destination(frame: &Frame) -> Option<(u8, u16)> {
+    let mut l3_off = ETH_LEN;
+    let mut ethertype = frame.be16_at(12)?;
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        ethertype = frame.be16_at(16)?;
+        l3_off += VLAN_LEN;
+    }
+    let (proto, l4_off) = if ethertype == ETH_P_IPV4 {
+        let ip = unsafe { &*frame.bytes::<IPV4_LEN>(l3_off)? };
+        let frag = u16::from_be_bytes([ip[6], ip[7]]);
+        // More fragments follow, and this is the one at offset 0.
+        if frag & 0x2000 == 0 || frag & 0x1fff != 0 {
+            return None;
+        }
+        (ip[9], l3_off + ((ip[0] & 0x0f) as usize) * 4)
+    } else if ethertype == ETH_P_IPV6 {
+        let ip = unsafe { &*frame.bytes::<IPV6_LEN>(l3_off)? };
+        let mut next = ip[6];
+        let mut off = l3_off + IPV6_LEN;
+        let mut walked = 0;
+        for _ in 0..MAX_EXTENSION_HEADERS {
+            let ext = unsafe { &*frame.bytes::<8>(off)? };
+            if next == IPPROTO_FRAGMENT {
+                if u16::from_be_bytes([ext[2], ext[3]]) >> 3 != 0 {
+                    return None;
+                }
+                off += 8;
+            } else if next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS
+            {
+                off += (ext[1] as usize + 1) * 8;
+            } else {
+                break;
+            }
+            next = ext[0];
+            walked += 1;
+        }
+        if walked == 0 {
+            return None;
+        }
+        (next, off)
+    } else {
+        return None;
+    };
+    if proto != IPPROTO_UDP && proto != IPPROTO_TCP {
+        return None;
+    }
+    let ports = unsafe { &*frame.bytes::<4>(l4_off)? };
+    Some((proto, u16::from_be_bytes([ports[2], ports[3]])))
+}

@@ -866,3 +866,24 @@ fn gets_racing_an_unattributable_write_never_refill_the_old_value() {
         "stale refill after an unattributed write",
     );
 }
+
+/// A UDP write bigger than the MTU reaches memcached as IP fragments, which the scanner cannot
+/// read as a request: the first fragment flushes the cache before memcached can reassemble and
+/// apply it. (Watch off: the backstop would hide a miss here.)
+#[test]
+fn fragmented_udp_writes_invalidate() {
+    let rig = Rig::with_agent("cofrag", 65, &["--watch", "false"]);
+    for (key, v6) in [("frag4", false), ("frag6", true)] {
+        rig.set(key, b"old", 0, 0);
+        rig.warm(key, WARM);
+        let flushes = rig.counter("flush_unsynced");
+        let value = tests::value_of(3000, 5);
+        let mut request = format!("set {key} 0 0 {}\r\n", value.len()).into_bytes();
+        request.extend(&value);
+        request.extend(b"\r\n");
+        let reply = rig.udp(&request, next_id(), v6);
+        assert_eq!(reply.payload, b"STORED\r\n", "{key}");
+        assert!(rig.counter("flush_unsynced") > flushes, "{key}: no flush");
+        assert_fresh(&rig, key, &item(key, 0, &value), "fragmented UDP set");
+    }
+}
