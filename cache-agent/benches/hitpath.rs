@@ -148,6 +148,7 @@ fn main() -> anyhow::Result<()> {
     let mut ebpf = loader::load(&settings)?;
     let mut config = loader::initial_config(&settings);
     config.lease_until_ns = kernel::coarse_now_ns() + 3600 * SEC;
+    config.fill_lease_until_ns = config.lease_until_ns;
     config.flags |= flags::SERVE | flags::FILL;
     config.max_reply_payload = 1400;
     config.write_settle_ns = 0;
