@@ -1,4 +1,6 @@
-//! The hit path: answer a UDP `get` from the cache with XDP_TX, or pass it to memcached.
+//! The hit path: answer a UDP `get` from the cache with XDP_TX, or pass it to memcached. The
+//! same code answers, from TC ingress, the hits whose reply the XDP frame could not grow to
+//! hold ([`crate::tcserve`]; [`ReplyTarget`] is where the two differ).
 //!
 //! A request is served only when every key hits and the whole reply fits the frame; otherwise
 //! it passes untouched (a miss leaves a fill ticket for the TC program). The reply payload is
@@ -57,13 +59,11 @@ pub fn run_get(ctx: &XdpContext) -> u32 {
         Served::Reply => xdp_action::XDP_TX,
         Served::Pass => xdp_action::XDP_PASS,
         Served::NoRoom => {
-            if cfg.flags & flags::TC_SERVE != 0 && hand_over(ctx) {
-                // tc_serve answers it (and counts it) on its way up the stack.
-                xdp_action::XDP_PASS
-            } else {
+            // Handed over, tc_serve answers (and counts) it on its way up the stack.
+            if cfg.flags & flags::TC_SERVE == 0 || !hand_over(ctx) {
                 pass(c, Counter::PassNoRoom);
-                xdp_action::XDP_PASS
             }
+            xdp_action::XDP_PASS
         }
         Served::Broken => xdp_action::XDP_DROP,
     }
