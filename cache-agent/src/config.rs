@@ -308,6 +308,21 @@ pub fn pin_dir(root: &std::path::Path, iface: &str) -> PathBuf {
     root.join(PIN_LAYOUT).join(iface)
 }
 
+/// This interface's pins under every other layout version in `root`: an older agent's, left in
+/// upgrade mode. They cannot be adopted (the layout differs), and their pinned links keep the
+/// old programs attached, which would make this agent's attach fail.
+pub fn other_layout_pin_dirs(root: &std::path::Path, iface: &str) -> Vec<PathBuf> {
+    let Ok(layouts) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    layouts
+        .flatten()
+        .filter(|l| l.file_name() != PIN_LAYOUT)
+        .map(|l| l.path().join(iface))
+        .filter(|d| d.is_dir())
+        .collect()
+}
+
 fn missing(field: &'static str, example: &str) -> AgentError {
     AgentError::Config {
         field,

@@ -7,7 +7,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc};
 use anyhow::Context as _;
 use cache_agent::{
     coherence::{self, Shared},
-    config::{DEFAULT_PIN_ROOT, RunArgs, Settings, pin_dir},
+    config::{DEFAULT_PIN_ROOT, RunArgs, Settings, other_layout_pin_dirs, pin_dir},
     error::AgentError,
     kernel, loader, stats,
 };
@@ -153,6 +153,13 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
         }
         .into());
     }
+    for old in other_layout_pin_dirs(&settings.pin_root, &settings.iface) {
+        // Unpinning its links detaches the older agent's programs: this one starts cold.
+        warn!(dir = %old.display(), "removing pins of an older agent version (another pin layout)");
+        if let Err(e) = std::fs::remove_dir_all(&old) {
+            warn!(dir = %old.display(), error = %e, "could not remove them");
+        }
+    }
     let dir = settings.pin_dir();
     // Upgrade mode: a previous agent left its programs attached and its cache pinned.
     let adopting = settings.keep_on_exit && loader::can_adopt(&dir, &settings);
@@ -176,7 +183,14 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
     let links = if adopting {
         loader::adopt(&mut ebpf, &settings, &dir)?
     } else {
-        loader::attach(&mut ebpf, &settings)?
+        match loader::attach(&mut ebpf, &settings) {
+            Ok(links) => links,
+            Err(e) => {
+                // Nothing attached: leave no pinned maps (the cache's memory) behind either.
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e.into());
+            }
+        }
     };
     if links.tc_serve.is_some() {
         // XDP may hand hits it has no room for to TC ingress only once something is there.

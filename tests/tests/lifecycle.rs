@@ -104,7 +104,13 @@ fn clients_outside_the_allowlist_are_never_answered_by_the_kernel() {
     let rig = Rig::with_agent(
         "lcallow",
         53,
-        &["--allow", "198.18.254.0/24,2001:2:ff::/48"],
+        // Warm start off: its own gets would show in memcached's get_hits.
+        &[
+            "--allow",
+            "198.18.254.0/24,2001:2:ff::/48",
+            "--warm-start",
+            "false",
+        ],
     );
     rig.set("k", b"v", 0, 0);
     let before = rig.mc_stat("get_hits");
@@ -140,5 +146,70 @@ fn replies_never_exceed_the_amplification_limit() {
         rig.counter("pass_amplification") > before,
         "{:?}",
         rig.agent_stats()
+    );
+}
+
+/// An older agent version left in upgrade mode pins its links under another pin layout: this
+/// agent cannot adopt them, so it removes them (detaching the old programs) and starts cold,
+/// instead of failing to attach to an interface that still has the old XDP program.
+#[test]
+fn pins_an_older_agent_version_left_are_removed_and_the_agent_starts() {
+    let mut rig = Rig::with_agent("lcold", 55, &["--keep-on-exit", "true"]);
+    rig.bed.stop_agent();
+    let root = std::path::Path::new(cache_agent::config::DEFAULT_PIN_ROOT);
+    let iface = rig.bed.server_iface().to_owned();
+    let current = cache_agent::config::pin_dir(root, &iface);
+    assert!(
+        current.join("link_xdp").exists(),
+        "upgrade mode pinned no link"
+    );
+    // Make it look like an older layout's: the same pins, another version directory.
+    let old = root.join("v0-test").join(&iface);
+    std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+    std::fs::rename(&current, &old).expect("rename in bpffs");
+
+    rig.start_agent(&[]);
+    assert!(!old.exists(), "the older layout's pins are still there");
+    rig.set("fresh", b"v", 0, 0);
+    rig.warm("fresh", WARM);
+    let _ = std::fs::remove_dir(old.parent().unwrap());
+}
+
+/// Someone else's XDP program on the interface: the agent refuses with a message naming the
+/// fix, and leaves nothing pinned (the cache maps would otherwise hold their memory).
+#[test]
+fn an_interface_with_someone_elses_xdp_program_is_refused_and_nothing_stays_pinned() {
+    let rig = Rig::new("lcbusy", 66);
+    let iface = rig.bed.server_iface().to_owned();
+    let foreign_root = format!("/sys/fs/bpf/lcbusy-foreign-{}", std::process::id());
+    /// Removes the foreign program's pin even when an assertion fails.
+    struct Unpin(String);
+    impl Drop for Unpin {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _unpin = Unpin(foreign_root.clone());
+    rig.bed
+        .agent_cmd(&["xdp-pass", "--iface", &iface, "--pin-root", &foreign_root])
+        .expect("attach a foreign XDP program");
+    let mc = rig.server(false).to_string();
+    let err = rig
+        .bed
+        .agent_cmd(&["run", "--iface", &iface, "--memcached", &mc])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("already has an XDP program") && err.contains("Fix:"),
+        "{err}"
+    );
+    let pins = cache_agent::config::pin_dir(
+        std::path::Path::new(cache_agent::config::DEFAULT_PIN_ROOT),
+        &iface,
+    );
+    assert!(
+        !pins.exists(),
+        "a refused start left {} behind",
+        pins.display()
     );
 }
