@@ -313,6 +313,8 @@ fn show_status(t: Target) -> anyhow::Result<()> {
         "pid": pid.trim(),
         "serving": stats::serving(&snap),
         "lease_remaining_ms": snap.config.lease_until_ns.saturating_sub(kernel::coarse_now_ns()) / 1_000_000,
+        // 0 while memcached answers the agent's probes late: the kernel fills nothing then.
+        "fill_lease_remaining_ms": snap.config.fill_lease_until_ns.saturating_sub(kernel::coarse_now_ns()) / 1_000_000,
         "agent_epoch": snap.config.agent_epoch,
         "kernel_epoch": snap.state.kernel_epoch,
         "entries": entries.max(0),

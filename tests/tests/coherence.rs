@@ -794,6 +794,10 @@ const RACE_AGENT: &[&str] = &["--lease-ms", "10000"];
 /// UDP, and resumes memcached: inside it the GETs and the write run in either order. Returns
 /// the write's reply.
 fn race_gets_against(rig: &Rig, key: &str, write: &[u8], conn: Option<TcpStream>) -> Vec<u8> {
+    assert!(
+        fill_lease_remaining_ms(rig) > 0,
+        "no fill lease while memcached answers"
+    );
     let pid = rig.bed.memcached_pid() as i32;
     unsafe { libc_kill(pid, 19) };
     let addr = rig.server(false);
@@ -820,10 +824,28 @@ fn race_gets_against(rig: &Rig, key: &str, write: &[u8], conn: Option<TcpStream>
         })
     });
     std::thread::sleep(Duration::from_millis(1500));
+    // The agent's probes went unanswered: the kernel may fill nothing now.
+    let stalled = fill_lease_remaining_ms(rig);
     unsafe { libc_kill(pid, 18) };
+    assert_eq!(
+        stalled, 0,
+        "fill lease still running while memcached is stopped"
+    );
     let reply = writer.join().unwrap();
     let _ = readers.join();
     reply
+}
+
+/// What `cache-agent status` says of the fill lease.
+fn fill_lease_remaining_ms(rig: &Rig) -> u64 {
+    let status = rig
+        .bed
+        .agent_cmd(&["status", "--json", "--iface", rig.bed.server_iface()])
+        .expect("status");
+    let status: serde_json::Value = serde_json::from_str(status.trim()).expect("status JSON");
+    status["fill_lease_remaining_ms"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no fill_lease_remaining_ms in {status}"))
 }
 
 /// Asserts that for 3 s every UDP GET of `key` returns `expected`.
