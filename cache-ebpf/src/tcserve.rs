@@ -18,7 +18,7 @@ use crate::fill::TC_NEXT;
 use crate::hitpath::{Served, pass, serve};
 use crate::ingress::{instance_for, save, saved_headers};
 use crate::maps::{CONFIG, SCRATCH};
-use crate::net::{Frame, IPPROTO_UDP, parse};
+use crate::net::{Frame, IPPROTO_UDP, IPV4_LEN, parse};
 use crate::reply::SkbTarget;
 use crate::stats::{count, counters};
 
@@ -46,6 +46,12 @@ pub fn run(ctx: &TcContext) -> i32 {
     };
     if h.proto != IPPROTO_UDP {
         pass(c, Counter::PassMalformed);
+        return TC_NEXT;
+    }
+    // The reply has a plain 20-byte IPv4 header, so with options its UDP header would move,
+    // and an skb whose checksum is left to offload (CHECKSUM_PARTIAL) points at the old place.
+    if !h.is_v6 && h.l4_off != h.l3_off + IPV4_LEN {
+        pass(c, Counter::PassUnsupported);
         return TC_NEXT;
     }
     let Some(instance) = instance_for(cfg, h.dst_port, false) else {

@@ -440,3 +440,54 @@ fn without_tc_serve_hits_too_big_for_the_frame_go_to_memcached() {
     assert_eq!(rig.counter("pass_no_room"), no_room + 5);
     assert_eq!(rig.counter("hit_requests_tc"), 0);
 }
+
+/// A GET carrying IPv4 options, whose reply the XDP frame cannot hold: TC ingress would move
+/// the UDP header (replies have a plain 20-byte IP header) under an skb whose checksum is left
+/// to the transmitting device, so it passes the request to memcached instead. The server veth
+/// computes checksums in software here, which is where a misplaced one would show.
+#[test]
+fn a_get_with_ip_options_too_big_for_the_xdp_frame_passes_to_memcached() {
+    let rig = Rig::with_agent("dpopts", 22, &["--warm-start", "false"]);
+    tx_checksum_off(rig.bed.server_netns(), rig.bed.server_iface());
+    let value = value_of(1000, 9);
+    rig.set("opts", &value, 2, 0);
+    let expected = [value_text("opts", 2, &value), b"END\r\n".to_vec()].concat();
+    rig.warm("opts", WARM);
+    let (unsupported, tc_hits) = (
+        rig.counter("pass_unsupported"),
+        rig.counter("hit_requests_tc"),
+    );
+    let addr = rig.server(false);
+    let replies: Vec<Vec<u8>> = rig.bed.in_client(move || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        // Four NOPs: a 24-byte IP header on every datagram of this socket.
+        let nops = [1u8, 1, 1, 1];
+        // SAFETY: setsockopt on a valid socket with a 4-byte option buffer.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                libc::IPPROTO_IP,
+                libc::IP_OPTIONS,
+                nops.as_ptr().cast(),
+                nops.len() as u32,
+            )
+        };
+        assert_eq!(rc, 0, "IP_OPTIONS");
+        sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        (0..3u16)
+            .map(|i| {
+                let mut dgram = vec![0, i as u8 + 1, 0, 0, 0, 1, 0, 0];
+                dgram.extend_from_slice(b"get opts\r\n");
+                sock.send_to(&dgram, addr).unwrap();
+                let mut buf = [0u8; 2048];
+                let n = sock.recv(&mut buf).unwrap_or(0);
+                buf[8.min(n)..n].to_vec()
+            })
+            .collect()
+    });
+    for reply in replies {
+        assert_eq!(reply, expected);
+    }
+    assert_eq!(rig.counter("hit_requests_tc"), tc_hits);
+    assert_eq!(rig.counter("pass_unsupported"), unsupported + 3);
+}
