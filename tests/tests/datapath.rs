@@ -429,9 +429,21 @@ fn without_tc_serve_hits_too_big_for_the_frame_go_to_memcached() {
     rig.set("tiny", b"t", 1, 0);
     rig.warm("tiny", WARM);
     let expected = [value_text("huge", 1, &value), b"END\r\n".to_vec()].concat();
-    // The first GET fills; the rest find the entry but no room in the frame.
-    assert_eq!(rig.udp_get(&["huge"]).payload, expected);
-    std::thread::sleep(Duration::from_millis(300));
+    // GETs miss until one fills; from then on they find the entry but no room in the frame.
+    let start = std::time::Instant::now();
+    loop {
+        let before = rig.counter("pass_no_room");
+        assert_eq!(rig.udp_get(&["huge"]).payload, expected);
+        if rig.counter("pass_no_room") > before {
+            break;
+        }
+        assert!(
+            start.elapsed() < WARM,
+            "never filled: {:?}",
+            rig.agent_stats()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let (mc_hits, no_room) = (rig.mc_stat("get_hits"), rig.counter("pass_no_room"));
     for _ in 0..5 {
         assert_eq!(rig.udp_get(&["huge"]).payload, expected);
