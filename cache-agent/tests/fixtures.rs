@@ -289,6 +289,22 @@ impl Fixture {
         .assert_unchanged(XDP_PASS, &get, what);
     }
 
+    /// A single-key GET whose entry is there but expired or flushed: XDP_PASS, unchanged.
+    fn expect_expired(&self, flow: &Flow, request_id: u16, key: &str, what: &str) {
+        let get = flow.get(request_id, format!("get {key}\r\n").as_bytes());
+        self.xdp_counted(
+            &get,
+            &[
+                ("get_requests", 1),
+                ("get_keys", 1),
+                ("expired", 1),
+                ("pass_miss", 1),
+            ],
+            what,
+        )
+        .assert_unchanged(XDP_PASS, &get, what);
+    }
+
     /// Fills `item` the way the wire does: a GET that misses, then memcached's reply to it.
     /// `new_slot`: the key is not in the cache at all (an empty way is taken).
     fn fill(&self, flow: &Flow, request_id: u16, item: &Item, new_slot: bool) {
@@ -1291,18 +1307,7 @@ fn tcp_segment_after_fin_flushes_everything() {
         "data after FIN",
     )
     .assert_unchanged(XDP_PASS, &late, "data after FIN");
-    let get = Flow::v4().get(3, b"get k\r\n");
-    fx.xdp_counted(
-        &get,
-        &[
-            ("get_requests", 1),
-            ("get_keys", 1),
-            ("expired", 1),
-            ("pass_miss", 1),
-        ],
-        "GET after the flush",
-    )
-    .assert_unchanged(XDP_PASS, &get, "GET after the flush");
+    fx.expect_expired(&Flow::v4(), 3, "k", "GET after the flush");
 }
 
 #[test]
@@ -1320,18 +1325,7 @@ fn tcp_write_on_a_flow_opened_before_the_agent_flushes_everything() {
     )
     .assert_unchanged(XDP_PASS, &set, "TCP set without a SYN");
     assert_eq!(fx.kernel_epoch(), epoch + 1, "the flush bumps the epoch");
-    let get = Flow::v4().get(2, b"get k\r\n");
-    fx.xdp_counted(
-        &get,
-        &[
-            ("get_requests", 1),
-            ("get_keys", 1),
-            ("expired", 1),
-            ("pass_miss", 1),
-        ],
-        "GET after the flush",
-    )
-    .assert_unchanged(XDP_PASS, &get, "GET after the flush");
+    fx.expect_expired(&Flow::v4(), 2, "k", "GET after the flush");
 }
 
 #[test]
@@ -1350,19 +1344,7 @@ fn flush_all_clears_every_cached_key() {
         .assert_unchanged(XDP_PASS, &flush, "flush_all");
     assert_eq!(fx.kernel_epoch(), epoch + 1, "flush_all bumps the epoch");
     for (id, key) in [(4, "a"), (5, "b")] {
-        let get = flow.get(id, format!("get {key}\r\n").as_bytes());
-        let what = format!("GET {key} after flush_all");
-        fx.xdp_counted(
-            &get,
-            &[
-                ("get_requests", 1),
-                ("get_keys", 1),
-                ("expired", 1),
-                ("pass_miss", 1),
-            ],
-            &what,
-        )
-        .assert_unchanged(XDP_PASS, &get, &what);
+        fx.expect_expired(&flow, id, key, &format!("GET {key} after flush_all"));
     }
     // Not filled from a GET right after the flush: memcached may not have applied it yet.
     let reply = flow.memcached_reply(4, 0, 1, &reply_body(&[&a]));
@@ -1374,18 +1356,7 @@ fn flush_all_clears_every_cached_key() {
     // Filled again from GETs the settle time after the flush.
     fx.update_config(|c| c.write_settle_ns = WRITE_SETTLE_NS);
     sleep(SETTLE_SLEEP);
-    let get = flow.get(6, b"get a\r\n");
-    fx.xdp_counted(
-        &get,
-        &[
-            ("get_requests", 1),
-            ("get_keys", 1),
-            ("expired", 1),
-            ("pass_miss", 1),
-        ],
-        "GET the settle time after flush_all",
-    )
-    .assert_unchanged(XDP_PASS, &get, "GET the settle time after flush_all");
+    fx.expect_expired(&flow, 6, "a", "GET the settle time after flush_all");
     let reply = flow.memcached_reply(6, 0, 1, &reply_body(&[&a]));
     fx.tc_counted(&reply, &[("fills", 1)], "refill after flush_all");
     fx.expect_hit(&flow, 7, &[&a], "refilled after flush_all");
@@ -1605,18 +1576,7 @@ fn a_fill_without_a_known_ttl_is_queued_and_a_learned_ttl_outlives_max_age() {
     // An answer saying the item is about to expire shortens the entry just the same.
     let now = kernel::coarse_now_ns();
     assert_eq!(fx.answer("learn:me", now, now), ttl_answer::INSTALLED);
-    let get = flow.get(3, b"get learn:me\r\n");
-    fx.xdp_counted(
-        &get,
-        &[
-            ("get_requests", 1),
-            ("get_keys", 1),
-            ("pass_miss", 1),
-            ("expired", 1),
-        ],
-        "after the learned expiry",
-    )
-    .assert_unchanged(XDP_PASS, &get, "after the learned expiry");
+    fx.expect_expired(&flow, 3, "learn:me", "after the learned expiry");
 }
 
 #[test]
@@ -1676,18 +1636,12 @@ fn a_learned_ttl_is_refused_after_a_write_and_for_keys_not_cached() {
         "an answer to a question asked before the write"
     );
     sleep(Duration::from_millis(700));
-    let get = flow.get(5, b"get raced\r\n");
-    fx.xdp_counted(
-        &get,
-        &[
-            ("get_requests", 1),
-            ("get_keys", 1),
-            ("pass_miss", 1),
-            ("expired", 1),
-        ],
+    fx.expect_expired(
+        &flow,
+        5,
+        "raced",
         "the refilled entry still lives only max_age",
-    )
-    .assert_unchanged(XDP_PASS, &get, "the refilled entry after max_age");
+    );
 
     assert_eq!(
         fx.answer("never:cached", kernel::coarse_now_ns(), u64::MAX),
