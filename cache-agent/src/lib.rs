@@ -2,9 +2,11 @@
 //! time), attaches it in front of memcached, keeps it coherent and exports its metrics.
 //!
 //! - [`config`]: settings from flags, environment and an optional TOML file, validated.
-//! - [`loader`]: loads the object sized to the configured capacity and attaches XDP and TC.
+//! - [`loader`]: loads the object sized to the configured capacity and attaches XDP, TC egress
+//!   (fills) and TC ingress (hits too big for the XDP frame).
 //! - [`kernel`]: typed access to the maps (configuration, counters, histograms, invalidation).
-//! - [`coherence`]: the lease, memcached's health and restarts, and the `watch` backstop.
+//! - [`coherence`]: the lease and fill lease, memcached's health and restarts, and the `watch`
+//!   backstop.
 //! - [`warm`]: fills the kernel cache from memcached's contents when the agent starts.
 //! - [`requests`]: keeps the agent's own requests to memcached within one scanner buffer.
 //! - [`ttl`]: learns from memcached the TTLs of entries filled without one.

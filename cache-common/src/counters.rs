@@ -28,7 +28,8 @@ pub enum Counter {
     PassDenied,
     /// Passed: the reply would exceed the amplification limit.
     PassAmplification,
-    /// Passed: the driver could not grow the frame to hold the reply.
+    /// Passed: every key hit but the frame could not grow to hold the reply, and TC ingress
+    /// did not answer it either (`--tc-serve false`, or the skb could not grow).
     PassNoRoom,
     /// Entries stored from memcached's replies.
     Fills,
