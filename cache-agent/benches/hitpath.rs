@@ -121,8 +121,10 @@ where
 }
 
 struct Case {
-    name: &'static str,
+    name: String,
     frame: Vec<u8>,
+    /// Which loaded object (this build, or the baseline).
+    arm: usize,
     prog: &'static str,
     /// The verdict the case must get, or the numbers are not about what they claim.
     verdict: u32,
@@ -145,87 +147,60 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     let settings = Settings::resolve(&args)?;
-    let mut ebpf = loader::load(&settings)?;
-    let mut config = loader::initial_config(&settings);
-    config.lease_until_ns = kernel::coarse_now_ns() + 3600 * SEC;
-    config.fill_lease_until_ns = config.lease_until_ns;
-    config.flags |= flags::SERVE | flags::FILL;
-    config.max_reply_payload = 1400;
-    config.write_settle_ns = 0;
-    config.fill_hold_until_ns = 0;
-    config.max_age_ns = 3600 * SEC;
-    kernel::write_config(&mut ebpf, &config)?;
-
-    // The BMC workload's item: a 16-byte key, a 32-byte value. Fill through the programs.
+    // BASELINE=<object>: also time another build of cache-ebpf (e.g. a copy of
+    // target/release/build/cache-agent-*/out/cache-ebpf from before a change), interleaved
+    // with this one, so the two compare within one run.
+    let mut arms = vec![("", loader::load(&settings)?)];
+    if let Some(path) = std::env::var_os("BASELINE") {
+        let object = std::fs::read(&path)?;
+        arms.push((" [base]", loader::load_object(&settings, &object)?));
+    }
     let keys: Vec<String> = (0..4).map(|i| format!("key:{i:012}")).collect();
-    let value = [b'v'; 32];
-    let tc: &SchedClassifier = ebpf.program(names::TC_FILL).unwrap().try_into()?;
-    for k in &keys {
-        let (verdict, _) = run_once(
-            xdp(&ebpf, names::XDP_CACHE),
-            &get(false, std::slice::from_ref(k)),
-        )?;
-        anyhow::ensure!(
-            verdict == XDP_PASS,
-            "first get of {k} must miss, got {verdict}"
-        );
-        run_once(tc, &reply(false, k, &value))?;
+    for (_, ebpf) in arms.iter_mut() {
+        prepare(ebpf, &settings, &keys)?;
     }
 
-    let mut cases = vec![
-        Case {
-            name: "hit, 1 key (v4)",
-            frame: get(false, &keys[..1]),
-            prog: names::XDP_CACHE,
-            verdict: XDP_TX,
-            total: Duration::ZERO,
-            runs: 0,
-        },
-        Case {
-            name: "hit, 1 key (v6)",
-            frame: get(true, &keys[..1]),
-            prog: names::XDP_CACHE,
-            verdict: XDP_TX,
-            total: Duration::ZERO,
-            runs: 0,
-        },
-        Case {
-            name: "hit, 4 keys (v4)",
-            frame: get(false, &keys),
-            prog: names::XDP_CACHE,
-            verdict: XDP_TX,
-            total: Duration::ZERO,
-            runs: 0,
-        },
-        Case {
-            name: "miss, 1 key (v4)",
-            frame: get(false, &["key:absent00000".to_string()]),
-            prog: names::XDP_CACHE,
-            verdict: XDP_PASS,
-            total: Duration::ZERO,
-            runs: 0,
-        },
-        Case {
-            name: "reflector (v4)",
-            frame: get(false, &keys[..1]),
-            prog: names::XDP_REFLECTOR,
-            verdict: XDP_TX,
-            total: Duration::ZERO,
-            runs: 0,
-        },
+    let shapes = [
+        ("hit, 1 key (v4)", get(false, &keys[..1]), names::XDP_CACHE, XDP_TX),
+        ("hit, 1 key (v6)", get(true, &keys[..1]), names::XDP_CACHE, XDP_TX),
+        ("hit, 4 keys (v4)", get(false, &keys), names::XDP_CACHE, XDP_TX),
+        (
+            "miss, 1 key (v4)",
+            get(false, &["key:absent00000".to_string()]),
+            names::XDP_CACHE,
+            XDP_PASS,
+        ),
+        ("reflector (v4)", get(false, &keys[..1]), names::XDP_REFLECTOR, XDP_TX),
     ];
+    let mut cases = Vec::new();
+    for (name, frame, prog, verdict) in shapes {
+        for (arm, (label, _)) in arms.iter().enumerate() {
+            cases.push(Case {
+                name: format!("{name}{label}"),
+                frame: frame.clone(),
+                arm,
+                prog,
+                verdict,
+                total: Duration::ZERO,
+                runs: 0,
+            });
+        }
+    }
     // ONLY=<text>: just the cases whose name contains it (for profiling one with perf).
     if let Ok(only) = std::env::var("ONLY") {
         cases.retain(|c| c.name.contains(&only));
     }
+    // ANY_VERDICT=1: time cut-down builds of the programs (profiling by ablation).
+    let any_verdict = std::env::var_os("ANY_VERDICT").is_some();
     // Interleaved in blocks, so slow drift of the machine spreads over every case.
     let block = 1000;
     for _ in 0..runs.div_ceil(block) {
         for case in cases.iter_mut() {
+            let ebpf = &arms[case.arm].1;
             for _ in 0..block {
-                let (verdict, took) = run_once(xdp(&ebpf, case.prog), &case.frame)?;
+                let (verdict, took) = run_once(xdp(ebpf, case.prog), &case.frame)?;
                 anyhow::ensure!(
-                    verdict == case.verdict,
+                    verdict == case.verdict || any_verdict,
                     "{}: verdict {verdict}, expected {}",
                     case.name,
                     case.verdict
@@ -235,14 +210,42 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
-    println!("{:<22} {:>10} {:>10}", "case", "runs", "ns/run");
+    println!("{:<29} {:>10} {:>10}", "case", "runs", "ns/run");
     for c in &cases {
         println!(
-            "{:<22} {:>10} {:>10.0}",
+            "{:<29} {:>10} {:>10.0}",
             c.name,
             c.runs,
             c.total.as_nanos() as f64 / c.runs as f64
         );
+    }
+    Ok(())
+}
+
+/// Configures `ebpf` to serve and fills BMC's item shape (a 16-byte key, a 32-byte value)
+/// for `keys` through the programs themselves: a missed GET, then memcached's reply on TC.
+fn prepare(ebpf: &mut Ebpf, settings: &Settings, keys: &[String]) -> anyhow::Result<()> {
+    let mut config = loader::initial_config(settings);
+    config.lease_until_ns = kernel::coarse_now_ns() + 3600 * SEC;
+    config.fill_lease_until_ns = config.lease_until_ns;
+    config.flags |= flags::SERVE | flags::FILL;
+    config.max_reply_payload = 1400;
+    config.write_settle_ns = 0;
+    config.fill_hold_until_ns = 0;
+    config.max_age_ns = 3600 * SEC;
+    kernel::write_config(ebpf, &config)?;
+    let value = [b'v'; 32];
+    let tc: &SchedClassifier = ebpf.program(names::TC_FILL).unwrap().try_into()?;
+    for k in keys {
+        let (verdict, _) = run_once(
+            xdp(ebpf, names::XDP_CACHE),
+            &get(false, std::slice::from_ref(k)),
+        )?;
+        anyhow::ensure!(
+            verdict == XDP_PASS,
+            "first get of {k} must miss, got {verdict}"
+        );
+        run_once(tc, &reply(false, k, &value))?;
     }
     Ok(())
 }

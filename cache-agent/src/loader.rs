@@ -20,8 +20,7 @@ use crate::config::{Settings, XdpMode};
 use crate::error::{AgentError, Result};
 use crate::kernel;
 
-/// Fill tickets and TCP flow states kept at once (LRU).
-const TICKETS: u32 = 1 << 16;
+/// TCP flow states kept at once (LRU).
 const FLOWS: u32 = 1 << 16;
 
 pub struct Accelerator {
@@ -79,23 +78,37 @@ pub fn load_pinned(settings: &Settings, pin_dir: &std::path::Path) -> Result<Ebp
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
-    configure_and_load(&mut loader, settings)
+    configure_and_load(&mut loader, settings, crate::EBPF_OBJECT)
 }
 
 /// Loads (and so verifies) every program, sized from `settings`, without attaching or pinning.
 pub fn load(settings: &Settings) -> Result<Ebpf> {
-    let mut loader = EbpfLoader::new();
-    configure_and_load(&mut loader, settings)
+    load_object(settings, crate::EBPF_OBJECT)
 }
 
-fn configure_and_load(loader: &mut EbpfLoader<'_>, settings: &Settings) -> Result<Ebpf> {
+/// [`load`] for another build of the kernel object (the hit-path benchmark's baseline arm).
+pub fn load_object(settings: &Settings, object: &[u8]) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    configure_and_load(&mut loader, settings, object)
+}
+
+fn configure_and_load(
+    loader: &mut EbpfLoader<'_>,
+    settings: &Settings,
+    object: &[u8],
+) -> Result<Ebpf> {
     for c in 0..CLASS_COUNT {
         loader.map_max_entries(names::CLASS_MAPS[c], settings.class_buckets[c].max(1));
     }
     loader.map_max_entries(names::KEY_META, settings.key_meta_slots);
-    loader.map_max_entries(names::FILL_TICKETS, TICKETS);
+    loader.map_max_entries(names::FILL_TICKETS, cache_common::FILL_TICKET_SLOTS);
     loader.map_max_entries(names::TCP_FLOWS, FLOWS);
-    let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
+    // The hit path's lock-free bucket read relies on x86 keeping loads in order; elsewhere its
+    // readers take the bucket lock. (Not required to exist: older builds, loaded as the hit-path
+    // benchmark's baseline, lack it.)
+    const LOCKED_READS: u8 = !cfg!(target_arch = "x86_64") as u8;
+    loader.override_global(names::LOCKED_READS, &LOCKED_READS, false);
+    let mut ebpf = loader.load(object)?;
     for name in [
         names::XDP_GET,
         names::XDP_SCAN,

@@ -288,7 +288,7 @@ const fn series(counter: Counter, family: Family, label: &'static str) -> Counte
 }
 
 /// Every kernel counter except the per-class slot counters (those become the cache gauges).
-pub const KERNEL_COUNTERS: [CounterSeries; 36] = [
+pub const KERNEL_COUNTERS: [CounterSeries; 37] = [
     series(Counter::GetRequests, GET_REQUESTS, ""),
     series(Counter::GetKeys, GET_KEYS, ""),
     series(Counter::HitRequests, HIT_REQUESTS, ""),
@@ -303,6 +303,7 @@ pub const KERNEL_COUNTERS: [CounterSeries; 36] = [
     series(Counter::PassDenied, PASSED_REQUESTS, "denied"),
     series(Counter::PassAmplification, PASSED_REQUESTS, "amplification"),
     series(Counter::PassNoRoom, PASSED_REQUESTS, "no_room"),
+    series(Counter::PassContended, PASSED_REQUESTS, "contended"),
     series(Counter::Fills, FILLS, ""),
     series(Counter::FillRefusedNoTicket, FILL_REFUSED, "no_ticket"),
     series(Counter::FillRefusedRace, FILL_REFUSED, "race"),
@@ -828,7 +829,7 @@ mod tests {
             .iter()
             .filter(|(n, _, _)| n == "memcache_accel_passed_requests_total")
             .count();
-        assert_eq!(reasons, 9);
+        assert_eq!(reasons, 10);
         assert_eq!(
             samples
                 .iter()

@@ -80,9 +80,12 @@ pub enum Counter {
     /// Fills refused because the agent's fill lease ran out: memcached did not answer its
     /// probes promptly, and may be stalled with writes queued (see Config::fill_lease_until_ns).
     FillRefusedStall,
+    /// Passed: a fill or invalidation wrote the bucket while the hit path read it (the
+    /// lock-free read saw the bucket's sequence move; see the kernel's lock module).
+    PassContended,
 }
 
-pub const COUNTER_COUNT: usize = Counter::FillRefusedStall as usize + 1;
+pub const COUNTER_COUNT: usize = Counter::PassContended as usize + 1;
 
 impl Counter {
     pub const SLOTS_FILLED: [Counter; 4] = [
@@ -194,4 +197,5 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT] = [
     "warm_fills",
     "hit_requests_tc",
     "fill_refused_stall",
+    "pass_contended",
 ];

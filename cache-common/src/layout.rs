@@ -146,11 +146,15 @@ pub struct Slot<const TEXT: usize> {
 }
 
 /// A set of [`WAYS`] slots behind one spin lock. Must start with the lock (BTF requirement).
+///
+/// Writers (fills, invalidations, learned TTLs) take the lock and keep `seq` odd while they
+/// change a slot. The hit path reads without the lock: it reads `seq`, then the slot, then
+/// `seq` again, and passes the request to memcached if a write overlapped (a seqlock).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Bucket<const TEXT: usize> {
     pub lock: bpf_spin_lock,
-    pub _pad: u32,
+    pub seq: u32,
     pub slots: [Slot<TEXT>; WAYS],
 }
 const _: () = assert!(core::mem::size_of::<Slot<TEXT0>>() == SLOT_SIZES[0]);
@@ -194,6 +198,9 @@ pub struct TicketKey {
     pub _pad: u16,
 }
 const _: () = assert!(core::mem::size_of::<TicketKey>() == 24);
+
+/// Slots of the kernel's fill-ticket table (a power of two). A slot is 56 bytes.
+pub const FILL_TICKET_SLOTS: u32 = 1 << 16;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]

@@ -43,6 +43,8 @@ pub mod names {
     pub const MISS_LATENCY: &str = "MISS_LATENCY";
     pub const KEY_META: &str = "KEY_META";
     pub const FILL_TICKETS: &str = "FILL_TICKETS";
+    /// Load-time global: 1 makes hit-path readers take the bucket lock.
+    pub const LOCKED_READS: &str = "LOCKED_READS";
     pub const TCP_FLOWS: &str = "TCP_FLOWS";
     pub const SCRATCH: &str = "SCRATCH";
     pub const ALLOW_V4: &str = "ALLOW_V4";

@@ -14,7 +14,7 @@ use cache_common::{
 use crate::coherence::fill_held;
 use crate::ingress::instance_for;
 use crate::learn;
-use crate::maps::{CONFIG, FILL_TICKETS, KEY_META, MISS_LATENCY, SCRATCH, STATE};
+use crate::maps::{CONFIG, KEY_META, MISS_LATENCY, SCRATCH, STATE};
 use crate::net::{Frame, IPPROTO_UDP, parse};
 use crate::scratch::{MAX_TEXT, Scratch, helper_len};
 use crate::stats::{count, counters, record};
@@ -62,7 +62,7 @@ pub fn run(ctx: &TcContext) -> i32 {
         is_v6: h.is_v6 as u8,
         _pad: 0,
     };
-    let Some(ticket) = (unsafe { FILL_TICKETS.get(&key) }).copied() else {
+    let Some(ticket) = crate::tickets::find(&key) else {
         count(c, Counter::FillRefusedNoTicket);
         return TC_NEXT;
     };
@@ -174,11 +174,7 @@ fn fill(
         get_arrived_ns: ticket.arrived_coarse_ns,
         settle_ns: cfg.write_settle_ns,
     };
-    let v = Validity {
-        now,
-        kernel_epoch: state.kernel_epoch as u32,
-        agent_epoch: cfg.agent_epoch,
-    };
+    let v = Validity::new(now, state, cfg);
     let class = class_of(text_len);
     match insert_into_class(class, cfg, &item, meta, &v, s, c) {
         Stored::Filled => {

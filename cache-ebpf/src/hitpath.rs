@@ -23,7 +23,7 @@ use cache_common::{
 
 use crate::csum::{fold, sum_bytes};
 use crate::maps::{
-    ALLOW_V4, ALLOW_V6, CLASS0, CLASS1, CLASS2, CLASS3, CONFIG, FILL_TICKETS, HIT_LATENCY, SCRATCH,
+    ALLOW_V4, ALLOW_V6, CLASS0, CLASS1, CLASS2, CLASS3, CONFIG, HIT_LATENCY, SCRATCH,
     STATE,
 };
 use crate::net::{Frame, Headers, IPV4_LEN, IPV6_LEN, UDP_LEN};
@@ -181,6 +181,7 @@ pub fn serve<T: ReplyTarget>(
         leave_ticket(h, cfg, state, instance, request_id, now);
         let reason = match hits.outcome {
             OUTCOME_TOO_BIG => Counter::PassTooBig,
+            OUTCOME_BUSY => Counter::PassContended,
             _ if hits.hits > 0 => Counter::PassPartial,
             _ => Counter::PassMiss,
         };
@@ -368,6 +369,7 @@ const OUTCOME_HIT: u32 = 0;
 const OUTCOME_MISS: u32 = 1;
 const OUTCOME_STALE: u32 = 2;
 const OUTCOME_TOO_BIG: u32 = 3;
+const OUTCOME_BUSY: u32 = 4;
 
 /// bpf_loop context of the per-key lookup.
 #[repr(C)]
@@ -406,6 +408,7 @@ extern "C" fn hit_step(index: u64, ctx: *mut c_void) -> i64 {
         now: hc.now,
         kernel_epoch: hc.kernel_epoch,
         agent_epoch: hc.agent_epoch,
+        locked_reads: crate::lock::locked_reads(),
     };
     // Forgotten: otherwise the first key's exact offset (0) makes the verifier walk every copy
     // loop once for it and once for the rest.
@@ -433,6 +436,11 @@ extern "C" fn hit_step(index: u64, ctx: *mut c_void) -> i64 {
         Found::Stale => {
             hc.outcome = OUTCOME_STALE;
             0
+        }
+        // A fill or invalidation overlapped the read: memcached answers.
+        Found::Busy => {
+            hc.outcome = OUTCOME_BUSY;
+            1
         }
         Found::Miss => {
             if hc.outcome == OUTCOME_HIT {
@@ -526,7 +534,7 @@ fn leave_ticket(h: &Headers, cfg: &Config, state: &State, instance: u8, request_
         kernel_epoch: state.kernel_epoch as u32,
         agent_epoch: cfg.agent_epoch,
     };
-    let _ = FILL_TICKETS.insert(&key, &ticket, 0);
+    crate::tickets::leave(&key, &ticket);
 }
 
 /// The request's header fields the reply needs, read before the frame is resized.

@@ -23,7 +23,7 @@ use cache_common::{
     Slot, TtlAnswer, TtlQuery, TtlQueryOf, WAYS, ttl_answer,
 };
 
-use crate::lock::Guard;
+use crate::lock::WriteGuard;
 use crate::maps::{CLASS0, CLASS1, CLASS2, CLASS3, CONFIG, KEY_META, SCRATCH, STATE, TTL_QUERIES};
 use crate::net::Frame;
 use crate::scratch::{Scratch, forget};
@@ -150,11 +150,7 @@ fn install(ctx: &XdpContext, answer: *const TtlAnswer, s: *mut Scratch) -> u32 {
         expires_at_ns: unsafe { (*answer).expires_at_ns },
         settle_ns: cfg.write_settle_ns,
     };
-    let v = Validity {
-        now: coarse_ns(),
-        kernel_epoch: state.kernel_epoch as u32,
-        agent_epoch: cfg.agent_epoch,
-    };
+    let v = Validity::new(coarse_ns(), state, cfg);
     // memcached may have answered from before a write it still had queued.
     if v.now >= cfg.fill_lease_until_ns {
         return ttl_answer::WRITTEN;
@@ -193,7 +189,9 @@ fn install_in<const TEXT: usize, const N: usize>(
     let Some(bucket) = map.get_ptr_mut(crate::store::bucket_index(want.key_hash, buckets)) else {
         return ttl_answer::NO_ENTRY;
     };
-    let _guard = Guard::lock(unsafe { &raw mut (*bucket).lock });
+    let _guard = WriteGuard::lock(unsafe { &raw mut (*bucket).lock }, unsafe {
+        &raw mut (*bucket).seq
+    });
     let write_ts = unsafe { core::ptr::read_volatile(&(*meta).write_ts_ns) };
     if write_ts != 0 && write_ts + want.settle_ns >= want.asked_at_ns {
         return ttl_answer::WRITTEN;

@@ -25,6 +25,8 @@
 // The BPF target has atomic add but no core::sync::atomic RMW methods.
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
+// An empty asm block is the compiler barrier of the lock-free reads (lock.rs).
+#![feature(asm_experimental_arch)]
 
 mod coherence;
 mod csum;
@@ -42,6 +44,7 @@ mod scratch;
 mod stats;
 mod store;
 mod tcserve;
+mod tickets;
 mod time;
 mod warm;
 

@@ -7,12 +7,13 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use cache_common::{
-    Bucket, Config, Counters, FlowKey, Histogram, KeyMeta, State, TEXT0, TEXT1, TEXT2, TEXT3,
-    Ticket, TicketKey,
+    Bucket, Config, Counters, FILL_TICKET_SLOTS, FlowKey, Histogram, KeyMeta, State, TEXT0, TEXT1,
+    TEXT2, TEXT3,
 };
 
 use crate::scanner::FlowState;
 use crate::scratch::Scratch;
+use crate::tickets::TicketSlot;
 
 /// Tail-call targets of `xdp_cache`, filled by the agent.
 #[map]
@@ -33,7 +34,7 @@ pub static MISS_LATENCY: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(
 #[map]
 pub static KEY_META: Array<KeyMeta> = Array::with_max_entries(1 << 16, 0);
 #[map]
-pub static FILL_TICKETS: LruHashMap<TicketKey, Ticket> = LruHashMap::with_max_entries(1 << 16, 0);
+pub static FILL_TICKETS: Array<TicketSlot> = Array::with_max_entries(FILL_TICKET_SLOTS, 0);
 #[map]
 pub static TCP_FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(1 << 16, 0);
 #[map]

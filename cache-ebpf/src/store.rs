@@ -7,12 +7,13 @@
 
 use aya_ebpf::btf_maps::Array as BtfArray;
 use cache_common::{
-    Bucket, Config, Counter, Counters, KeyMeta, MAX_KEYS_PER_GET, Slot, TEXT_CAPACITY, WAYS,
+    Bucket, Config, Counter, Counters, KeyMeta, MAX_KEYS_PER_GET, Slot, State, TEXT_CAPACITY,
+    WAYS,
 };
 
 use crate::maps::{CLASS0, CLASS1, CLASS2, CLASS3};
 
-use crate::lock::Guard;
+use crate::lock::{Guard, ReadWindow, WriteGuard};
 use crate::scratch::{BUF_MASK, Scratch, forget};
 use crate::stats::count;
 
@@ -25,6 +26,20 @@ pub struct Validity {
     pub now: u64,
     pub kernel_epoch: u32,
     pub agent_epoch: u32,
+    /// Readers take the bucket lock (`flags::LOCKED_READS`) instead of the seqlock check.
+    pub locked_reads: bool,
+}
+
+impl Validity {
+    #[inline(always)]
+    pub fn new(now: u64, state: &State, cfg: &Config) -> Self {
+        Validity {
+            now,
+            kernel_epoch: state.kernel_epoch as u32,
+            agent_epoch: cfg.agent_epoch,
+            locked_reads: crate::lock::locked_reads(),
+        }
+    }
 }
 
 #[inline(always)]
@@ -48,6 +63,8 @@ pub enum Found {
     Miss,
     /// The key is there but expired or flushed.
     Stale,
+    /// A write to the bucket overlapped the read.
+    Busy,
 }
 
 /// The key `key_index` of the request being served: (hash, length). Read from memory for
@@ -64,12 +81,12 @@ fn key_at(s: *mut Scratch, key_index: usize) -> (u32, usize) {
     }
 }
 
-/// With the slot's lock held: is this the key (by tag, length and instance: the bytes are
+/// Under the bucket lock or inside a read window: is this the key (by tag, length and instance: the bytes are
 /// compared later), live, and if so stage its text in `s.reply` at the 8-byte aligned
 /// `stage_at`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn read_locked<const TEXT: usize>(
+fn read_slot<const TEXT: usize>(
     slot: *mut Slot<TEXT>,
     key_hash: u32,
     key_len: usize,
@@ -113,7 +130,8 @@ fn read_locked<const TEXT: usize>(
 }
 
 /// Looks key `key_index` up in one bucket; on a hit stages the stored text in `s.reply` at the
-/// 8-byte aligned `stage_at` and bumps the way's frequency.
+/// 8-byte aligned `stage_at` and bumps the way's frequency. Lock-free unless
+/// `v.locked_reads` (see [`crate::lock`]).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn lookup<const TEXT: usize, const N: usize>(
@@ -148,9 +166,21 @@ pub fn lookup<const TEXT: usize, const N: usize>(
     // Through memory, so the verifier walks one path with an unknown way, not four.
     let way = forget(s, way as u32) as usize;
     let slot = slot_ptr(bucket, way);
-    let _guard = Guard::lock(unsafe { &raw mut (*bucket).lock });
-    let found = read_locked(slot, key_hash, key_len, instance, v, s, stage_at);
+    let found = if v.locked_reads {
+        let _guard = Guard::lock(unsafe { &raw mut (*bucket).lock });
+        read_slot(slot, key_hash, key_len, instance, v, s, stage_at)
+    } else {
+        let Some(window) = ReadWindow::open(unsafe { &raw const (*bucket).seq }) else {
+            return Found::Busy;
+        };
+        let found = read_slot(slot, key_hash, key_len, instance, v, s, stage_at);
+        if !window.clean() {
+            return Found::Busy;
+        }
+        found
+    };
     if let Found::Hit(_) = found {
+        // Unlocked: a lost increment only blurs the replacement policy.
         unsafe {
             if (*slot).freq < u8::MAX {
                 (*slot).freq += 1;
@@ -207,7 +237,9 @@ pub fn insert<const TEXT: usize, const N: usize>(
     let Some(bucket) = map.get_ptr_mut(bucket_index(item.key_hash, buckets)) else {
         return Stored::Race;
     };
-    let _guard = Guard::lock(unsafe { &raw mut (*bucket).lock });
+    let _guard = WriteGuard::lock(unsafe { &raw mut (*bucket).lock }, unsafe {
+        &raw mut (*bucket).seq
+    });
     unsafe {
         let write_ts = core::ptr::read_volatile(&(*meta).write_ts_ns);
         if write_ts != 0 && write_ts + item.settle_ns >= item.get_arrived_ns {
@@ -331,7 +363,9 @@ pub fn invalidate<const TEXT: usize, const N: usize>(
     let Some(bucket) = map.get_ptr_mut(bucket_index(key_hash, buckets)) else {
         return;
     };
-    let _guard = Guard::lock(unsafe { &raw mut (*bucket).lock });
+    let _guard = WriteGuard::lock(unsafe { &raw mut (*bucket).lock }, unsafe {
+        &raw mut (*bucket).seq
+    });
     for w in 0..WAYS {
         let slot = slot_ptr(bucket, w);
         unsafe {

@@ -86,11 +86,7 @@ fn store(ctx: &XdpContext, w: *const WarmFill, frame_len: usize) -> u32 {
         get_arrived_ns: asked_at,
         settle_ns: cfg.write_settle_ns,
     };
-    let v = Validity {
-        now,
-        kernel_epoch: state.kernel_epoch as u32,
-        agent_epoch: cfg.agent_epoch,
-    };
+    let v = Validity::new(now, state, cfg);
     let c = counters();
     match insert_into_class(class_of(text_len), cfg, &item, meta, &v, s, c) {
         Stored::Filled => {
