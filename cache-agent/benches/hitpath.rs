@@ -161,16 +161,36 @@ fn main() -> anyhow::Result<()> {
     }
 
     let shapes = [
-        ("hit, 1 key (v4)", get(false, &keys[..1]), names::XDP_CACHE, XDP_TX),
-        ("hit, 1 key (v6)", get(true, &keys[..1]), names::XDP_CACHE, XDP_TX),
-        ("hit, 4 keys (v4)", get(false, &keys), names::XDP_CACHE, XDP_TX),
+        (
+            "hit, 1 key (v4)",
+            get(false, &keys[..1]),
+            names::XDP_CACHE,
+            XDP_TX,
+        ),
+        (
+            "hit, 1 key (v6)",
+            get(true, &keys[..1]),
+            names::XDP_CACHE,
+            XDP_TX,
+        ),
+        (
+            "hit, 4 keys (v4)",
+            get(false, &keys),
+            names::XDP_CACHE,
+            XDP_TX,
+        ),
         (
             "miss, 1 key (v4)",
             get(false, &["key:absent00000".to_string()]),
             names::XDP_CACHE,
             XDP_PASS,
         ),
-        ("reflector (v4)", get(false, &keys[..1]), names::XDP_REFLECTOR, XDP_TX),
+        (
+            "reflector (v4)",
+            get(false, &keys[..1]),
+            names::XDP_REFLECTOR,
+            XDP_TX,
+        ),
     ];
     let mut cases = Vec::new();
     for (name, frame, prog, verdict) in shapes {

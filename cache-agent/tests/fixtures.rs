@@ -822,9 +822,19 @@ fn ipv4_get_miss_passes_unchanged_and_leaves_a_fill_ticket() {
 
 /// Two different keys of the same length whose 32-bit tags are equal (a birthday search).
 fn keys_sharing_a_tag() -> (String, String) {
+    keys_sharing_a_tag_after("key:")
+}
+
+/// [`keys_sharing_a_tag`] of `prefix` and six hex digits: with an 8-byte prefix they differ only
+/// in their last, partial 8-byte word (the hit path compares keys a word at a time).
+fn keys_sharing_a_tag_after(prefix: &str) -> (String, String) {
     let mut seen = std::collections::HashMap::new();
     for i in 0u64.. {
-        let key = format!("key:{i:012}");
+        let key = if prefix == "key:" {
+            format!("key:{i:012}")
+        } else {
+            format!("{prefix}{i:06x}")
+        };
         if let Some(other) =
             seen.insert(cache_common::hash::key_hash(0, key.as_bytes()), key.clone())
         {
@@ -836,11 +846,21 @@ fn keys_sharing_a_tag() -> (String, String) {
 
 #[test]
 fn key_sharing_a_tag_with_a_cached_key_is_never_answered_with_its_value() {
+    key_sharing_a_tag_is_never_answered(keys_sharing_a_tag());
+}
+
+#[test]
+fn key_sharing_a_tag_and_its_first_word_with_a_cached_key_is_never_answered_with_its_value() {
+    let (a, b) = keys_sharing_a_tag_after("tailchk:");
+    assert_eq!(a[..8], b[..8]);
+    key_sharing_a_tag_is_never_answered((a, b));
+}
+
+fn key_sharing_a_tag_is_never_answered((a, b): (String, String)) {
     // Lookups match slots by tag and length; the key bytes decide. A GET for the other key
     // must go to memcached, and its reply then takes over the slot.
     let fx = Fixture::new();
     let flow = Flow::v4();
-    let (a, b) = keys_sharing_a_tag();
     let item_a = Item::new(&a, 0, b"value of a");
     let item_b = Item::new(&b, 0, b"value of b");
     fx.fill(&flow, 1, &item_a, true);

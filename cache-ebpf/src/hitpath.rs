@@ -23,8 +23,7 @@ use cache_common::{
 
 use crate::csum::{fold, sum_bytes};
 use crate::maps::{
-    ALLOW_V4, ALLOW_V6, CLASS0, CLASS1, CLASS2, CLASS3, CONFIG, HIT_LATENCY, SCRATCH,
-    STATE,
+    ALLOW_V4, ALLOW_V6, CLASS0, CLASS1, CLASS2, CLASS3, CONFIG, HIT_LATENCY, SCRATCH, STATE,
 };
 use crate::net::{Frame, Headers, IPV4_LEN, IPV6_LEN, UDP_LEN};
 use crate::reply::{ReplyTarget, XdpTarget};
@@ -32,6 +31,7 @@ use crate::scratch::{BUF_MASK, BUF_SIZE, MAX_TEXT, REPLY_MASK, Scratch, forget, 
 use crate::stats::{count, count_n, record};
 use crate::store::{Found, KEY_AT, Validity, lookup};
 use crate::time::{coarse_ns, precise_ns};
+use crate::unaligned::load_u64;
 
 /// Longest `get` line parsed (a 32-key multi-get of 30-byte keys is about 1000 bytes).
 const MAX_REQUEST: usize = 1472;
@@ -306,7 +306,8 @@ struct ParseCtx {
 
 /// Scans bytes `4 + PARSE_PIECE*index ..` of the request line (up to the CRLF). The running
 /// hash stays in a register inside the piece (it changes on every byte); key boundaries,
-/// which are rare, go through scratch memory.
+/// which are rare, go through scratch memory. Four bytes at a time where they are all plain
+/// key bytes (the common case), one at a time around spaces and the line's end.
 extern "C" fn parse_step(index: u64, ctx: *mut c_void) -> i64 {
     let Some(s) = SCRATCH.get_ptr_mut(0) else {
         return 1;
@@ -318,24 +319,61 @@ extern "C" fn parse_step(index: u64, ctx: *mut c_void) -> i64 {
     let base = GET_LEN + (index as usize & 0xff) * PARSE_PIECE;
     let mut hash = rd(hash_cell);
     let mut stop = 0;
-    for j in 0..PARSE_PIECE {
-        let i = base + j;
-        if i >= end {
+    for group in 0..PARSE_PIECE / 4 {
+        let at = base + group * 4;
+        if at >= end {
             stop = 1;
             break;
         }
-        let b = unsafe { (*req)[i & BUF_MASK] };
-        if b == b' ' {
-            finish_key(s, i, hash);
-            hash = seed(instance);
-        } else if b <= b' ' || b == 0x7f {
-            wr(unsafe { &raw mut (*s).bad }, 1);
-        } else {
-            hash = step(hash, b);
+        // 4-byte aligned: `base` is, and the request sits at an aligned offset of scratch.
+        let word = unsafe { *((req as *const u8).add(at & BUF_MASK) as *const u32) };
+        if at + 4 <= end && plain_key_bytes(word) {
+            hash = step4(hash, word);
+            continue;
+        }
+        for j in 0..4 {
+            let i = at + j;
+            if i >= end {
+                stop = 1;
+                break;
+            }
+            let b = unsafe { (*req)[i & BUF_MASK] };
+            if b == b' ' {
+                finish_key(s, i, hash);
+                hash = seed(instance);
+            } else if b <= b' ' || b == 0x7f {
+                wr(unsafe { &raw mut (*s).bad }, 1);
+            } else {
+                hash = step(hash, b);
+            }
+        }
+        if stop != 0 {
+            break;
         }
     }
     wr(hash_cell, hash);
     stop
+}
+
+/// Whether none of the four bytes of `word` is a space, a control byte or DEL (the classic
+/// "has a byte less than n" and "has a zero byte" bit tricks: never a false "yes").
+#[inline(always)]
+fn plain_key_bytes(word: u32) -> bool {
+    const ONES: u32 = 0x0101_0101;
+    const HIGH: u32 = 0x8080_8080;
+    let below_33 = word.wrapping_sub(ONES * 33) & !word & HIGH;
+    let del = word ^ (ONES * 0x7f);
+    let has_del = del.wrapping_sub(ONES) & !del & HIGH;
+    below_33 | has_del == 0
+}
+
+/// [`step`] over the four bytes of `word`, in memory order (little-endian).
+#[inline(always)]
+fn step4(hash: u32, word: u32) -> u32 {
+    let hash = step(hash, word as u8);
+    let hash = step(hash, (word >> 8) as u8);
+    let hash = step(hash, (word >> 16) as u8);
+    step(hash, (word >> 24) as u8)
 }
 
 /// Records the key that ends at `end` (exclusive) with running hash `hash`.
@@ -498,18 +536,31 @@ extern "C" fn key_check_step(index: u64, ctx: *mut c_void) -> i64 {
     let kr = unsafe { (*s).keys[index as usize & (MAX_KEYS_PER_GET - 1)] };
     let (start, len) = (kr.start as usize, kr.len as usize);
     let text = (kr.staged_at as usize & (BUF_MASK & !7)) + KEY_AT;
-    let req = unsafe { &raw const (*s).req };
-    let reply = unsafe { &raw const (*s).reply };
+    let req = unsafe { (&raw const (*s).req) as *const u8 };
+    let reply = unsafe { (&raw const (*s).reply) as *const u8 };
+    // Eight bytes at a time; the last word's bytes past the key are masked off.
     let mut j = 0;
     while j < MAX_KEY_LEN {
         if j >= len {
             break;
         }
-        if unsafe { (*req)[(start + j) & BUF_MASK] != (*reply)[(text + j) & REPLY_MASK] } {
+        let (a, b) = unsafe {
+            (
+                load_u64(req.add((start + j) & BUF_MASK)),
+                load_u64(reply.add((text + j) & REPLY_MASK)),
+            )
+        };
+        let left = len - j;
+        let mask = if left >= 8 {
+            u64::MAX
+        } else {
+            (1u64 << (left * 8)) - 1
+        };
+        if (a ^ b) & mask != 0 {
             unsafe { *mismatch = 1 };
             return 1;
         }
-        j += 1;
+        j += 8;
     }
     0
 }
@@ -618,8 +669,9 @@ extern "C" fn emit_step<T: ReplyTarget>(index: u64, ctx: *mut c_void) -> i64 {
         return 1;
     };
     let kr = unsafe { (*s).keys[index as usize & (MAX_KEYS_PER_GET - 1)] };
+    // The last key's text carries END (append_end).
     let len = kr.text_len as usize;
-    if len == 0 || len > MAX_TEXT {
+    if len == 0 || len > MAX_TEXT + END.len() {
         e.failed = 1;
         return 1;
     }
@@ -735,6 +787,10 @@ fn write_reply<T: ReplyTarget>(
         (0, 0)
     };
 
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    append_end(s, nkeys);
     let mut emit = EmitCtx {
         raw: target.raw(),
         pos: (payload_off + FRAME_HEADER_LEN) as u32,
@@ -754,22 +810,24 @@ fn write_reply<T: ReplyTarget>(
     if emit.failed != 0 {
         return false;
     }
-    datagram += emit.csum;
-    let pos = emit.pos as usize;
-    let end = *END;
-    if !T::store_raw(
-        target.raw(),
-        pos as u32,
-        end.as_ptr() as *mut c_void,
-        END.len() as u32,
-    ) {
-        return false;
-    }
     if summed {
-        let part = fold(sum_bytes(&end));
-        let odd = (pos - payload_off) & 1 == 1;
-        datagram += if odd { part.swap_bytes() } else { part } as u64;
+        datagram += emit.csum;
         return target.finish_udp_csum(l4 + 6, pseudo, fold(datagram));
     }
     true
+}
+
+/// Stages `END\r\n` right after the last key's text, so the emit copies it along: one packet
+/// write fewer than copying it on its own. The last key's text is the last one staged.
+#[inline(always)]
+fn append_end(s: *mut Scratch, nkeys: u32) {
+    unsafe {
+        let kr = &raw mut (*s).keys[(nkeys as usize).wrapping_sub(1) & (MAX_KEYS_PER_GET - 1)];
+        let at =
+            ((*kr).staged_at as usize & (BUF_MASK & !7)) + ((*kr).text_len as usize & BUF_MASK);
+        for (i, b) in END.iter().enumerate() {
+            (*s).reply[(at + i) & REPLY_MASK] = *b;
+        }
+        (*kr).text_len += END.len() as u16;
+    }
 }

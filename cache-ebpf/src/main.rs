@@ -46,6 +46,7 @@ mod store;
 mod tcserve;
 mod tickets;
 mod time;
+mod unaligned;
 mod warm;
 
 use aya_ebpf::{

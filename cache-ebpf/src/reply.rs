@@ -15,7 +15,8 @@ use aya_ebpf::{
 
 use crate::csum::fold;
 use crate::maps::SCRATCH;
-use crate::net::Frame;
+use crate::net::{Frame, HEADER_SPAN_MASK};
+use crate::unaligned::copy_short;
 
 /// `bpf_l4_csum_replace` flags: a 2-byte field, and a result of 0 is sent as 0xffff (0 means
 /// "no checksum" in UDP).
@@ -65,9 +66,15 @@ impl ReplyTarget for XdpTarget<'_> {
         self.0.ctx as u64
     }
 
+    /// A short request (a `get` of a key or two) is copied straight from the frame: the
+    /// helper call costs more than the copy.
     #[inline(always)]
     fn load(&self, off: u32, to: *mut c_void, len: u32) -> bool {
-        unsafe { bpf_xdp_load_bytes(self.0.ctx, off, to, len) == 0 }
+        let f = self.frame();
+        let src = f.start + (off as usize & HEADER_SPAN_MASK);
+        let direct = off as usize <= HEADER_SPAN_MASK
+            && unsafe { copy_short(src, f.end, to.cast(), len as usize) };
+        direct || unsafe { bpf_xdp_load_bytes(self.0.ctx, off, to, len) == 0 }
     }
 
     #[inline(always)]

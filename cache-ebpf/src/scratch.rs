@@ -121,3 +121,6 @@ pub struct Scratch {
     /// Scanner state of the stream being scanned (copied in and out of TCP_FLOWS).
     pub flow: FlowState,
 }
+
+// hitpath::parse_step reads the request four bytes at a time from 4-byte aligned offsets.
+const _: () = assert!(core::mem::offset_of!(Scratch, req) % 8 == 0);

@@ -7,8 +7,7 @@
 
 use aya_ebpf::btf_maps::Array as BtfArray;
 use cache_common::{
-    Bucket, Config, Counter, Counters, KeyMeta, MAX_KEYS_PER_GET, Slot, State, TEXT_CAPACITY,
-    WAYS,
+    Bucket, Config, Counter, Counters, KeyMeta, MAX_KEYS_PER_GET, Slot, State, TEXT_CAPACITY, WAYS,
 };
 
 use crate::maps::{CLASS0, CLASS1, CLASS2, CLASS3};
