@@ -31,7 +31,7 @@ use crate::scratch::{BUF_MASK, BUF_SIZE, MAX_TEXT, REPLY_MASK, Scratch, forget, 
 use crate::stats::{count, count_n, record};
 use crate::store::{Found, KEY_AT, Validity, lookup};
 use crate::time::{coarse_ns, precise_ns};
-use crate::unaligned::load_u64;
+use crate::unaligned::{load_u16, load_u32, load_u64, store_u16, store_u32, store_u64};
 
 /// Longest `get` line parsed (a 32-key multi-get of 30-byte keys is about 1000 bytes).
 const MAX_REQUEST: usize = 1472;
@@ -588,31 +588,43 @@ fn leave_ticket(h: &Headers, cfg: &Config, state: &State, instance: u8, request_
     crate::tickets::leave(&key, &ticket);
 }
 
-/// The request's header fields the reply needs, read before the frame is resized.
+/// The request's header fields the reply needs, read before the frame is resized (as words,
+/// in memory order).
 struct SavedHeaders {
-    eth: [u8; 12],
-    vlan: [u8; 4],
-    /// IPv4 TOS, or the first 4 bytes of the IPv6 header (version, class, flow label).
-    v6_word0: [u8; 4],
-    tos: u8,
+    /// Destination MAC: bytes 0-3 and 4-5.
+    dst_mac: (u32, u16),
+    /// Source MAC: bytes 6-9 and 10-11.
+    src_mac: (u32, u16),
+    /// The VLAN tag (TPID and TCI), if any.
+    vlan: u32,
+    /// The first 4 bytes of the IP header (IPv4: version, TOS; IPv6: version, class, flow).
+    l3_word0: u32,
 }
 
 impl SavedHeaders {
     #[inline(always)]
     fn read(frame: &Frame, h: &Headers) -> Option<Self> {
-        let eth = unsafe { *frame.bytes::<12>(0)? };
-        let vlan = if h.l3_off > 14 {
-            unsafe { *frame.bytes::<4>(12)? }
-        } else {
-            [0; 4]
-        };
-        let first = unsafe { *frame.bytes::<4>(h.l3_off)? };
-        Some(SavedHeaders {
-            eth,
-            vlan,
-            v6_word0: first,
-            tos: first[1],
-        })
+        let eth = frame.bytes::<16>(0)? as *const u8;
+        let first = frame.bytes::<4>(h.l3_off)? as *const u8;
+        unsafe {
+            Some(SavedHeaders {
+                dst_mac: (load_u32(eth), load_u16(eth.add(4))),
+                src_mac: (load_u32(eth.add(6)), load_u16(eth.add(10))),
+                vlan: load_u32(eth.add(12)),
+                l3_word0: load_u32(first),
+            })
+        }
+    }
+}
+
+/// Ones' complement running sum of 16 bytes at `p`, as native 32-bit words.
+#[inline(always)]
+fn sum16(p: *const u8) -> u64 {
+    unsafe {
+        load_u32(p) as u64
+            + load_u32(p.add(4)) as u64
+            + load_u32(p.add(8)) as u64
+            + load_u32(p.add(12)) as u64
     }
 }
 
@@ -662,7 +674,7 @@ struct EmitCtx {
 }
 
 /// Copies key `index`'s staged text into the packet (and adds it to the UDP checksum).
-extern "C" fn emit_step<T: ReplyTarget>(index: u64, ctx: *mut c_void) -> i64 {
+extern "C" fn emit_step<T: ReplyTarget, const DIRECT: bool>(index: u64, ctx: *mut c_void) -> i64 {
     let e = unsafe { &mut *(ctx as *mut EmitCtx) };
     let Some(s) = SCRATCH.get_ptr_mut(0) else {
         e.failed = 1;
@@ -679,7 +691,7 @@ extern "C" fn emit_step<T: ReplyTarget>(index: u64, ctx: *mut c_void) -> i64 {
     let at = kr.staged_at as usize & (BUF_MASK & !7);
     let src = unsafe { ((&raw mut (*s).reply) as *mut u8).add(at) };
     let pos = e.pos as usize;
-    if !T::store_raw(e.raw, pos as u32, src.cast(), len as u32) {
+    if !T::store_raw(e.raw, pos as u32, src.cast(), len as u32, DIRECT) {
         e.failed = 1;
         return 1;
     }
@@ -710,79 +722,99 @@ fn write_reply<T: ReplyTarget>(
     let payload_off = l4 + UDP_LEN;
     let udp_len = (UDP_LEN + payload_len) as u16;
 
-    // Ethernet (and the VLAN tag, kept as it was).
-    let Some(eth) = frame.bytes::<14>(0) else {
+    // Word stores throughout: a byte-array copy compiles to one load and one store per byte.
+    // Ethernet: addresses swapped, the VLAN tag kept as it was.
+    let Some(eth) = frame.bytes::<18>(0) else {
         return false;
     };
-    let eth = unsafe { &mut *eth };
-    eth[0..6].copy_from_slice(&saved.eth[6..12]);
-    eth[6..12].copy_from_slice(&saved.eth[0..6]);
-    if l3 > 14 {
-        let Some(tag) = frame.bytes::<4>(12) else {
-            return false;
-        };
-        unsafe { *tag = saved.vlan };
-        let Some(et) = frame.bytes::<2>(16) else {
-            return false;
-        };
-        unsafe { *et = if h.is_v6 { [0x86, 0xdd] } else { [0x08, 0x00] } };
-    } else {
-        eth[12..14].copy_from_slice(if h.is_v6 {
-            &[0x86, 0xdd]
+    let eth = eth as *mut u8;
+    let ethertype = if h.is_v6 { [0x86, 0xdd] } else { [0x08, 0x00] };
+    unsafe {
+        store_u32(eth, saved.src_mac.0);
+        store_u16(eth.add(4), saved.src_mac.1);
+        store_u32(eth.add(6), saved.dst_mac.0);
+        store_u16(eth.add(10), saved.dst_mac.1);
+        if l3 > 14 {
+            store_u32(eth.add(12), saved.vlan);
+            store_u16(eth.add(16), u16::from_ne_bytes(ethertype));
         } else {
-            &[0x08, 0x00]
-        });
+            store_u16(eth.add(12), u16::from_ne_bytes(ethertype));
+        }
     }
 
+    let src = h.dst.as_ptr();
+    let dst = h.src.as_ptr();
     if h.is_v6 {
         let Some(ip) = frame.bytes::<{ IPV6_LEN }>(l3) else {
             return false;
         };
-        let ip = unsafe { &mut *ip };
-        ip[0..4].copy_from_slice(&saved.v6_word0);
-        ip[4..6].copy_from_slice(&udp_len.to_be_bytes());
-        ip[6] = crate::net::IPPROTO_UDP;
-        ip[7] = 64;
-        ip[8..24].copy_from_slice(&h.dst);
-        ip[24..40].copy_from_slice(&h.src);
+        let ip = ip as *mut u8;
+        let [len_hi, len_lo] = udp_len.to_be_bytes();
+        unsafe {
+            store_u32(ip, saved.l3_word0);
+            store_u32(
+                ip.add(4),
+                u32::from_ne_bytes([len_hi, len_lo, crate::net::IPPROTO_UDP, 64]),
+            );
+            store_u64(ip.add(8), load_u64(src));
+            store_u64(ip.add(16), load_u64(src.add(8)));
+            store_u64(ip.add(24), load_u64(dst));
+            store_u64(ip.add(32), load_u64(dst.add(8)));
+        }
     } else {
         let Some(ip) = frame.bytes::<{ IPV4_LEN }>(l3) else {
             return false;
         };
-        let ip = unsafe { &mut *ip };
-        let total = (IPV4_LEN + UDP_LEN + payload_len) as u16;
-        ip[0] = 0x45;
-        ip[1] = saved.tos;
-        ip[2..4].copy_from_slice(&total.to_be_bytes());
-        ip[4..6].copy_from_slice(&[0, 0]);
-        ip[6..8].copy_from_slice(&[0x40, 0]); // DF
-        ip[8] = 64;
-        ip[9] = crate::net::IPPROTO_UDP;
-        ip[10..12].copy_from_slice(&[0, 0]);
-        ip[12..16].copy_from_slice(&h.dst[..4]);
-        ip[16..20].copy_from_slice(&h.src[..4]);
-        let csum = crate::csum::ipv4_header(ip);
-        ip[10..12].copy_from_slice(&csum);
+        let ip = ip as *mut u8;
+        let [total_hi, total_lo] = ((IPV4_LEN + UDP_LEN + payload_len) as u16).to_be_bytes();
+        let tos = saved.l3_word0.to_ne_bytes()[1];
+        let words = [
+            u32::from_ne_bytes([0x45, tos, total_hi, total_lo]),
+            u32::from_ne_bytes([0, 0, 0x40, 0]), // id 0, DF
+            u32::from_ne_bytes([64, crate::net::IPPROTO_UDP, 0, 0]), // TTL, protocol, checksum
+            unsafe { load_u32(src) },
+            unsafe { load_u32(dst) },
+        ];
+        let sum = words.iter().map(|w| *w as u64).sum::<u64>();
+        // The checksum is bytes 10-11: the upper half of the third word.
+        let csum = (!fold(sum)) as u32;
+        unsafe {
+            store_u32(ip, words[0]);
+            store_u32(ip.add(4), words[1]);
+            store_u32(ip.add(8), words[2] | csum << 16);
+            store_u32(ip.add(12), words[3]);
+            store_u32(ip.add(16), words[4]);
+        }
     }
 
+    // UDP header (checksum 0 for now), then the memcached frame header: same request id,
+    // seq 0, total 1.
     let Some(udp) = frame.bytes::<{ UDP_LEN + FRAME_HEADER_LEN }>(l4) else {
         return false;
     };
-    let udp = unsafe { &mut *udp };
-    udp[0..2].copy_from_slice(&h.dst_port.to_be_bytes());
-    udp[2..4].copy_from_slice(&h.src_port.to_be_bytes());
-    udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
-    udp[6..8].copy_from_slice(&[0, 0]);
-    udp[8..10].copy_from_slice(&request_id.to_be_bytes());
-    udp[10..16].copy_from_slice(&[0, 0, 0, 1, 0, 0]);
+    let udp = udp as *mut u8;
+    let [sport_hi, sport_lo] = h.dst_port.to_be_bytes();
+    let [dport_hi, dport_lo] = h.src_port.to_be_bytes();
+    let [len_hi, len_lo] = udp_len.to_be_bytes();
+    let [id_hi, id_lo] = request_id.to_be_bytes();
+    let ports = u32::from_ne_bytes([sport_hi, sport_lo, dport_hi, dport_lo]);
+    let length = u32::from_ne_bytes([len_hi, len_lo, 0, 0]);
+    let frame_header = u64::from_ne_bytes([id_hi, id_lo, 0, 0, 0, 1, 0, 0]);
+    unsafe {
+        store_u32(udp, ports);
+        store_u32(udp.add(4), length);
+        store_u64(udp.add(8), frame_header);
+    }
     let summed = h.is_v6 || T::SUM_IPV4;
     let (pseudo, mut datagram) = if summed {
         // IPv4 addresses fill the first four bytes; the zeros after them add nothing.
-        let pseudo = sum_bytes(&h.src)
-            + sum_bytes(&h.dst)
+        let pseudo = sum16(h.src.as_ptr())
+            + sum16(h.dst.as_ptr())
             + sum_bytes(&(udp_len as u32).to_be_bytes())
             + sum_bytes(&[0, 0, 0, crate::net::IPPROTO_UDP]);
-        (fold(pseudo), sum_bytes(&udp[..]))
+        let header =
+            ports as u64 + length as u64 + (frame_header & 0xffff_ffff) + (frame_header >> 32);
+        (fold(pseudo), header)
     } else {
         (0, 0)
     };
@@ -799,14 +831,21 @@ fn write_reply<T: ReplyTarget>(
         failed: 0,
         csum: 0,
     };
-    unsafe {
-        bpf_loop(
-            nkeys,
-            emit_step::<T> as *const () as *mut c_void,
-            (&raw mut emit).cast(),
-            0,
-        )
-    };
+    // A single key (the common case) is emitted by a direct call, which may write the frame
+    // itself; in a bpf_loop callback the verifier would have to follow the growing write
+    // offset from one iteration to the next.
+    if T::DIRECT_STORE && nkeys == 1 {
+        emit_step::<T, true>(0, (&raw mut emit).cast());
+    } else {
+        unsafe {
+            bpf_loop(
+                nkeys,
+                emit_step::<T, false> as *const () as *mut c_void,
+                (&raw mut emit).cast(),
+                0,
+            )
+        };
+    }
     if emit.failed != 0 {
         return false;
     }

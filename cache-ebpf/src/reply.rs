@@ -16,7 +16,13 @@ use aya_ebpf::{
 use crate::csum::fold;
 use crate::maps::SCRATCH;
 use crate::net::{Frame, HEADER_SPAN_MASK};
-use crate::unaligned::copy_short;
+use crate::unaligned::{copy_into_frame, copy_short};
+
+/// Longest text the XDP target copies into the frame itself; longer ones go through
+/// bpf_xdp_store_bytes (the copy loop is bounded by this).
+const DIRECT_STORE_MAX: usize = 128;
+/// Bounds a frame offset for the verifier (no reply reaches 4 KiB).
+const FRAME_OFFSET_MASK: usize = 0xfff;
 
 /// `bpf_l4_csum_replace` flags: a 2-byte field, and a result of 0 is sent as 0xffff (0 means
 /// "no checksum" in UDP).
@@ -30,6 +36,8 @@ pub trait ReplyTarget {
     const FIRST_STAGE: bool;
     /// Whether IPv4 replies need a computed UDP checksum (0, "none", is legal for IPv4).
     const SUM_IPV4: bool;
+    /// Whether [`ReplyTarget::store_raw`] can write the packet itself (when told `direct`).
+    const DIRECT_STORE: bool;
 
     fn frame(&self) -> Frame;
     /// The context as an integer, for bpf_loop callbacks (see [`ReplyTarget::store_raw`]).
@@ -37,7 +45,8 @@ pub trait ReplyTarget {
     /// Copies `len` packet bytes at `off` to `to`.
     fn load(&self, off: u32, to: *mut c_void, len: u32) -> bool;
     /// Copies `len` bytes from `from` into the packet at `off`; `raw` is [`ReplyTarget::raw`].
-    fn store_raw(raw: u64, off: u32, from: *mut c_void, len: u32) -> bool;
+    /// `direct`: the target may write the packet itself (not from a bpf_loop callback).
+    fn store_raw(raw: u64, off: u32, from: *mut c_void, len: u32, direct: bool) -> bool;
     /// Makes the packet `delta` bytes longer (or shorter) so it is `new_len` bytes; on failure
     /// the packet is as it was.
     fn resize(&self, delta: i32, new_len: u32) -> bool;
@@ -52,6 +61,7 @@ pub struct XdpTarget<'a>(pub &'a XdpContext);
 impl ReplyTarget for XdpTarget<'_> {
     const FIRST_STAGE: bool = true;
     const SUM_IPV4: bool = false;
+    const DIRECT_STORE: bool = true;
 
     #[inline(always)]
     fn frame(&self) -> Frame {
@@ -77,9 +87,17 @@ impl ReplyTarget for XdpTarget<'_> {
         direct || unsafe { bpf_xdp_load_bytes(self.0.ctx, off, to, len) == 0 }
     }
 
+    /// Texts up to [`DIRECT_STORE_MAX`] bytes are copied straight into the frame.
     #[inline(always)]
-    fn store_raw(raw: u64, off: u32, from: *mut c_void, len: u32) -> bool {
-        unsafe { bpf_xdp_store_bytes(raw as *mut xdp_md, off, from, len) == 0 }
+    fn store_raw(raw: u64, off: u32, from: *mut c_void, len: u32, direct: bool) -> bool {
+        let ctx = raw as *mut xdp_md;
+        let direct =
+            direct && off as usize <= FRAME_OFFSET_MASK && len as usize <= DIRECT_STORE_MAX && {
+                let (start, end) = unsafe { ((*ctx).data as usize, (*ctx).data_end as usize) };
+                let dst = start + (off as usize & FRAME_OFFSET_MASK);
+                unsafe { copy_into_frame(dst, end, from as *const u8, len as usize) }
+            };
+        direct || unsafe { bpf_xdp_store_bytes(ctx, off, from, len) == 0 }
     }
 
     /// Tail growth is the cheap way but veth (and drivers with small buffers) often refuse it;
@@ -152,6 +170,7 @@ impl SkbTarget<'_> {
 impl ReplyTarget for SkbTarget<'_> {
     const FIRST_STAGE: bool = false;
     const SUM_IPV4: bool = true;
+    const DIRECT_STORE: bool = false;
 
     #[inline(always)]
     fn frame(&self) -> Frame {
@@ -172,7 +191,7 @@ impl ReplyTarget for SkbTarget<'_> {
     }
 
     #[inline(always)]
-    fn store_raw(raw: u64, off: u32, from: *mut c_void, len: u32) -> bool {
+    fn store_raw(raw: u64, off: u32, from: *mut c_void, len: u32, _direct: bool) -> bool {
         unsafe { bpf_skb_store_bytes(raw as *mut __sk_buff, off, from, len, 0) == 0 }
     }
 

@@ -85,6 +85,36 @@ pub unsafe fn copy_short(src: usize, end: usize, dst: *mut u8, len: usize) -> bo
     true
 }
 
+/// Copies `len` (8 to 128) bytes from `src` into the packet at `dst` (frame end `end`), eight
+/// at a time, the last eight ending exactly at `len`. False if they do not all fit the frame
+/// (then part of them may have been written).
+#[inline(always)]
+pub unsafe fn copy_into_frame(dst: usize, end: usize, src: *const u8, len: usize) -> bool {
+    if !(8..=128).contains(&len) {
+        return false;
+    }
+    let mut k = 0;
+    while k < 120 {
+        if k + 8 > len {
+            break;
+        }
+        let p = dst + opaque(k);
+        if p + 8 > end {
+            return false;
+        }
+        unsafe { store_u64(p as *mut u8, load_u64(src.add(k))) };
+        k += 8;
+    }
+    // Masked: exact for 8 <= len <= 128, and a bound the verifier sees on this register.
+    let back = opaque(len - 8) & 0x7f;
+    let p = dst + back;
+    if p + 8 > end {
+        return false;
+    }
+    unsafe { store_u64(p as *mut u8, load_u64(src.add(back))) };
+    true
+}
+
 #[inline(always)]
 pub unsafe fn store_u64(p: *mut u8, v: u64) {
     unsafe {
