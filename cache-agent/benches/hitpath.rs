@@ -5,7 +5,12 @@
 //! kernel's `repeat` would time a different packet after the first run). The kernel times each
 //! run itself; the average over many runs is stable to a few ns on a quiet machine, which live
 //! traffic with `kernel.bpf_stats_enabled` is not. Cases run interleaved, so drift hits them
-//! alike: UDP get hit (1 key, 4 keys, IPv6), a miss, and the zero-work reflector (the floor).
+//! alike: UDP get hit (1 key, 4 keys, IPv6), a miss, the zero-work reflector (the floor), and
+//! the TC fill of a reply.
+//!
+//! `BASELINE=<object>` also loads another build of cache-ebpf (a copy of
+//! `target/release/build/cache-agent-*/out/cache-ebpf` from before a change) and runs every
+//! case on both, interleaved: compare a change within one run, not across runs.
 //!
 //! Everything here is cache-warm: on live traffic a lookup of a rarely requested key also waits
 //! for memory (see the README's performance section), which this benchmark does not show.
@@ -134,6 +139,8 @@ struct Case {
 
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
+/// TC_ACT_UNSPEC (-1): tc_fill lets every packet go on its way.
+const TC_NEXT: u32 = u32::MAX;
 
 fn main() -> anyhow::Result<()> {
     let runs: u32 = std::env::var("RUNS")
@@ -191,6 +198,13 @@ fn main() -> anyhow::Result<()> {
             names::XDP_REFLECTOR,
             XDP_TX,
         ),
+        // memcached's reply to the GET that filled key 0, refilling it (its ticket stays).
+        (
+            "fill, 1 key (v4, TC)",
+            reply(false, &keys[0], &[b'v'; 32]),
+            names::TC_FILL,
+            TC_NEXT,
+        ),
     ];
     let mut cases = Vec::new();
     for (name, frame, prog, verdict) in shapes {
@@ -218,7 +232,12 @@ fn main() -> anyhow::Result<()> {
         for case in cases.iter_mut() {
             let ebpf = &arms[case.arm].1;
             for _ in 0..block {
-                let (verdict, took) = run_once(xdp(ebpf, case.prog), &case.frame)?;
+                let (verdict, took) = if case.prog == names::TC_FILL {
+                    let tc: &SchedClassifier = ebpf.program(case.prog).unwrap().try_into()?;
+                    run_once(tc, &case.frame)?
+                } else {
+                    run_once(xdp(ebpf, case.prog), &case.frame)?
+                };
                 anyhow::ensure!(
                     verdict == case.verdict || any_verdict,
                     "{}: verdict {verdict}, expected {}",

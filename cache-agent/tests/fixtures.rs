@@ -27,6 +27,7 @@ use std::{thread::sleep, time::Duration};
 
 use aya::{
     Ebpf,
+    maps::Array,
     programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
 };
 use cache_agent::{
@@ -34,8 +35,8 @@ use cache_agent::{
     kernel, loader,
 };
 use cache_common::{
-    COUNTER_COUNT, COUNTER_NAMES, Config, TEXT_CAPACITY, TtlAnswer, TtlQuery, WarmFill, flags,
-    names, ttl_answer, warm_fill,
+    BUCKET_BYTES, COUNTER_COUNT, COUNTER_NAMES, Config, TEXT_CAPACITY, TtlAnswer, TtlQuery,
+    WarmFill, flags, names, ttl_answer, warm_fill,
 };
 use packet::{
     Eth, Ipv4, Ipv6, Net, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN, arp_request, first_difference,
@@ -874,6 +875,60 @@ fn key_sharing_a_tag_is_never_answered((a, b): (String, String)) {
     );
     fx.expect_hit(&flow, 4, &[&item_b], "the other key, now cached");
     fx.expect_miss(&flow, 5, &a, "the first key, replaced");
+}
+
+impl Fixture {
+    /// CLASS0's bucket for `key` (instance 0), as raw bytes, and its index.
+    fn class0_bucket(&self, key: &str) -> (u32, [u8; BUCKET_BYTES[0]]) {
+        let hash = cache_common::hash::key_hash(0, key.as_bytes()) as u64;
+        let index = ((hash * self.config.class_buckets[0] as u64) >> 32) as u32;
+        let map = Array::<_, [u8; BUCKET_BYTES[0]]>::try_from(
+            self.ebpf.map(names::CLASS_MAPS[0]).expect("CLASS0"),
+        )
+        .expect("array");
+        (index, map.get(&index, 0).expect("bucket"))
+    }
+
+    /// The sequence of `key`'s bucket (the u32 after the spin lock).
+    fn bucket_seq(&self, key: &str) -> u32 {
+        let (_, bytes) = self.class0_bucket(key);
+        u32::from_ne_bytes(bytes[4..8].try_into().unwrap())
+    }
+
+    fn set_bucket_seq(&mut self, key: &str, seq: u32) {
+        let (index, mut bytes) = self.class0_bucket(key);
+        bytes[4..8].copy_from_slice(&seq.to_ne_bytes());
+        let mut map = Array::<_, [u8; BUCKET_BYTES[0]]>::try_from(
+            self.ebpf.map_mut(names::CLASS_MAPS[0]).expect("CLASS0"),
+        )
+        .expect("array");
+        map.set(index, bytes, 0).expect("write the bucket");
+    }
+}
+
+#[test]
+fn get_during_a_write_to_its_bucket_passes_to_memcached_as_contended() {
+    // Writers keep a bucket's sequence odd while they change it, and the hit path reads
+    // without the lock: a read that meets an odd sequence (or sees it move) must pass the
+    // request on, never answer from a half-written slot. The write is simulated by setting
+    // the sequence from user space.
+    let mut fx = Fixture::new();
+    let flow = Flow::v4();
+    let item = Item::new("seqlock:key", 0, b"value");
+    fx.fill(&flow, 1, &item, true);
+    fx.expect_hit(&flow, 2, &[&item], "before the write");
+    let seq = fx.bucket_seq(&item.key);
+    assert_eq!(seq % 2, 0, "no write in progress");
+    fx.set_bucket_seq(&item.key, seq + 1);
+    let get = flow.get(3, b"get seqlock:key\r\n");
+    fx.xdp_counted(
+        &get,
+        &[("get_requests", 1), ("get_keys", 1), ("pass_contended", 1)],
+        "a write in progress",
+    )
+    .assert_unchanged(XDP_PASS, &get, "a write in progress");
+    fx.set_bucket_seq(&item.key, seq + 2);
+    fx.expect_hit(&flow, 4, &[&item], "after the write");
 }
 
 #[test]
