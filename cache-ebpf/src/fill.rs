@@ -179,16 +179,7 @@ fn fill(
     match insert_into_class(class, cfg, &item, meta, &v, s, c) {
         Stored::Filled => {
             if !ttl_known && cfg.flags & flags::LEARN_TTL != 0 {
-                let key_off = off + VALUE.len();
-                learn::ask(
-                    ctx,
-                    key_off,
-                    item.key_hash,
-                    line.key_len,
-                    instance,
-                    class,
-                    c,
-                );
+                learn::ask(s, item.key_hash, line.key_len, instance, class, c);
             }
             Counter::Fills
         }

@@ -13,14 +13,14 @@
 //! refused under the bucket lock, by the same rule and lock order as a fill (store::insert).
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, xdp_action},
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, xdp_action},
     btf_maps::Array as BtfArray,
-    helpers::generated::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
-    programs::{TcContext, XdpContext},
+    helpers::generated::bpf_xdp_load_bytes,
+    programs::XdpContext,
 };
 use cache_common::{
-    Bucket, Counter, Counters, KeyMeta, QUERY_KEY_BYTES, SHORT_QUERY_KEY_BYTES, ShortTtlQuery,
-    Slot, TtlAnswer, TtlQuery, TtlQueryOf, WAYS, ttl_answer,
+    Bucket, Counter, Counters, KeyMeta, QUERY_KEY_BYTES, SHORT_QUERY_KEY_BYTES, Slot, TtlAnswer,
+    TtlQuery, TtlQueryOf, WAYS, ttl_answer,
 };
 
 use crate::lock::WriteGuard;
@@ -30,16 +30,18 @@ use crate::scratch::{Scratch, forget};
 use crate::stats::count;
 use crate::store::{KEY_AT, Validity};
 use crate::time::coarse_ns;
+use crate::unaligned::load_u64;
 
-/// Queued bytes at which a query wakes the agent: about 64 queries.
-const WAKE_AFTER_BYTES: u64 = 64 * (core::mem::size_of::<ShortTtlQuery>() as u64 + 8);
+/// Every this many queries a CPU queues, it wakes the agent (which also polls every few
+/// milliseconds): waking costs more than the rest of the fill.
+const WAKE_EVERY: u64 = 64;
 
-/// Queues a key just filled without a known TTL. `key_off` is where the key starts in the
-/// reply packet. Best effort: a full ring only means the entry lives `max_age_ns`.
+/// Queues a key just filled without a known TTL; the fill's value line (`VALUE <key> ...`) is
+/// at the start of `s.reply`. Best effort: a full ring only means the entry lives
+/// `max_age_ns`.
 #[inline(always)]
 pub fn ask(
-    ctx: &TcContext,
-    key_off: usize,
+    s: *const Scratch,
     key_hash: u32,
     key_len: usize,
     instance: u8,
@@ -48,9 +50,9 @@ pub fn ask(
 ) {
     let head = (key_hash, key_len as u8, instance, class as u8);
     let queued = if key_len <= SHORT_QUERY_KEY_BYTES {
-        queue::<SHORT_QUERY_KEY_BYTES>(ctx, key_off, head)
+        queue::<SHORT_QUERY_KEY_BYTES>(s, head, c)
     } else {
-        queue::<QUERY_KEY_BYTES>(ctx, key_off, head)
+        queue::<QUERY_KEY_BYTES>(s, head, c)
     };
     count(
         c,
@@ -62,37 +64,41 @@ pub fn ask(
     );
 }
 
-/// One record with room for `KEY` key bytes (a power of two); false if the ring was full.
+/// One record with room for `KEY` key bytes (a multiple of 8); false if the ring was full.
 #[inline(always)]
-fn queue<const KEY: usize>(ctx: &TcContext, key_off: usize, head: (u32, u8, u8, u8)) -> bool {
+fn queue<const KEY: usize>(
+    s: *const Scratch,
+    head: (u32, u8, u8, u8),
+    c: Option<*mut Counters>,
+) -> bool {
     let Some(mut entry) = TTL_QUERIES.reserve::<TtlQueryOf<KEY>>(0) else {
         return false;
     };
     let q = entry.as_mut_ptr();
     let (key_hash, key_len, instance, class) = head;
-    // Within 1..=KEY by construction (the caller picked KEY for this key length).
-    let n = ((key_len as usize).wrapping_sub(1) & (KEY - 1)) + 1;
-    let loaded = unsafe {
+    unsafe {
         (*q).key_hash = key_hash;
         (*q).key_len = key_len;
         (*q).instance = instance;
         (*q).class = class;
         (*q)._pad = 0;
-        bpf_skb_load_bytes(
-            ctx.skb.skb.cast(),
-            key_off as u32,
-            (&raw mut (*q).key).cast(),
-            n as u32,
-        )
-    };
-    if loaded != 0 {
-        entry.discard(0);
-        return false;
+        // The key, eight bytes at a time from the scratch copy of the reply (bytes past the
+        // key are undefined in a query).
+        let src = ((&raw const (*s).reply) as *const u8).add(KEY_AT);
+        let dst = (&raw mut (*q).key) as *mut u64;
+        let mut w = 0;
+        while w < KEY / 8 {
+            if w * 8 >= key_len as usize {
+                break;
+            }
+            *dst.add(w) = load_u64(src.add(w * 8));
+            w += 1;
+        }
     }
-    // Waking the agent costs more than the rest of the fill: wake it only once a batch has
-    // built up (it also polls every few milliseconds).
-    let pending = TTL_QUERIES.query(BPF_RB_AVAIL_DATA as u64);
-    let wake = if pending >= WAKE_AFTER_BYTES {
+    let queued_here = c
+        .map(|c| unsafe { (*c).get(Counter::TtlQueries) })
+        .unwrap_or(0);
+    let wake = if queued_here % WAKE_EVERY == WAKE_EVERY - 1 {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
