@@ -214,11 +214,11 @@ pub const KERNEL_READ_ERRORS: Family = counter(
 );
 pub const HIT_DURATION: Family = histogram(
     "memcache_accel_hit_duration_seconds",
-    "Time the XDP hit path spent on requests it answered (log2 buckets; empty unless hit latency timing is on).",
+    "Time the XDP hit path spent on requests it answered (log2 buckets; one get in 64 is timed; empty unless hit latency timing is on).",
 );
 pub const MISS_SERVICE_DURATION: Family = histogram(
     "memcache_accel_miss_service_duration_seconds",
-    "memcached's service time for kernel misses, from XDP ingress of the get to TC egress of its reply (log2 buckets).",
+    "memcached's service time for kernel misses, from XDP ingress of the get to TC egress of its reply (log2 buckets; one get in 64 is timed).",
 );
 
 /// Every family the agent exports (the registry sorts them by name).

@@ -907,6 +907,34 @@ impl Fixture {
 }
 
 #[test]
+fn one_miss_in_64_is_timed_from_xdp_to_its_fill() {
+    // A precise clock read costs more than the rest of a miss: the ticket carries the arrival
+    // time of timed requests only, and tc_fill records memcached's service time for those.
+    let fx = Fixture::new();
+    let flow = Flow::v4();
+    let misses = 256u64;
+    for i in 0..misses {
+        let item = Item::new(&format!("timed:{i:05}"), 0, b"v");
+        let id = i as u16 + 1;
+        fx.expect_miss(&flow, id, &item.key, "a new key");
+        let reply = flow.memcached_reply(id, 0, 1, &reply_body(&[&item]));
+        fx.tc(&reply).assert_unchanged(TC_NEXT, &reply, "its fill");
+    }
+    let timed: u64 = kernel::snapshot(&fx.ebpf)
+        .expect("snapshot")
+        .miss_latency
+        .buckets
+        .iter()
+        .sum();
+    // The sample follows each CPU's GET count, and the test may move between CPUs.
+    let cpus = aya::util::nr_cpus().expect("cpus") as u64;
+    assert!(
+        (misses / 64..=misses / 64 + cpus).contains(&timed),
+        "{timed} of {misses} misses timed"
+    );
+}
+
+#[test]
 fn get_during_a_write_to_its_bucket_passes_to_memcached_as_contended() {
     // Writers keep a bucket's sequence odd while they change it, and the hit path reads
     // without the lock: a read that meets an odd sequence (or sees it move) must pass the

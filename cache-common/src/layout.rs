@@ -207,7 +207,8 @@ pub const FILL_TICKET_SLOTS: u32 = 1 << 16;
 pub struct Ticket {
     /// Coarse time the GET reached XDP (coherence).
     pub arrived_coarse_ns: u64,
-    /// Precise time the GET reached XDP (memcached service time).
+    /// Precise time the GET reached XDP, for memcached's service time; 0 if the request was
+    /// not one of the timed ones (one in 64).
     pub arrived_ns: u64,
     pub kernel_epoch: u32,
     pub agent_epoch: u32,

@@ -66,10 +66,13 @@ pub fn run(ctx: &TcContext) -> i32 {
         count(c, Counter::FillRefusedNoTicket);
         return TC_NEXT;
     };
-    record(
-        MISS_LATENCY.get_ptr_mut(0),
-        precise_ns().wrapping_sub(ticket.arrived_ns),
-    );
+    // Only timed requests carry their arrival (one in 64, see hitpath::serve).
+    if ticket.arrived_ns != 0 {
+        record(
+            MISS_LATENCY.get_ptr_mut(0),
+            precise_ns().wrapping_sub(ticket.arrived_ns),
+        );
+    }
     let reason = fill(
         ctx,
         cfg,

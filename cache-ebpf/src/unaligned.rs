@@ -76,12 +76,14 @@ pub unsafe fn copy_short(src: usize, end: usize, dst: *mut u8, len: usize) -> bo
         k += 8;
     }
     // The verifier rejects a packet pointer with a negative constant offset, which is what
-    // `src + len - 8` would compile to: step back as one opaque amount instead.
-    let p = src + opaque(len - 8);
+    // `src + len - 8` would compile to: step back as one opaque amount instead, masked (exact
+    // for 8 <= len <= 64) so the bound is on the register the verifier checks.
+    let back = opaque(len - 8) & 0x3f;
+    let p = src + back;
     if p + 8 > end {
         return false;
     }
-    unsafe { store_u64(dst.add(len - 8), load_u64(p as *const u8)) };
+    unsafe { store_u64(dst.add(back), load_u64(p as *const u8)) };
     true
 }
 
