@@ -686,7 +686,8 @@ struct EmitCtx {
 }
 
 /// Copies key `index`'s staged text into the packet (and adds it to the UDP checksum).
-extern "C" fn emit_step<T: ReplyTarget, const DIRECT: bool>(index: u64, ctx: *mut c_void) -> i64 {
+#[inline(always)]
+extern "C" fn emit_step<T: ReplyTarget>(index: u64, ctx: *mut c_void) -> i64 {
     let e = unsafe { &mut *(ctx as *mut EmitCtx) };
     let Some(s) = SCRATCH.get_ptr_mut(0) else {
         e.failed = 1;
@@ -702,8 +703,10 @@ extern "C" fn emit_step<T: ReplyTarget, const DIRECT: bool>(index: u64, ctx: *mu
     let len = helper_len(len) as usize;
     let at = kr.staged_at as usize & (BUF_MASK & !7);
     let src = unsafe { ((&raw mut (*s).reply) as *mut u8).add(at) };
-    let pos = e.pos as usize;
-    if !T::store_raw(e.raw, pos as u32, src.cast(), len as u32, DIRECT) {
+    // Through memory: the verifier then checks one iteration with an unknown write offset,
+    // instead of following the offset from one iteration to the next.
+    let pos = forget(s, e.pos) as usize;
+    if !T::store_raw(e.raw, pos as u32, src.cast(), len as u32) {
         e.failed = 1;
         return 1;
     }
@@ -843,16 +846,15 @@ fn write_reply<T: ReplyTarget>(
         failed: 0,
         csum: 0,
     };
-    // A single key (the common case) is emitted by a direct call, which may write the frame
-    // itself; in a bpf_loop callback the verifier would have to follow the growing write
-    // offset from one iteration to the next.
-    if T::DIRECT_STORE && nkeys == 1 {
-        emit_step::<T, true>(0, (&raw mut emit).cast());
+    // A single key (the common case) is emitted by a direct (inlined) call: a bpf_loop costs
+    // a helper call and an indirect call.
+    if nkeys == 1 {
+        emit_step::<T>(0, (&raw mut emit).cast());
     } else {
         unsafe {
             bpf_loop(
                 nkeys,
-                emit_step::<T, false> as *const () as *mut c_void,
+                emit_step::<T> as *const () as *mut c_void,
                 (&raw mut emit).cast(),
                 0,
             )

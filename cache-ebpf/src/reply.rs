@@ -36,8 +36,6 @@ pub trait ReplyTarget {
     const FIRST_STAGE: bool;
     /// Whether IPv4 replies need a computed UDP checksum (0, "none", is legal for IPv4).
     const SUM_IPV4: bool;
-    /// Whether [`ReplyTarget::store_raw`] can write the packet itself (when told `direct`).
-    const DIRECT_STORE: bool;
 
     fn frame(&self) -> Frame;
     /// The context as an integer, for bpf_loop callbacks (see [`ReplyTarget::store_raw`]).
@@ -45,8 +43,7 @@ pub trait ReplyTarget {
     /// Copies `len` packet bytes at `off` to `to`.
     fn load(&self, off: u32, to: *mut c_void, len: u32) -> bool;
     /// Copies `len` bytes from `from` into the packet at `off`; `raw` is [`ReplyTarget::raw`].
-    /// `direct`: the target may write the packet itself (not from a bpf_loop callback).
-    fn store_raw(raw: u64, off: u32, from: *mut c_void, len: u32, direct: bool) -> bool;
+    fn store_raw(raw: u64, off: u32, from: *mut c_void, len: u32) -> bool;
     /// Makes the packet `delta` bytes longer (or shorter) so it is `new_len` bytes; on failure
     /// the packet is as it was.
     fn resize(&self, delta: i32, new_len: u32) -> bool;
@@ -61,7 +58,6 @@ pub struct XdpTarget<'a>(pub &'a XdpContext);
 impl ReplyTarget for XdpTarget<'_> {
     const FIRST_STAGE: bool = true;
     const SUM_IPV4: bool = false;
-    const DIRECT_STORE: bool = true;
 
     #[inline(always)]
     fn frame(&self) -> Frame {
@@ -89,14 +85,13 @@ impl ReplyTarget for XdpTarget<'_> {
 
     /// Texts up to [`DIRECT_STORE_MAX`] bytes are copied straight into the frame.
     #[inline(always)]
-    fn store_raw(raw: u64, off: u32, from: *mut c_void, len: u32, direct: bool) -> bool {
+    fn store_raw(raw: u64, off: u32, from: *mut c_void, len: u32) -> bool {
         let ctx = raw as *mut xdp_md;
-        let direct =
-            direct && off as usize <= FRAME_OFFSET_MASK && len as usize <= DIRECT_STORE_MAX && {
-                let (start, end) = unsafe { ((*ctx).data as usize, (*ctx).data_end as usize) };
-                let dst = start + (off as usize & FRAME_OFFSET_MASK);
-                unsafe { copy_into_frame(dst, end, from as *const u8, len as usize) }
-            };
+        let direct = off as usize <= FRAME_OFFSET_MASK && len as usize <= DIRECT_STORE_MAX && {
+            let (start, end) = unsafe { ((*ctx).data as usize, (*ctx).data_end as usize) };
+            let dst = start + (off as usize & FRAME_OFFSET_MASK);
+            unsafe { copy_into_frame(dst, end, from as *const u8, len as usize) }
+        };
         direct || unsafe { bpf_xdp_store_bytes(ctx, off, from, len) == 0 }
     }
 
@@ -170,7 +165,6 @@ impl SkbTarget<'_> {
 impl ReplyTarget for SkbTarget<'_> {
     const FIRST_STAGE: bool = false;
     const SUM_IPV4: bool = true;
-    const DIRECT_STORE: bool = false;
 
     #[inline(always)]
     fn frame(&self) -> Frame {
@@ -191,7 +185,7 @@ impl ReplyTarget for SkbTarget<'_> {
     }
 
     #[inline(always)]
-    fn store_raw(raw: u64, off: u32, from: *mut c_void, len: u32, _direct: bool) -> bool {
+    fn store_raw(raw: u64, off: u32, from: *mut c_void, len: u32) -> bool {
         unsafe { bpf_skb_store_bytes(raw as *mut __sk_buff, off, from, len, 0) == 0 }
     }
 
