@@ -148,10 +148,15 @@ fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000);
+    // CAPACITY, SHARES (as --capacity, --class-shares) and COLD_KEYS: see how the cold case
+    // moves with the size of the bucket arrays.
     let args = RunArgs {
         iface: Some("lo".into()),
         memcached: Some(format!("127.0.0.1:{PORT}")),
-        capacity: Some("64M".into()),
+        capacity: Some(std::env::var("CAPACITY").unwrap_or_else(|_| "64M".into())),
+        class_shares: std::env::var("SHARES")
+            .ok()
+            .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect()),
         ..Default::default()
     };
     let settings = Settings::resolve(&args)?;
@@ -213,7 +218,11 @@ fn main() -> anyhow::Result<()> {
         .collect();
     // The live hit path's cost is mostly the first touch of a bucket nobody asked for lately
     // (README): GETs for many keys, each a different bucket of the 64 MiB cache, in turn.
-    let cold = cold_gets(&mut arms)?;
+    let cold_keys = std::env::var("COLD_KEYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(COLD_KEYS);
+    let cold = cold_gets(&mut arms, cold_keys)?;
     shapes.insert(3, ("hit, 1 key, cold (v4)", cold, names::XDP_CACHE, XDP_TX));
     let mut cases = Vec::new();
     for (name, frames, prog, verdict) in shapes {
@@ -271,17 +280,19 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Keys of the cold case: a quarter of what the 128-byte class holds at the bench's capacity,
-/// so few buckets overflow.
+/// Keys of the cold case: a quarter of what the 128-byte class holds at the bench's default
+/// capacity, so few buckets overflow.
 const COLD_KEYS: u32 = 50_000;
 
-/// Fills [`COLD_KEYS`] keys into every arm and returns GETs for them in a scattered order,
-/// keeping only keys that hit in every arm (a few land in a full bucket).
-fn cold_gets(arms: &mut [(&str, Ebpf)]) -> anyhow::Result<Vec<Vec<u8>>> {
+/// Fills `count` keys into every arm and returns GETs for them in a scattered order, keeping
+/// only keys that hit in every arm (a few land in a full bucket).
+fn cold_gets(arms: &mut [(&str, Ebpf)], count: u32) -> anyhow::Result<Vec<Vec<u8>>> {
     let value = [b'v'; 32];
-    // A multiplicative permutation of 0..COLD_KEYS: consecutive runs hit unrelated buckets.
-    let keys: Vec<String> = (0..COLD_KEYS as u64)
-        .map(|i| format!("cold:{:011}", (i * 7919) % COLD_KEYS as u64))
+    // A multiplicative permutation of 0..count (7919 is prime): consecutive runs hit
+    // unrelated buckets.
+    anyhow::ensure!(count > 0 && !count.is_multiple_of(7919), "COLD_KEYS {count}");
+    let keys: Vec<String> = (0..count as u64)
+        .map(|i| format!("cold:{:011}", (i * 7919) % count as u64))
         .collect();
     for key in &keys {
         let get_frame = get(false, std::slice::from_ref(key));
@@ -306,8 +317,8 @@ fn cold_gets(arms: &mut [(&str, Ebpf)]) -> anyhow::Result<Vec<Vec<u8>>> {
         }
     }
     anyhow::ensure!(
-        gets.len() as u32 > COLD_KEYS * 9 / 10,
-        "only {} of {COLD_KEYS} cold keys stayed cached",
+        gets.len() as u32 > count * 9 / 10,
+        "only {} of {count} cold keys stayed cached",
         gets.len()
     );
     Ok(gets)
