@@ -216,14 +216,20 @@ fn main() -> anyhow::Result<()> {
         .into_iter()
         .map(|(name, frame, prog, verdict)| (name, vec![frame], prog, verdict))
         .collect();
+    // ONLY=<text>: just the cases whose name contains it (for profiling one with perf).
+    let only = std::env::var("ONLY").ok();
+    let wanted = |name: &str| only.as_ref().is_none_or(|o| name.contains(o.as_str()));
     // The live hit path's cost is mostly the first touch of a bucket nobody asked for lately
     // (README): GETs for many keys, each a different bucket of the 64 MiB cache, in turn.
-    let cold_keys = std::env::var("COLD_KEYS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(COLD_KEYS);
-    let cold = cold_gets(&mut arms, cold_keys)?;
-    shapes.insert(3, ("hit, 1 key, cold (v4)", cold, names::XDP_CACHE, XDP_TX));
+    const COLD: &str = "hit, 1 key, cold (v4)";
+    if wanted(COLD) {
+        let cold_keys = std::env::var("COLD_KEYS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(COLD_KEYS);
+        let cold = cold_gets(&mut arms, cold_keys)?;
+        shapes.insert(3, (COLD, cold, names::XDP_CACHE, XDP_TX));
+    }
     let mut cases = Vec::new();
     for (name, frames, prog, verdict) in shapes {
         for (arm, (label, _)) in arms.iter().enumerate() {
@@ -238,10 +244,7 @@ fn main() -> anyhow::Result<()> {
             });
         }
     }
-    // ONLY=<text>: just the cases whose name contains it (for profiling one with perf).
-    if let Ok(only) = std::env::var("ONLY") {
-        cases.retain(|c| c.name.contains(&only));
-    }
+    cases.retain(|c| wanted(&c.name));
     // ANY_VERDICT=1: time cut-down builds of the programs (profiling by ablation).
     let any_verdict = std::env::var_os("ANY_VERDICT").is_some();
     // Interleaved in blocks, so slow drift of the machine spreads over every case.
@@ -290,7 +293,10 @@ fn cold_gets(arms: &mut [(&str, Ebpf)], count: u32) -> anyhow::Result<Vec<Vec<u8
     let value = [b'v'; 32];
     // A multiplicative permutation of 0..count (7919 is prime): consecutive runs hit
     // unrelated buckets.
-    anyhow::ensure!(count > 0 && !count.is_multiple_of(7919), "COLD_KEYS {count}");
+    anyhow::ensure!(
+        count > 0 && !count.is_multiple_of(7919),
+        "COLD_KEYS {count}"
+    );
     let keys: Vec<String> = (0..count as u64)
         .map(|i| format!("cold:{:011}", (i * 7919) % count as u64))
         .collect();
