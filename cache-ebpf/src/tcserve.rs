@@ -4,7 +4,7 @@
 //! the kernel; the reply leaves through the interface the request came in on (bpf_redirect).
 //!
 //! Only requests XDP marked ([`TC_HANDOFF`] in the XDP metadata) are looked at: the lookup
-//! runs again here, under the bucket locks, so a write that arrived in between is honoured.
+//! runs again here (the same seqlock reads), so a write that arrived in between is honoured.
 //! Everything else goes up the stack untouched.
 
 use aya_ebpf::{
