@@ -16,7 +16,7 @@ use aya_ebpf::{
 use crate::csum::fold;
 use crate::maps::SCRATCH;
 use crate::net::{Frame, HEADER_SPAN_MASK};
-use crate::unaligned::{copy_into_frame, copy_short};
+use crate::unaligned::copy_with_frame;
 
 /// Longest text the XDP target copies into the frame itself; longer ones go through
 /// bpf_xdp_store_bytes (the copy loop is bounded by this).
@@ -79,7 +79,7 @@ impl ReplyTarget for XdpTarget<'_> {
         let f = self.frame();
         let src = f.start + (off as usize & HEADER_SPAN_MASK);
         let direct = off as usize <= HEADER_SPAN_MASK
-            && unsafe { copy_short(src, f.end, to.cast(), len as usize) };
+            && unsafe { copy_with_frame::<64, false>(src, f.end, to.cast(), len as usize) };
         direct || unsafe { bpf_xdp_load_bytes(self.0.ctx, off, to, len) == 0 }
     }
 
@@ -90,7 +90,9 @@ impl ReplyTarget for XdpTarget<'_> {
         let direct = off as usize <= FRAME_OFFSET_MASK && len as usize <= DIRECT_STORE_MAX && {
             let (start, end) = unsafe { ((*ctx).data as usize, (*ctx).data_end as usize) };
             let dst = start + (off as usize & FRAME_OFFSET_MASK);
-            unsafe { copy_into_frame(dst, end, from as *const u8, len as usize) }
+            unsafe {
+                copy_with_frame::<DIRECT_STORE_MAX, true>(dst, end, from.cast(), len as usize)
+            }
         };
         direct || unsafe { bpf_xdp_store_bytes(ctx, off, from, len) == 0 }
     }

@@ -1,4 +1,5 @@
-//! The cache store: size-class bucket arrays, 4-way set-associative, one spin lock per bucket.
+//! The cache store: size-class bucket arrays, 4-way set-associative. Writers take a bucket's
+//! spin lock; the hit path reads it lock-free and checks its sequence ([`crate::lock`]).
 //!
 //! Replacement: when a bucket is full, the fill evicts the way with the lowest access frequency
 //! and halves the others (LFU with aging). On Zipf traffic the hot keys are hit again and again,
@@ -25,7 +26,7 @@ pub struct Validity {
     pub now: u64,
     pub kernel_epoch: u32,
     pub agent_epoch: u32,
-    /// Readers take the bucket lock (`flags::LOCKED_READS`) instead of the seqlock check.
+    /// Readers take the bucket lock instead of the seqlock check ([`crate::lock::locked_reads`]).
     pub locked_reads: bool,
 }
 
@@ -80,9 +81,9 @@ fn key_at(s: *mut Scratch, key_index: usize) -> (u32, usize) {
     }
 }
 
-/// Under the bucket lock or inside a read window: is this the key (by tag, length and instance: the bytes are
-/// compared later), live, and if so stage its text in `s.reply` at the 8-byte aligned
-/// `stage_at`.
+/// Under the bucket lock or inside a read window: is this the key (by tag, length and
+/// instance: the bytes are compared later), live, and if so stage its text in `s.reply` at the
+/// 8-byte aligned `stage_at`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn read_slot<const TEXT: usize>(
@@ -149,7 +150,8 @@ pub fn lookup<const TEXT: usize, const N: usize>(
     let Some(bucket) = map.get_ptr_mut(bucket_index(key_hash, buckets)) else {
         return Found::Miss;
     };
-    // Unlocked peek at the tags: only a hint, everything is checked again under the lock.
+    // Peek at the tags: only a hint, everything is checked again under the lock or inside the
+    // read window.
     let mut way = WAYS;
     for w in 0..WAYS {
         let slot = slot_ptr(bucket, w);

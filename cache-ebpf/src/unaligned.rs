@@ -55,66 +55,50 @@ fn opaque(mut x: usize) -> usize {
     x
 }
 
-/// Copies `len` (8 to 64) bytes from the packet at `src` (frame end `end`) to `dst`, eight at
-/// a time, the last eight ending exactly at `len`. False, having copied nothing useful, if the
-/// bytes are not all inside the frame.
+/// Copies `len` (8 to `MAX`) bytes between the packet at `frame_at` (frame end `end`) and
+/// memory at `mem`: into the frame if `INTO_FRAME`, out of it otherwise. Eight bytes at a
+/// time, the last eight ending exactly at `len`. False if the bytes are not all inside the
+/// frame (then part of them may have been copied).
 #[inline(always)]
-pub unsafe fn copy_short(src: usize, end: usize, dst: *mut u8, len: usize) -> bool {
-    if !(8..=64).contains(&len) {
+pub unsafe fn copy_with_frame<const MAX: usize, const INTO_FRAME: bool>(
+    frame_at: usize,
+    end: usize,
+    mem: *mut u8,
+    len: usize,
+) -> bool {
+    const { assert!(MAX.is_power_of_two() && MAX >= 16) };
+    if !(8..=MAX).contains(&len) {
         return false;
     }
-    let mut k = 0;
-    while k < 56 {
-        if k + 8 > len {
-            break;
-        }
-        let p = src + k;
+    // One word at `off`; the bounds check is on the pointer that is dereferenced.
+    let word = |off: usize| {
+        let p = frame_at + off;
         if p + 8 > end {
             return false;
         }
-        unsafe { store_u64(dst.add(k), load_u64(p as *const u8)) };
+        unsafe {
+            if INTO_FRAME {
+                store_u64(p as *mut u8, load_u64(mem.add(off)));
+            } else {
+                store_u64(mem.add(off), load_u64(p as *const u8));
+            }
+        }
+        true
+    };
+    let mut k = 0;
+    while k < MAX - 8 {
+        if k + 8 > len {
+            break;
+        }
+        if !word(opaque(k)) {
+            return false;
+        }
         k += 8;
     }
     // The verifier rejects a packet pointer with a negative constant offset, which is what
-    // `src + len - 8` would compile to: step back as one opaque amount instead, masked (exact
-    // for 8 <= len <= 64) so the bound is on the register the verifier checks.
-    let back = opaque(len - 8) & 0x3f;
-    let p = src + back;
-    if p + 8 > end {
-        return false;
-    }
-    unsafe { store_u64(dst.add(back), load_u64(p as *const u8)) };
-    true
-}
-
-/// Copies `len` (8 to 128) bytes from `src` into the packet at `dst` (frame end `end`), eight
-/// at a time, the last eight ending exactly at `len`. False if they do not all fit the frame
-/// (then part of them may have been written).
-#[inline(always)]
-pub unsafe fn copy_into_frame(dst: usize, end: usize, src: *const u8, len: usize) -> bool {
-    if !(8..=128).contains(&len) {
-        return false;
-    }
-    let mut k = 0;
-    while k < 120 {
-        if k + 8 > len {
-            break;
-        }
-        let p = dst + opaque(k);
-        if p + 8 > end {
-            return false;
-        }
-        unsafe { store_u64(p as *mut u8, load_u64(src.add(k))) };
-        k += 8;
-    }
-    // Masked: exact for 8 <= len <= 128, and a bound the verifier sees on this register.
-    let back = opaque(len - 8) & 0x7f;
-    let p = dst + back;
-    if p + 8 > end {
-        return false;
-    }
-    unsafe { store_u64(p as *mut u8, load_u64(src.add(back))) };
-    true
+    // `frame_at + len - 8` would compile to: step back as one opaque amount instead, masked
+    // (exact for 8 <= len <= MAX) so the bound is on the register the verifier checks.
+    word(opaque(len - 8) & (MAX - 1))
 }
 
 #[inline(always)]
