@@ -2,6 +2,8 @@
 //! [`Headers`], the parsed view of Ethernet (one 802.1Q tag), IPv4 (with options, never
 //! fragments) or IPv6 (no extension headers), and UDP or TCP.
 
+use crate::unaligned::{load_u16, load_u32, load_u64};
+
 pub const ETH_LEN: usize = 14;
 pub const VLAN_LEN: usize = 4;
 pub const IPV4_LEN: usize = 20;
@@ -45,7 +47,7 @@ impl Frame {
     #[inline(always)]
     pub fn be16_at(&self, off: usize) -> Option<u16> {
         self.bytes::<2>(off)
-            .map(|p| u16::from_be_bytes(unsafe { *p }))
+            .map(|p| u16::from_be(unsafe { load_u16(p as *const u8) }))
     }
 
     #[inline(always)]
@@ -96,6 +98,9 @@ impl Headers {
 }
 
 /// Parses up to the L4 payload. None for anything that is not plain UDP/TCP over IP.
+///
+/// Header fields are read as whole words ([`crate::unaligned`]): a byte-array access compiles
+/// to one load per byte plus the shifts and ors that join them.
 #[inline(always)]
 pub fn parse(frame: &Frame) -> Option<Headers> {
     let mut l3_off = ETH_LEN;
@@ -109,60 +114,80 @@ pub fn parse(frame: &Frame) -> Option<Headers> {
     // Bytes of L4 (header + payload) according to the IP header.
     let l4_total;
     if ethertype == ETH_P_IPV4 {
-        let ip = frame.bytes::<IPV4_LEN>(l3_off)?;
-        let ip = unsafe { &*ip };
-        if ip[0] >> 4 != 4 {
+        let ip = frame.bytes::<IPV4_LEN>(l3_off)? as *const u8;
+        // Version/IHL, TOS, total length; id, flags and fragment offset; TTL, protocol.
+        let [ver_ihl, _, total_hi, total_lo] = unsafe { load_u32(ip) }.to_ne_bytes();
+        let [_, _, frag_hi, frag_lo] = unsafe { load_u32(ip.add(4)) }.to_ne_bytes();
+        if ver_ihl >> 4 != 4 {
             return None;
         }
-        let ihl = ((ip[0] & 0x0f) as usize) * 4;
+        let ihl = ((ver_ihl & 0x0f) as usize) * 4;
         if ihl < IPV4_LEN {
             return None;
         }
         // More-fragments flag or a fragment offset: never ours to touch.
-        if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+        if u16::from_be_bytes([frag_hi, frag_lo]) & 0x3fff != 0 {
             return None;
         }
-        let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+        let total = u16::from_be_bytes([total_hi, total_lo]) as usize;
         if total < ihl {
             return None;
         }
-        h.proto = ip[9];
-        h.src[..4].copy_from_slice(&ip[12..16]);
-        h.dst[..4].copy_from_slice(&ip[16..20]);
+        h.proto = unsafe { *ip.add(9) };
+        // Source and destination are adjacent: one word holds both.
+        let addrs = unsafe { load_u64(ip.add(12)) };
+        unsafe {
+            let src = h.src.as_mut_ptr() as *mut u32;
+            let dst = h.dst.as_mut_ptr() as *mut u32;
+            *src = addrs as u32;
+            *dst = (addrs >> 32) as u32;
+        }
         h.l4_off = l3_off + ihl;
         l4_total = total - ihl;
     } else if ethertype == ETH_P_IPV6 {
-        let ip = frame.bytes::<IPV6_LEN>(l3_off)?;
-        let ip = unsafe { &*ip };
-        if ip[0] >> 4 != 6 {
+        let ip = frame.bytes::<IPV6_LEN>(l3_off)? as *const u8;
+        // Version...flow label; payload length, next header, hop limit.
+        let [ver, ..] = unsafe { load_u32(ip) }.to_ne_bytes();
+        let [len_hi, len_lo, next, _] = unsafe { load_u32(ip.add(4)) }.to_ne_bytes();
+        if ver >> 4 != 6 {
             return None;
         }
         h.is_v6 = true;
-        h.proto = ip[6];
-        h.src.copy_from_slice(&ip[8..24]);
-        h.dst.copy_from_slice(&ip[24..40]);
+        h.proto = next;
+        unsafe {
+            let src = h.src.as_mut_ptr() as *mut u64;
+            let dst = h.dst.as_mut_ptr() as *mut u64;
+            *src = load_u64(ip.add(8));
+            *src.add(1) = load_u64(ip.add(16));
+            *dst = load_u64(ip.add(24));
+            *dst.add(1) = load_u64(ip.add(32));
+        }
         h.l4_off = l3_off + IPV6_LEN;
-        l4_total = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+        l4_total = u16::from_be_bytes([len_hi, len_lo]) as usize;
     } else {
         return None;
     }
     if h.proto == IPPROTO_UDP {
-        let udp = unsafe { &*frame.bytes::<UDP_LEN>(h.l4_off)? };
-        h.src_port = u16::from_be_bytes([udp[0], udp[1]]);
-        h.dst_port = u16::from_be_bytes([udp[2], udp[3]]);
-        let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
+        let udp = frame.bytes::<UDP_LEN>(h.l4_off)? as *const u8;
+        let [sp_hi, sp_lo, dp_hi, dp_lo, len_hi, len_lo, _, _] =
+            unsafe { load_u64(udp) }.to_ne_bytes();
+        h.src_port = u16::from_be_bytes([sp_hi, sp_lo]);
+        h.dst_port = u16::from_be_bytes([dp_hi, dp_lo]);
+        let udp_len = u16::from_be_bytes([len_hi, len_lo]) as usize;
         if udp_len < UDP_LEN || udp_len > l4_total {
             return None;
         }
         h.payload_off = h.l4_off + UDP_LEN;
         h.payload_len = udp_len - UDP_LEN;
     } else if h.proto == IPPROTO_TCP {
-        let tcp = unsafe { &*frame.bytes::<20>(h.l4_off)? };
-        h.src_port = u16::from_be_bytes([tcp[0], tcp[1]]);
-        h.dst_port = u16::from_be_bytes([tcp[2], tcp[3]]);
-        h.tcp_seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
-        let doff = ((tcp[12] >> 4) as usize) * 4;
-        h.tcp_flags = tcp[13];
+        let tcp = frame.bytes::<20>(h.l4_off)? as *const u8;
+        let [sp_hi, sp_lo, dp_hi, dp_lo] = unsafe { load_u32(tcp) }.to_ne_bytes();
+        h.src_port = u16::from_be_bytes([sp_hi, sp_lo]);
+        h.dst_port = u16::from_be_bytes([dp_hi, dp_lo]);
+        h.tcp_seq = u32::from_be(unsafe { load_u32(tcp.add(4)) });
+        let [doff, flags] = unsafe { load_u16(tcp.add(12)) }.to_ne_bytes();
+        let doff = ((doff >> 4) as usize) * 4;
+        h.tcp_flags = flags;
         if doff < 20 || doff > l4_total {
             return None;
         }
