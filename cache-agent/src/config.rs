@@ -42,7 +42,7 @@ pub struct RunArgs {
     /// Share of capacity per size class (128, 384, 768, 1536-byte slots), percent [default: 40,30,20,10].
     #[arg(long, env = "CACHE_AGENT_CLASS_SHARES", value_delimiter = ',')]
     pub class_shares: Option<Vec<u32>>,
-    /// Life of an entry whose TTL the kernel did not see, seconds [default: 2].
+    /// Life of an entry whose TTL the kernel did not see, when --learn-ttl is off, seconds [default: 2].
     #[arg(long, env = "CACHE_AGENT_MAX_AGE")]
     pub max_age: Option<f64>,
     /// No fill from a GET that arrived within this many ms of a write to its key [default: 250].
@@ -63,8 +63,8 @@ pub struct RunArgs {
     /// Time the hit path in the kernel (two clock reads on one GET in 64) [default: true].
     #[arg(long, env = "CACHE_AGENT_HIT_LATENCY")]
     pub hit_latency: Option<bool>,
-    /// Ask memcached (`me <key>`) the TTL of entries filled without one, so they live as long
-    /// as memcached's item instead of --max-age [default: true].
+    /// Ask memcached (`me <key>`) the TTL of entries filled without one; they are served once
+    /// it is known, and live as long as memcached's item. Off: they live --max-age [default: true].
     #[arg(long, env = "CACHE_AGENT_LEARN_TTL")]
     pub learn_ttl: Option<bool>,
     /// At start, fill the kernel cache with memcached's most recently used items

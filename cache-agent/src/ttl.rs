@@ -1,12 +1,13 @@
 //! Learning the TTLs the kernel did not see (the kernel half is cache-ebpf's `learn.rs`).
 //!
 //! A `get` reply carries no TTL, so an entry filled for an item whose write the kernel never
-//! saw (stored before the agent started, say) may live only `--max-age`: the key then goes
-//! back to memcached every `--max-age`, which costs hit ratio and tail latency. tc_fill queues
-//! such keys on the TTL_QUERIES ring buffer. This task asks memcached with `me <key>` (meta
+//! saw (stored before the agent started, say), or whose last write memcached may have refused
+//! (add, replace, cas), has no TTL the kernel can trust. tc_fill stores it expired and queues
+//! the key on the TTL_QUERIES ring buffer. This task asks memcached with `me <key>` (meta
 //! debug: it changes nothing and does not count as a get in memcached's `stats`) and installs
 //! the answer through `xdp_learn_ttl`, which refuses it if a write to the key was seen since
-//! the question (see `learn.rs` for why that is enough).
+//! the question (see `learn.rs` for why that is enough). Until then the entry is not served:
+//! memcached's item may expire at any moment.
 //!
 //! memcached 1.6 prints `exp=` as its clock minus the item's exptime: `-N` for N seconds left,
 //! and `-1` both for "never expires" and for "one second left". A `-1` is asked again once
@@ -245,9 +246,42 @@ impl Confirmations {
     }
 }
 
+/// Keys asked about lately. An entry whose TTL is not learned yet is not served, so every GET
+/// for it goes to memcached and every reply refills it and queues the key again: one question
+/// per key and [`RECENT`] is enough.
+#[derive(Default)]
+struct Recent {
+    asked: VecDeque<(std::time::Instant, Vec<u8>)>,
+    keys: HashSet<Vec<u8>>,
+}
+
+/// How long a key just asked about is not asked about again.
+const RECENT: Duration = Duration::from_millis(20);
+
+impl Recent {
+    /// Whether `key` was not asked about within [`RECENT`]; records it if so.
+    fn first_time(&mut self, key: &[u8]) -> bool {
+        let now = std::time::Instant::now();
+        while let Some((at, _)) = self.asked.front() {
+            if now.duration_since(*at) < RECENT {
+                break;
+            }
+            let (_, old) = self.asked.pop_front().expect("front checked");
+            self.keys.remove(&old);
+        }
+        if self.keys.contains(key) {
+            return false;
+        }
+        self.keys.insert(key.to_vec());
+        self.asked.push_back((now, key.to_vec()));
+        true
+    }
+}
+
 async fn ask_loop(shared: &Shared, mut rx: mpsc::Receiver<TtlQuery>) {
     let mut conn: Option<BufReader<TcpStream>> = None;
     let mut confirm = Confirmations::default();
+    let mut recent = Recent::default();
     let mut clock_poll = tokio::time::interval(CLOCK_POLL);
     clock_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -269,7 +303,7 @@ async fn ask_loop(shared: &Shared, mut rx: mpsc::Receiver<TtlQuery>) {
                 Err(_) => break,
             }
         }
-        batch.retain(|q| !confirm.waiting(q.key()));
+        batch.retain(|q| !confirm.waiting(q.key()) && recent.first_time(q.key()));
         batch.append(&mut again);
         // `me <key>\r\n` per key.
         for chunk in requests::runs(&batch, 0, BATCH, |q| q.key().len() + 5) {

@@ -1341,6 +1341,46 @@ fn udp_delete_clears_the_cached_key() {
 }
 
 #[test]
+fn a_write_after_a_get_in_one_datagram_clears_the_cached_key() {
+    // memcached runs every command of a datagram: a get line followed by a write is not a
+    // request the hit path serves, so it goes through the write scanner.
+    let fx = Fixture::new();
+    let flow = Flow::v4();
+    let deleted = Item::new("piped:del", 0, b"v");
+    let replaced = Item::new("piped:set", 0, b"v");
+    fx.fill(&flow, 1, &deleted, true);
+    fx.fill(&flow, 2, &replaced, true);
+    for (id, key, request) in [
+        (3, "piped:del", &b"get other\r\ndelete piped:del\r\n"[..]),
+        (
+            5,
+            "piped:set",
+            b"get piped:set\r\nset piped:set 0 0 1\r\nw\r\n",
+        ),
+    ] {
+        fx.expect_hit(
+            &flow,
+            id + 10,
+            &[if id == 3 { &deleted } else { &replaced }],
+            "cached",
+        );
+        let datagram = flow.get(id, request);
+        fx.xdp_counted(
+            &datagram,
+            &[
+                ("get_requests", 1),
+                ("pass_unsupported", 1),
+                ("invalidate_text", 1),
+                ("slots_cleared_0", 1),
+            ],
+            "a get line, then a write",
+        )
+        .assert_unchanged(XDP_PASS, &datagram, "a get line, then a write");
+        fx.expect_miss(&flow, id + 1, key, "GET after the write");
+    }
+}
+
+#[test]
 fn tcp_set_after_syn_clears_the_cached_key() {
     let fx = Fixture::new();
     let flow = Flow::v4().with_client_port(50123);
@@ -1667,6 +1707,8 @@ fn a_fill_without_a_known_ttl_is_queued_and_a_learned_ttl_outlives_max_age() {
     assert_eq!(hash, cache_common::hash::key_hash(0, b"learn:me"));
     assert_eq!(class, 0);
     assert!(fx.next_ttl_query().is_none(), "one query per fill");
+    // Not served before its TTL is learned: memcached's item may expire at any time.
+    fx.expect_expired(&flow, 9, "learn:me", "before the TTL is learned");
 
     let now = kernel::coarse_now_ns();
     assert_eq!(

@@ -24,6 +24,10 @@ pub enum Ttl {
     Keep,
     /// A TTL we could not read: entries filled after this write must not be served.
     Unknown,
+    /// A write memcached may refuse (add, replace, cas, an `ms` in those modes, a data block
+    /// memcached rejects): its TTL is not recorded and the last one recorded is forgotten,
+    /// so the next fill learns the item's TTL from memcached (see fill.rs).
+    Forget,
     /// memcached exptime semantics: 0 never, < 0 expired, <= 30 days relative, else unix time.
     Exptime(i64),
 }
@@ -67,6 +71,8 @@ pub fn write_key(
                         (*meta).ttl_expires_ns = 0;
                         (*meta).ttl_tag = key_hash;
                     }
+                    // Key hashes are never 0 (hash::finish).
+                    Ttl::Forget => (*meta).ttl_tag = 0,
                     Ttl::Exptime(e) => {
                         (*meta).ttl_expires_ns =
                             expiry_from_exptime(e, now, cfg.realtime_offset_ns);

@@ -158,12 +158,18 @@ fn fill(
         return Counter::FillRefusedHold;
     };
     let ttl_known = unsafe { (*meta).ttl_tag == line.key_hash };
+    // A TTL the kernel did not see: with learning on, the entry is stored expired and served
+    // only once the agent has read the item's TTL from memcached and installed it (learn.rs),
+    // so it never outlives memcached's item. Without learning it lives `max_age_ns`.
+    let learn = !ttl_known && cfg.flags & flags::LEARN_TTL != 0;
     let expires_at_ns = if ttl_known {
         unsafe { (*meta).ttl_expires_ns }
+    } else if learn {
+        0
     } else {
         ticket.arrived_coarse_ns + cfg.max_age_ns
     };
-    if expires_at_ns <= now {
+    if expires_at_ns <= now && !learn {
         return Counter::FillRefusedHold;
     }
     let item = FillItem {
@@ -181,7 +187,7 @@ fn fill(
     let class = class_of(text_len);
     match insert_into_class(class, cfg, &item, meta, &v, s, c) {
         Stored::Filled => {
-            if !ttl_known && cfg.flags & flags::LEARN_TTL != 0 {
+            if learn {
                 learn::ask(s, item.key_hash, line.key_len, instance, class, c);
             }
             Counter::Fills

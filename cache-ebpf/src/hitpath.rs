@@ -58,6 +58,9 @@ pub fn run_get(ctx: &XdpContext) -> u32 {
     match serve(&XdpTarget(ctx), s, h, &head, cfg, instance, c) {
         Served::Reply => xdp_action::XDP_TX,
         Served::Pass => xdp_action::XDP_PASS,
+        // Not a plain one-line `get`: memcached runs every command in the datagram, and a
+        // write may follow the get. The scanner reads it as it reads any other datagram.
+        Served::Unparsed => crate::ingress::scan_datagram(ctx, s, h, c),
         Served::NoRoom => {
             // Handed over, tc_serve answers (and counts) it on its way up the stack.
             if cfg.flags & flags::TC_SERVE == 0 || !hand_over(ctx) {
@@ -89,6 +92,9 @@ pub enum Served {
     Reply,
     /// Untouched, for memcached (the reason is counted).
     Pass,
+    /// Not a canonical single-line `get` (the reason is counted): it may carry more commands
+    /// than the get.
+    Unparsed,
     /// Every key hit but the packet could not grow to hold the reply (not counted yet).
     NoRoom,
     /// The request was overwritten and the reply could not be finished.
@@ -124,7 +130,7 @@ pub fn serve<T: ReplyTarget>(
     let fh = head;
     // Only single-datagram requests: seq 0 of total 1.
     if u16::from_be_bytes([fh[2], fh[3]]) != 0 || u16::from_be_bytes([fh[4], fh[5]]) != 1 {
-        return pass(c, Counter::PassUnsupported);
+        return unparsed(c, Counter::PassUnsupported);
     }
     let request_id = u16::from_be_bytes([fh[0], fh[1]]);
     if cfg.flags & flags::SERVE == 0 || now >= cfg.lease_until_ns {
@@ -135,18 +141,18 @@ pub fn serve<T: ReplyTarget>(
     }
     let req_len = h.payload_len - FRAME_HEADER_LEN;
     if req_len > MAX_REQUEST {
-        return pass(c, Counter::PassUnsupported);
+        return unparsed(c, Counter::PassUnsupported);
     }
     if req_len < GET_LEN + 3 {
-        return pass(c, Counter::PassMalformed);
+        return unparsed(c, Counter::PassMalformed);
     }
     let n = helper_len(req_len);
     let off = (h.payload_off + FRAME_HEADER_LEN) as u32;
     if !target.load(off, unsafe { (&raw mut (*s).req).cast() }, n) {
-        return pass(c, Counter::PassMalformed);
+        return unparsed(c, Counter::PassMalformed);
     }
     let Some(nkeys) = parse_keys(s, n as usize, instance) else {
-        return pass(c, Counter::PassUnsupported);
+        return unparsed(c, Counter::PassUnsupported);
     };
     if T::FIRST_STAGE {
         count_n(c, Counter::GetKeys, nkeys as u64);
@@ -226,6 +232,12 @@ pub fn serve<T: ReplyTarget>(
         record(HIT_LATENCY.get_ptr_mut(0), precise_ns() - started);
     }
     Served::Reply
+}
+
+#[inline(always)]
+fn unparsed(c: Option<*mut Counters>, reason: Counter) -> Served {
+    count(c, reason);
+    Served::Unparsed
 }
 
 #[inline(always)]

@@ -62,12 +62,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
         }
         // Any other datagram may be a write: scan it from a fresh state.
         count(c, Counter::UdpOther);
-        unsafe {
-            (*s).flow.reset(0);
-            (*s).pkt.scan_off = (h.payload_off + FRAME_HEADER_LEN) as u32;
-            (*s).pkt.scan_len = h.payload_len.saturating_sub(FRAME_HEADER_LEN) as u32;
-            (*s).pkt.is_tcp = 0;
-        }
+        return scan_datagram(ctx, s, &h, c);
     } else if h.proto == IPPROTO_TCP {
         let Some(instance) = instance_for(cfg, h.dst_port, true) else {
             return xdp_action::XDP_PASS;
@@ -85,6 +80,26 @@ pub fn run(ctx: &XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     }
     unsafe { JUMP.tail_call(ctx, JUMP_SCAN) };
+    // The scanner is not installed: a write could slip past, so nothing cached may stay.
+    flush(c, Counter::FlushUnsynced);
+    xdp_action::XDP_PASS
+}
+
+/// Hands the UDP datagram whose headers are `h` to the write scanner, from a fresh state.
+#[inline(always)]
+pub fn scan_datagram(
+    ctx: &XdpContext,
+    s: *mut Scratch,
+    h: &Headers,
+    c: Option<*mut Counters>,
+) -> u32 {
+    unsafe {
+        (*s).flow.reset(0);
+        (*s).pkt.scan_off = (h.payload_off + FRAME_HEADER_LEN) as u32;
+        (*s).pkt.scan_len = h.payload_len.saturating_sub(FRAME_HEADER_LEN) as u32;
+        (*s).pkt.is_tcp = 0;
+        JUMP.tail_call(ctx, JUMP_SCAN);
+    }
     // The scanner is not installed: a write could slip past, so nothing cached may stay.
     flush(c, Counter::FlushUnsynced);
     xdp_action::XDP_PASS
@@ -230,6 +245,7 @@ extern "C" fn apply_step(index: u64, _ctx: *mut c_void) -> i64 {
     let ttl = match kind {
         0 => Ttl::Keep,
         2 => Ttl::Exptime(exptime),
+        3 => Ttl::Forget,
         _ => Ttl::Unknown,
     };
     let source = match source {

@@ -41,7 +41,7 @@ const BIN_HEADER_LEN: u32 = 24;
 // Command kinds, decided when the first token ends.
 const CMD_OTHER: u8 = 0;
 const CMD_GET: u8 = 1;
-const CMD_SET: u8 = 2; // set, add, replace: key, flags, exptime, bytes
+const CMD_SET: u8 = 2; // set: key, flags, exptime, bytes
 const CMD_APPEND: u8 = 3; // append, prepend: TTL unchanged
 const CMD_CAS: u8 = 4;
 const CMD_DELETE: u8 = 5;
@@ -53,6 +53,13 @@ const CMD_MS: u8 = 10;
 const CMD_MD: u8 = 11;
 const CMD_MA: u8 = 12;
 const CMD_MG: u8 = 13;
+const CMD_ADD: u8 = 14; // add, replace: like set, but memcached may refuse them
+
+// FlowState::ms_effect bits: what an `ms` does besides storing (its mode and CAS flags).
+/// Mode E (add) or R (replace), an unknown mode, or a CAS compare: memcached may refuse it.
+const MS_CONDITIONAL: u8 = 1 << 0;
+/// Mode A (append) or P (prepend): the item keeps its TTL.
+const MS_KEEPS_TTL: u8 = 1 << 1;
 
 // FlowState::flags bits for the current line.
 const F_BASE64: u8 = 1 << 0;
@@ -93,7 +100,8 @@ pub struct FlowState {
     pub bin_pos: u32,
     pub bin_key_len: u16,
     pub bin_ext_len: u8,
-    pub _pad: u8,
+    /// `ms` only: [`MS_CONDITIONAL`] and [`MS_KEEPS_TTL`] bits of the line.
+    pub ms_effect: u8,
     pub bin_ext: [u8; 8],
     pub bin_header: [u8; 32],
 }
@@ -124,6 +132,7 @@ impl FlowState {
         self.bin_pos = 0;
         self.bin_key_len = 0;
         self.bin_ext_len = 0;
+        self.ms_effect = 0;
     }
 
     #[inline(always)]
@@ -152,8 +161,9 @@ fn classify(w: u64, len: u16) -> u8 {
     match (len, w) {
         (3, x) if x == word(b"get") => CMD_GET,
         (4, x) if x == word(b"gets") => CMD_GET,
-        (3, x) if x == word(b"set") || x == word(b"add") => CMD_SET,
-        (7, x) if x == word(b"replace") => CMD_SET,
+        (3, x) if x == word(b"set") => CMD_SET,
+        (3, x) if x == word(b"add") => CMD_ADD,
+        (7, x) if x == word(b"replace") => CMD_ADD,
         (6, x) if x == word(b"append") => CMD_APPEND,
         (7, x) if x == word(b"prepend") => CMD_APPEND,
         (3, x) if x == word(b"cas") => CMD_CAS,
@@ -175,8 +185,8 @@ fn classify(w: u64, len: u16) -> u8 {
 #[inline(always)]
 fn is_key_token(st: &FlowState) -> bool {
     match st.cmd {
-        CMD_SET | CMD_APPEND | CMD_CAS | CMD_DELETE | CMD_INCR | CMD_TOUCH | CMD_MS | CMD_MD
-        | CMD_MA | CMD_MG => st.token == 1,
+        CMD_SET | CMD_ADD | CMD_APPEND | CMD_CAS | CMD_DELETE | CMD_INCR | CMD_TOUCH | CMD_MS
+        | CMD_MD | CMD_MA | CMD_MG => st.token == 1,
         CMD_GAT => st.token >= 2,
         _ => false,
     }
@@ -235,6 +245,7 @@ fn queue_write(s: *mut Scratch, key_hash: u32, ttl: Ttl, source: Counter) {
             Ttl::Keep => (0, 0),
             Ttl::Unknown => (1, 0),
             Ttl::Exptime(e) => (2, e),
+            Ttl::Forget => (3, 0),
         };
         p.ttl_kind = kind;
         p.exptime = exptime;
@@ -260,6 +271,13 @@ fn token_byte(st: &mut FlowState, b: u8, env: &Env) {
         st.hash = step(st.hash, b);
     }
     let flag_letter = is_meta_flag(st) && st.tok_len == 1;
+    if st.cmd == CMD_MS && st.tok_len == 2 && st.tok_first == b'M' && is_meta_flag(st) {
+        st.ms_effect |= match b {
+            b'S' | b's' => 0,
+            b'A' | b'a' | b'P' | b'p' => MS_KEEPS_TTL,
+            _ => MS_CONDITIONAL,
+        };
+    }
     if b.is_ascii_digit() {
         if st.num > 1_000_000_000_000 {
             st.flags |= F_NUM_BAD;
@@ -301,16 +319,21 @@ fn end_token(st: &mut FlowState, env: &Env) {
             }
             // Vivify on miss (its TTL is the token), set CAS, invalidate: all change the item.
             b'N' | b'E' | b'I' => st.flags |= F_MUTATES | F_TTL_UNKNOWN,
+            // Compare CAS: the store happens only if it matches.
+            b'C' => st.ms_effect |= MS_CONDITIONAL,
+            // The mode letter was recorded by token_byte.
             _ => {}
         }
     } else {
         let n = number(st);
         match (st.cmd, t) {
-            (CMD_SET | CMD_APPEND | CMD_CAS, 3) | (CMD_TOUCH, 2) | (CMD_GAT, 1) => match n {
-                Some(n) => st.exptime = n,
-                None => st.flags |= F_TTL_UNKNOWN,
-            },
-            (CMD_SET | CMD_APPEND | CMD_CAS, 4) | (CMD_MS, 2) | (CMD_FLUSH, 1) => {
+            (CMD_SET | CMD_ADD | CMD_APPEND | CMD_CAS, 3) | (CMD_TOUCH, 2) | (CMD_GAT, 1) => {
+                match n {
+                    Some(n) => st.exptime = n,
+                    None => st.flags |= F_TTL_UNKNOWN,
+                }
+            }
+            (CMD_SET | CMD_ADD | CMD_APPEND | CMD_CAS, 4) | (CMD_MS, 2) | (CMD_FLUSH, 1) => {
                 if let Some(n) = n {
                     st.len = n;
                     st.flags |= F_HAVE_LEN;
@@ -333,17 +356,17 @@ fn end_line(st: &mut FlowState, env: &Env) {
     let base64 = st.flags & F_BASE64 != 0;
     let mut data = 0u32;
     match st.cmd {
-        CMD_SET | CMD_CAS | CMD_APPEND => {
+        CMD_SET | CMD_ADD | CMD_CAS | CMD_APPEND => {
             if st.flags & F_KEY_TOO_LONG != 0 {
                 // memcached's handling of the data block is not certain here: give up.
                 st.mode = MODE_LOST;
                 return;
             }
             if key != 0 {
-                let ttl = if st.cmd == CMD_APPEND {
-                    Ttl::Keep
-                } else {
-                    ttl_from(st)
+                let ttl = match st.cmd {
+                    CMD_APPEND => Ttl::Keep,
+                    CMD_ADD | CMD_CAS => Ttl::Forget,
+                    _ => ttl_from(st),
                 };
                 queue_write(env.s, key, ttl, Counter::InvalidateText);
             }
@@ -368,6 +391,10 @@ fn end_line(st: &mut FlowState, env: &Env) {
                     flush(env.counters, Counter::FlushUnsynced);
                 } else {
                     let ttl = match st.cmd {
+                        CMD_MS if st.flags & F_TTL_UNKNOWN != 0 => Ttl::Unknown,
+                        CMD_MS if st.ms_effect & MS_CONDITIONAL != 0 => Ttl::Forget,
+                        // Append and prepend keep the item's TTL, T or not.
+                        CMD_MS if st.ms_effect & MS_KEEPS_TTL != 0 => Ttl::Keep,
                         // ms without T stores with exptime 0.
                         CMD_MS => ttl_from(st),
                         _ if st.flags & (F_HAVE_TTL | F_TTL_UNKNOWN) != 0 => ttl_from(st),
@@ -386,6 +413,8 @@ fn end_line(st: &mut FlowState, env: &Env) {
     if data != 0 {
         st.mode = MODE_DATA;
         st.skip = data;
+        // Kept for the data block's check (see scan_step).
+        st.key_hash = key;
     }
 }
 
@@ -418,12 +447,18 @@ fn binary_done(st: &mut FlowState, env: &Env) {
         |at: usize| u32::from_be_bytes([e[at], e[at + 1], e[at + 2], e[at + 3]]) as i64;
     let ext = st.bin_ext_len;
     match st.bin_opcode {
-        // set, add, replace and their quiet forms: extras = flags, exptime.
+        // set, add, replace and their quiet forms: extras = flags, exptime. Only a set
+        // without a CAS to compare always stores.
         0x01 | 0x02 | 0x03 | 0x11 | 0x12 | 0x13 if key != 0 => {
-            let ttl = if ext >= 8 {
-                Ttl::Exptime(exptime_at(4))
-            } else {
+            let h = &st.bin_header;
+            let compares_cas = h[16..24].iter().any(|b| *b != 0);
+            let conditional = !matches!(st.bin_opcode, 0x01 | 0x11) || compares_cas;
+            let ttl = if ext < 8 {
                 Ttl::Unknown
+            } else if conditional {
+                Ttl::Forget
+            } else {
+                Ttl::Exptime(exptime_at(4))
             };
             queue_write(env.s, key, ttl, Counter::InvalidateBinary);
         }
@@ -482,13 +517,30 @@ extern "C" fn scan_step(_index: u64, ctx: *mut c_void) -> i64 {
     let st = unsafe { &mut (*s).flow };
     let left = len - pos;
     match st.mode {
+        // A data block, skipped a run at a time. memcached stores nothing from a block that
+        // does not end in CRLF ("bad data chunk"), so the TTL its write recorded is wrong:
+        // forget it (the old item keeps its own). `tok_first` keeps the last byte of a run,
+        // for a CRLF split between two chunks.
         MODE_DATA => {
             let n = if st.skip < left { st.skip } else { left };
             st.skip -= n;
-            if st.skip == 0 {
-                st.mode = MODE_LINE;
-            }
             unsafe { (*ctx).pos = pos + n };
+            let req = unsafe { &(*s).req };
+            let last = req[(pos + n - 1) as usize & BUF_MASK];
+            if st.skip == 0 {
+                let cr = if n >= 2 {
+                    req[(pos + n - 2) as usize & BUF_MASK]
+                } else {
+                    st.tok_first
+                };
+                if (cr != b'\r' || last != b'\n') && st.key_hash != 0 {
+                    queue_write(s, st.key_hash, Ttl::Forget, Counter::InvalidateText);
+                }
+                st.mode = MODE_LINE;
+                st.key_hash = 0;
+            } else {
+                st.tok_first = last;
+            }
             return 0;
         }
         MODE_BIN_BODY => {

@@ -76,6 +76,8 @@ pub fn run(ctx: &TcContext) -> i32 {
             unsafe { bpf_redirect(ifindex, 0) as i32 }
         }
         Served::Pass => TC_NEXT,
+        // XDP parsed this request before handing it over: not reached.
+        Served::Unparsed => TC_NEXT,
         Served::NoRoom => {
             pass(c, Counter::PassNoRoom);
             TC_NEXT

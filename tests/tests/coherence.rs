@@ -224,6 +224,85 @@ fn writes_over_udp_and_ipv6_invalidate() {
 }
 
 #[test]
+fn writes_memcached_refuses_never_extend_a_cached_items_life() {
+    // Each key is cached with a TTL; then a write memcached refuses (or one that keeps the
+    // TTL) is sent. The kernel must not take that write's exptime for the item's: after
+    // memcached expires the item, nobody may answer it.
+    let rig = Rig::with_agent("corefuse", 68, &[]);
+    let cases: [(&str, i64, &[u8], &str); 7] = [
+        ("r-add", 6, b"add r-add 0 0 2\r\nxx\r\n", "NOT_STORED\r\n"),
+        (
+            "r-cas",
+            6,
+            b"cas r-cas 0 0 2 999999\r\nxx\r\n",
+            "EXISTS\r\n",
+        ),
+        ("r-mse", 6, b"ms r-mse 2 ME\r\nxx\r\n", "NS\r\n"),
+        ("r-msc", 6, b"ms r-msc 2 C999999\r\nxx\r\n", "EX\r\n"),
+        // memcached reads 2 + 2 bytes as the block, then the CRLF as an empty command line.
+        (
+            "r-chunk",
+            6,
+            b"set r-chunk 0 0 2\r\nxxxx\r\n",
+            "CLIENT_ERROR bad data chunk\r\nERROR\r\n",
+        ),
+        ("r-msa", 6, b"ms r-msa 2 MA\r\nzz\r\n", "HD\r\n"),
+        // Shorter than --max-age: the refill after the refused add must wait for the TTL
+        // memcached reports instead of living --max-age.
+        (
+            "r-short",
+            3,
+            b"add r-short 0 0 2\r\nxx\r\n",
+            "NOT_STORED\r\n",
+        ),
+    ];
+    let mut deadlines = Vec::new();
+    for (key, exptime, _, _) in cases {
+        rig.set(key, b"v1", 0, exptime);
+        // memcached's one-second clock: gone by exptime + 1 s at the latest.
+        deadlines.push(Instant::now() + Duration::from_millis(exptime as u64 * 1000 + 1200));
+    }
+    for (key, _, _, _) in cases {
+        rig.warm(key, WARM);
+    }
+    for (key, _, write, reply) in cases {
+        let got = rig.tcp(write, &[reply.as_bytes()]);
+        assert_eq!(String::from_utf8_lossy(&got), reply, "{key}");
+    }
+    // Served again by the kernel, with what memcached holds, before the expiry (not r-short:
+    // with a second or less left, memcached's `me` cannot tell it from "never expires", so
+    // the kernel may well not serve it again).
+    for (key, _, _, _) in cases.iter().filter(|c| c.0 != "r-short") {
+        let value: &[u8] = if *key == "r-msa" { b"v1zz" } else { b"v1" };
+        let reply = rig.warm(key, WARM);
+        assert_eq!(reply.payload, item(key, 0, value), "{key} after the write");
+    }
+    // GETs keep refilling the entries until well past every expiry.
+    let end = *deadlines.iter().max().unwrap() + Duration::from_secs(2);
+    while Instant::now() < end {
+        for (i, (key, _, _, _)) in cases.iter().enumerate() {
+            let reply = rig.udp_get(&[key]);
+            if Instant::now() > deadlines[i] {
+                assert_eq!(
+                    reply.payload, MISS,
+                    "{key} served after memcached expired it"
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_write_after_a_get_in_one_udp_datagram_invalidates() {
+    let rig = Rig::with_agent("copiped", 69, &[]);
+    rig.set("pk", b"old", 0, 0);
+    rig.warm("pk", WARM);
+    rig.udp(b"get other\r\ndelete pk\r\n", next_id(), false);
+    assert_fresh(&rig, "pk", MISS, "delete after a get in one datagram");
+}
+
+#[test]
 fn ttl_expiry_touch_gat_and_flush_all_are_honoured() {
     let rig = Rig::with_agent("cottl", 35, &[]);
     rig.set("ttl", b"short", 0, 3);
