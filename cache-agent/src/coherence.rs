@@ -146,6 +146,10 @@ pub struct ClockSample {
 struct Identity {
     pid: u64,
     uptime: u64,
+    /// Log entries memcached dropped before any watcher saw them (`log_worker_dropped`, plus
+    /// `log_watcher_skipped`). Under a burst of writes the worker threads drop entries
+    /// without a `skipped=` line on the watch stream, evictions among them.
+    dropped: u64,
 }
 
 /// One persistent connection for health checks.
@@ -201,6 +205,8 @@ impl Probe {
         Some(Identity {
             pid: get("pid")?,
             uptime: get("uptime")?,
+            dropped: get("log_worker_dropped").unwrap_or(0)
+                + get("log_watcher_skipped").unwrap_or(0),
         })
     }
 }
@@ -237,6 +243,11 @@ pub async fn lease_loop(shared: Arc<Shared>) {
         match (id, identity) {
             (Some(now), Some(before)) if now.pid != before.pid || now.uptime < before.uptime => {
                 shared.resync("memcached restarted");
+                identity = Some(now);
+            }
+            // An eviction the watch stream never reported may be cached.
+            (Some(now), Some(before)) if now.dropped > before.dropped => {
+                shared.resync("memcached dropped watch events (log_worker_dropped)");
                 identity = Some(now);
             }
             (Some(now), _) => identity = Some(now),

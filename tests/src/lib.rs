@@ -30,11 +30,16 @@ pub struct UdpReply {
 impl Rig {
     /// A testbed named `name` (at most 8 characters) on its own subnet, memcached started.
     pub fn new(name: &str, subnet: u8) -> Rig {
+        Rig::with_memcached(name, subnet, &["-m", "256", "-t", "2"])
+    }
+
+    /// A testbed with memcached started with `memcached_args` (besides its address and port).
+    pub fn with_memcached(name: &str, subnet: u8, memcached_args: &[&str]) -> Rig {
         let _ = tracing_init();
         let cfg = TestbedConfig {
             name: name.to_owned(),
             subnet,
-            memcached_args: vec!["-m".into(), "256".into(), "-t".into(), "2".into()],
+            memcached_args: memcached_args.iter().map(|a| a.to_string()).collect(),
             ..TestbedConfig::default()
         };
         let bed = Testbed::up(cfg).unwrap_or_else(|e| panic!("testbed {name}: {e}"));
