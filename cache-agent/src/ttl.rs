@@ -90,8 +90,10 @@ pub fn parse_meta_debug(line: &str) -> Option<Remaining> {
     if !line.starts_with("ME ") {
         return None;
     }
+    // After `ME <key>`: a key may itself start with `exp=`.
     let exp: i64 = line
         .split(' ')
+        .skip(2)
         .find_map(|f| f.strip_prefix("exp="))?
         .parse()
         .ok()?;
@@ -410,13 +412,14 @@ async fn ask(
         let s = conn.as_mut()?;
         s.get_mut().write_all(&request).await.ok()?;
         let mut answers = Vec::with_capacity(batch.len());
-        let mut line = String::new();
+        // Bytes: the answer repeats the key, which need not be UTF-8.
+        let mut line = Vec::new();
         for _ in batch {
             line.clear();
-            if s.read_line(&mut line).await.ok()? == 0 {
+            if s.read_until(b'\n', &mut line).await.ok()? == 0 {
                 return None;
             }
-            answers.push(parse_meta_debug(&line));
+            answers.push(parse_meta_debug(&String::from_utf8_lossy(&line)));
         }
         Some(answers)
     })
@@ -494,6 +497,11 @@ mod tests {
             Some(Remaining::NeverOrOneSecond)
         );
         assert_eq!(parse_meta_debug("EN\r\n"), Some(Remaining::Gone));
+        // The key is not a field, whatever it looks like.
+        assert_eq!(
+            parse_meta_debug("ME exp=999 exp=-5 la=0 cas=1 fetch=no cls=1 size=1"),
+            Some(Remaining::Seconds(5))
+        );
         assert_eq!(parse_meta_debug("ERROR\r\n"), Some(Remaining::Unsupported));
         // A memcached that prints the time left.
         assert_eq!(

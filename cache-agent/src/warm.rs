@@ -278,20 +278,30 @@ async fn fetch(
         if line == b"END\r\n" {
             return Ok(items);
         }
-        let header = std::str::from_utf8(&line)
-            .ok()
-            .and_then(|l| l.strip_suffix("\r\n"))
-            .and_then(|l| l.strip_prefix("VALUE "))
+        // Keys are bytes, not necessarily UTF-8: split the line as bytes.
+        let header = line
+            .strip_suffix(b"\r\n")
+            .and_then(|l| l.strip_prefix(b"VALUE "))
             .ok_or_else(|| {
                 std::io::Error::other(format!(
                     "unexpected reply to get: {}",
                     String::from_utf8_lossy(&line).trim_end()
                 ))
             })?;
-        let fields: Vec<&str> = header.split(' ').collect();
+        let fields: Vec<&[u8]> = header.split(|b| *b == b' ').collect();
         let (key, bytes) = match fields.as_slice() {
-            [key, _flags, bytes] => (key.as_bytes().to_vec(), bytes.parse::<usize>()),
-            _ => return Err(std::io::Error::other(format!("bad VALUE line: {header}"))),
+            [key, _flags, bytes] => (
+                key.to_vec(),
+                std::str::from_utf8(bytes)
+                    .map_err(std::io::Error::other)?
+                    .parse::<usize>(),
+            ),
+            _ => {
+                return Err(std::io::Error::other(format!(
+                    "bad VALUE line: {}",
+                    String::from_utf8_lossy(header)
+                )));
+            }
         };
         let bytes = bytes.map_err(std::io::Error::other)?;
         let mut text = line.clone();

@@ -677,8 +677,13 @@ fn a_new_agent_serves_memcacheds_items_from_the_first_get_and_honours_their_ttl(
     // Long enough that the warmed entry (which expires 2 s before memcached's item) is still
     // there when a slow machine has loaded the agent and warmed the cache.
     rig.set("warm:ttl", b"short-lived", 3, 10);
+    // Keys are bytes: one that is not UTF-8 must not stop the warm start.
+    assert_eq!(
+        rig.tcp(b"set warm:\xc3\x28 4 0 3\r\nraw\r\n", &[b"\r\n"]),
+        b"STORED\r\n"
+    );
     rig.start_agent(&["--max-age", "30"]);
-    wait_warmed(&rig, 3);
+    wait_warmed(&rig, 4);
     let hits = rig.mc_stat("get_hits");
     let before = rig.counter("hit_keys");
     for (key, flags, value) in [
@@ -693,8 +698,13 @@ fn a_new_agent_serves_memcacheds_items_from_the_first_get_and_honours_their_ttl(
         );
     }
     assert_eq!(
+        rig.udp(b"get warm:\xc3\x28\r\n", next_id(), false).payload,
+        b"VALUE warm:\xc3\x28 4 3\r\nraw\r\nEND\r\n",
+        "a key that is not UTF-8"
+    );
+    assert_eq!(
         rig.counter("hit_keys") - before,
-        3,
+        4,
         "the kernel answered the first GETs"
     );
     assert_eq!(
