@@ -94,7 +94,7 @@ pub fn scan_datagram(
     c: Option<*mut Counters>,
 ) -> u32 {
     unsafe {
-        (*s).flow.reset(0);
+        (*s).flow.start(0);
         (*s).pkt.scan_off = (h.payload_off + FRAME_HEADER_LEN) as u32;
         (*s).pkt.scan_len = h.payload_len.saturating_sub(FRAME_HEADER_LEN) as u32;
         (*s).pkt.is_tcp = 0;
@@ -276,7 +276,7 @@ fn tcp_segment(h: &Headers, s: *mut Scratch, c: Option<*mut Counters>) -> Option
     if h.tcp_flags & TCP_SYN != 0 {
         // A new connection: we see it from its first byte, so we can follow it exactly.
         unsafe {
-            (*s).flow.reset(h.tcp_seq.wrapping_add(1));
+            (*s).flow.start(h.tcp_seq.wrapping_add(1));
             let _ = TCP_FLOWS.insert(&key, &(*s).flow, 0);
         }
         return None;

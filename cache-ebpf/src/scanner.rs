@@ -11,7 +11,10 @@
 //! The conservative rule: whenever the scanner cannot be sure where it is in a stream (a TCP
 //! flow first seen mid-stream, for example opened before the agent started; a gap; a
 //! retransmission; a line longer than memcached accepts; a key it cannot hash such as a
-//! base64 meta key), it flushes the whole cache. A flow it lost stays unsynced, and every later
+//! base64 meta key; a storage line with a number memcached's strtol may read otherwise, so
+//! that whether memcached takes a data block is not certain; a CR inside a line, which
+//! memcached reads as a key byte; a NUL, which ends memcached's line early), it flushes the
+//! whole cache. A flow it lost stays unsynced, and every later
 //! segment of it flushes again, until the connection closes. Correctness never depends on
 //! guessing where a command starts.
 
@@ -37,6 +40,8 @@ const MODE_LOST: u8 = 4;
 /// memcached closes a connection whose command line exceeds 2048 bytes (except get/gets).
 const MAX_LINE: u32 = 2048;
 const BIN_HEADER_LEN: u32 = 24;
+/// memcached tokenizes at most 24 tokens of a meta command.
+const MAX_META_TOKENS: u8 = 24;
 
 // Command kinds, decided when the first token ends.
 const CMD_OTHER: u8 = 0;
@@ -71,6 +76,17 @@ const F_NUM_NEG: u8 = 1 << 5;
 const F_KEY_TOO_LONG: u8 = 1 << 6;
 const F_HAVE_LEN: u8 = 1 << 7;
 
+// FlowState::line_bits.
+/// The last byte was a CR: only an LF may follow (memcached reads any other CR as a key byte).
+const LINE_CR: u8 = 1 << 0;
+/// The line has a token memcached may read otherwise than the scanner (a number with a sign
+/// or out of range where memcached's strtol/strtoul decides): whether memcached takes the
+/// data block that follows is not certain.
+const LINE_UNSURE: u8 = 1 << 1;
+/// The stream has carried a text command: memcached fixed the connection's protocol at its
+/// first byte, so a later 0x80 at a line start is a text byte, not a binary request.
+const FLOW_ASCII: u8 = 1 << 2;
+
 /// Scanner state of one stream.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -89,6 +105,9 @@ pub struct FlowState {
     pub skip: u32,
     pub hash: u32,
     pub key_hash: u32,
+    /// [`LINE_CR`], [`LINE_UNSURE`] and [`FLOW_ASCII`] bits.
+    pub line_bits: u8,
+    pub _pad: [u8; 3],
     /// First (up to) 8 bytes of the command token, packed little-endian.
     pub word: u64,
     pub num: u64,
@@ -107,10 +126,18 @@ pub struct FlowState {
 }
 
 impl FlowState {
+    /// A new stream (a connection's first byte, or a datagram).
+    #[inline(always)]
+    pub fn start(&mut self, next_seq: u32) {
+        self.reset(next_seq);
+        self.line_bits = 0;
+    }
+
     /// Back to the start of a command line, in place (no stack temporaries: the BPF stack
-    /// is 512 bytes).
+    /// is 512 bytes). The stream's protocol is kept.
     #[inline(always)]
     pub fn reset(&mut self, next_seq: u32) {
+        self.line_bits &= FLOW_ASCII;
         self.next_seq = next_seq;
         self.mode = MODE_LINE;
         self.cmd = CMD_OTHER;
@@ -189,6 +216,28 @@ fn is_key_token(st: &FlowState) -> bool {
         | CMD_MD | CMD_MA | CMD_MG => st.token == 1,
         CMD_GAT => st.token >= 2,
         _ => false,
+    }
+}
+
+#[inline(always)]
+fn is_storage(cmd: u8) -> bool {
+    matches!(cmd, CMD_SET | CMD_ADD | CMD_APPEND | CMD_CAS)
+}
+
+/// Whether memcached reads token `t` of a storage command (flags 2, exptime 3, bytes 4, cas
+/// unique 5) as the scanner does: plain digits, a minus sign only on the exptime and the
+/// length (memcached refuses a negative length, and so skips no data block), and within range.
+#[inline(always)]
+fn number_is_certain(st: &FlowState, t: u8) -> bool {
+    if st.flags & F_NUM_BAD != 0 {
+        return false;
+    }
+    let negative = st.flags & F_NUM_NEG != 0;
+    match t {
+        2 => !negative && st.num <= u32::MAX as u64,
+        3 | 4 => st.num < i32::MAX as u64,
+        5 if st.cmd == CMD_CAS => !negative,
+        _ => true,
     }
 }
 
@@ -326,6 +375,9 @@ fn end_token(st: &mut FlowState, env: &Env) {
         }
     } else {
         let n = number(st);
+        if is_storage(st.cmd) && !number_is_certain(st, t) {
+            st.line_bits |= LINE_UNSURE;
+        }
         match (st.cmd, t) {
             (CMD_SET | CMD_ADD | CMD_APPEND | CMD_CAS, 3) | (CMD_TOUCH, 2) | (CMD_GAT, 1) => {
                 match n {
@@ -357,11 +409,15 @@ fn end_line(st: &mut FlowState, env: &Env) {
     let mut data = 0u32;
     match st.cmd {
         CMD_SET | CMD_ADD | CMD_CAS | CMD_APPEND => {
-            if st.flags & F_KEY_TOO_LONG != 0 {
+            if st.flags & F_KEY_TOO_LONG != 0 || st.line_bits & LINE_UNSURE != 0 {
                 // memcached's handling of the data block is not certain here: give up.
                 st.mode = MODE_LOST;
                 return;
             }
+            // key flags exptime bytes [noreply], and the unique for cas: with another count
+            // memcached answers ERROR and reads no data block.
+            let fields = if st.cmd == CMD_CAS { 6 } else { 5 };
+            let framed = st.token == fields || st.token == fields + 1;
             if key != 0 {
                 let ttl = match st.cmd {
                     CMD_APPEND => Ttl::Keep,
@@ -370,7 +426,7 @@ fn end_line(st: &mut FlowState, env: &Env) {
                 };
                 queue_write(env.s, key, ttl, Counter::InvalidateText);
             }
-            if has_len {
+            if has_len && framed {
                 data = st.len as u32 + 2;
             }
         }
@@ -385,6 +441,16 @@ fn end_line(st: &mut FlowState, env: &Env) {
             flush_delayed(env.cfg, delay, env.counters);
         }
         CMD_MS | CMD_MD | CMD_MA | CMD_MG => {
+            // memcached's handling of an `ms` data block after a line it refuses is not
+            // certain: give up.
+            let ms_unsure = st.flags & F_KEY_TOO_LONG != 0
+                || st.token >= MAX_META_TOKENS
+                || st.flags & F_HAVE_LEN == 0
+                || st.len < 0;
+            if st.cmd == CMD_MS && ms_unsure {
+                st.mode = MODE_LOST;
+                return;
+            }
             let writes = st.cmd != CMD_MG || st.flags & F_MUTATES != 0;
             if writes && key != 0 {
                 if base64 {
@@ -589,7 +655,7 @@ extern "C" fn scan_step(_index: u64, ctx: *mut c_void) -> i64 {
             }
         }
         _ => {
-            if st.line_len == 0 && b == BINARY_REQUEST_MAGIC {
+            if st.line_len == 0 && b == BINARY_REQUEST_MAGIC && st.line_bits & FLOW_ASCII == 0 {
                 st.mode = MODE_BIN_HEADER;
                 st.bin_header[0] = b;
                 st.bin_got = 1;
@@ -601,12 +667,25 @@ extern "C" fn scan_step(_index: u64, ctx: *mut c_void) -> i64 {
                 st.mode = MODE_LOST;
                 return 1;
             }
+            let after_cr = st.line_bits & LINE_CR != 0;
+            st.line_bits &= !LINE_CR;
             match b {
                 b'\n' => {
+                    st.line_bits |= FLOW_ASCII;
                     end_token(st, &env);
                     end_line(st, &env);
                 }
-                b' ' | b'\r' => end_token(st, &env),
+                // A CR inside a line is a key byte to memcached; a NUL ends memcached's line
+                // early. Neither is something the scanner can follow.
+                _ if after_cr || b == 0 => {
+                    st.mode = MODE_LOST;
+                    return 1;
+                }
+                b'\r' => {
+                    st.line_bits |= LINE_CR;
+                    end_token(st, &env);
+                }
+                b' ' => end_token(st, &env),
                 _ => token_byte(st, b, &env),
             }
         }

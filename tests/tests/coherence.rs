@@ -349,6 +349,103 @@ fn an_item_memcached_evicts_during_a_write_burst_is_never_served_after() {
 }
 
 #[test]
+fn lines_memcached_reads_otherwise_than_a_naive_parser_never_hide_a_delete() {
+    // Each stream makes memcached run `delete <key>` right after a line a parser could frame
+    // differently: a storage line memcached refuses (so it reads no data block), a number
+    // with a sign, a CR or NUL inside a line, a 0x80 byte on a text connection.
+    let rig = Rig::with_agent("coframe", 71, &[]);
+    let long_key = "L".repeat(251);
+    let flags = "q ".repeat(30);
+    let mut binary_header = vec![0x80, 0x0b, 0, 0, 0, 0, 0, 0, 0, 0, 0, 13];
+    binary_header.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0a]);
+    let cases: Vec<(&str, Vec<u8>, Vec<u8>)> = vec![
+        (
+            "flags -1",
+            b"set zz -1 0 13\r\n".to_vec(),
+            b"\r\n\r\n".to_vec(),
+        ),
+        (
+            "bad exptime",
+            b"set zz 0 abc 13\r\n".to_vec(),
+            b"\r\n\r\n".to_vec(),
+        ),
+        (
+            "too many tokens",
+            b"set zz 0 0 13 a b\r\n".to_vec(),
+            b"\r\n\r\n".to_vec(),
+        ),
+        (
+            "cas without unique",
+            b"cas zz 0 0 13\r\n".to_vec(),
+            b"\r\n\r\n".to_vec(),
+        ),
+        (
+            "cas bad unique",
+            b"cas zz 0 0 13 abc\r\n".to_vec(),
+            b"\r\n\r\n".to_vec(),
+        ),
+        (
+            "ms key > 250",
+            format!("ms {long_key} 13\r\n").into_bytes(),
+            b"\r\n\r\n".to_vec(),
+        ),
+        (
+            "ms too many flags",
+            format!("ms zz 13 {flags}\r\n").into_bytes(),
+            b"\r\n\r\n".to_vec(),
+        ),
+        (
+            "length +12",
+            b"set x 0 0 +12\r\nset y 0 0 10\r\n".to_vec(),
+            b"\r\n".to_vec(),
+        ),
+        (
+            "CR inside a key",
+            b"set a\rb 0 12 0\r\n\r\n".to_vec(),
+            b"\r\n".to_vec(),
+        ),
+        (
+            "0x80 on a text connection",
+            [b"mn\r\n".to_vec(), binary_header].concat(),
+            b"\r\n".to_vec(),
+        ),
+    ];
+    let addr = rig.server(false);
+    for (i, (what, before, after)) in cases.into_iter().enumerate() {
+        let key = format!("frame{i}");
+        rig.set(&key, b"old", 0, 0);
+        rig.warm(&key, WARM);
+        let stream = [before, format!("delete {key}").into_bytes(), after].concat();
+        let reply = rig.bed.in_client(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(&stream).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let mut reply = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut s, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                reply.extend_from_slice(&buf[..n]);
+            }
+            reply
+        });
+        assert!(
+            reply.windows(9).any(|w| w == b"DELETED\r\n"),
+            "{what}: memcached ran the delete: {}",
+            String::from_utf8_lossy(&reply)
+        );
+        assert_fresh(&rig, &key, MISS, what);
+    }
+    // A NUL ends memcached's line: `delete <key>\0zz` deletes <key>.
+    rig.set("frame-nul", b"old", 0, 0);
+    rig.warm("frame-nul", WARM);
+    rig.tcp(b"delete frame-nul\0zz\r\n", &[b"\r\n"]);
+    assert_fresh(&rig, "frame-nul", MISS, "NUL in a line");
+}
+
+#[test]
 fn a_write_after_a_get_in_one_udp_datagram_invalidates() {
     let rig = Rig::with_agent("copiped", 69, &[]);
     rig.set("pk", b"old", 0, 0);
