@@ -277,6 +277,25 @@ pub async fn lease_loop(shared: Arc<Shared>) {
     }
 }
 
+/// Whether memcached's `stats` count no eviction and no dropped log entry since it started.
+async fn never_evicted(addr: std::net::SocketAddr) -> std::io::Result<bool> {
+    let mut probe = Probe { stream: None };
+    let lines = probe
+        .request(addr, "stats\r\n", "END", Duration::from_secs(1))
+        .await
+        .ok_or_else(|| std::io::Error::other("stats"))?;
+    let count = |name: &str| {
+        lines.iter().find_map(|l| {
+            l.strip_prefix(&format!("STAT {name} "))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+    };
+    let evictions = count("evictions").ok_or_else(|| std::io::Error::other("no evictions stat"))?;
+    let dropped =
+        count("log_worker_dropped").unwrap_or(0) + count("log_watcher_skipped").unwrap_or(0);
+    Ok(evictions == 0 && dropped == 0)
+}
+
 /// Follows `watch mutations evictions` and invalidates every key it reports.
 pub async fn watch_loop(shared: Arc<Shared>) {
     let addr = shared.settings.memcached;
@@ -310,12 +329,23 @@ async fn follow_watch(shared: &Shared, addr: std::net::SocketAddr) -> std::io::R
             line.trim()
         )));
     }
-    // Events before this point were not seen: start from a clean cache.
+    // Events before this point were not seen: start from a clean cache. An adopted cache was
+    // kept invalidating by the attached scanner, but evictions in the gap between agents went
+    // to no watch stream: it is kept only if memcached has never evicted (or dropped a log
+    // entry), which its counters, read after the stream is up, tell.
     if !shared
         .skip_first_watch_resync
         .swap(false, Ordering::Relaxed)
     {
         shared.resync("watch stream (re)connected");
+    } else {
+        match never_evicted(addr).await {
+            Ok(true) => {}
+            Ok(false) => {
+                shared.resync("adopted cache: memcached has evicted items since it started")
+            }
+            Err(_) => shared.resync("adopted cache: memcached's stats could not be read"),
+        }
     }
     shared.watch_ok.store(true, Ordering::Relaxed);
     info!("following memcached's watch stream");

@@ -108,6 +108,46 @@ fn check_config(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Loads the programs with the maps pinned in `dir`, writes the first configuration and
+/// attaches: adopting the previous agent's links and warm cache (upgrade mode), or cold after
+/// removing whatever pins are left.
+fn bring_up(
+    settings: &Settings,
+    dir: &std::path::Path,
+    adopting: bool,
+) -> anyhow::Result<(aya::Ebpf, cache_common::Config, loader::Links)> {
+    if !adopting && dir.exists() {
+        // A crashed or differently sized agent's pins: its links died with it; start cold.
+        warn!(dir = %dir.display(), "removing pins left by a previous agent");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let mut ebpf = loader::load_pinned(settings, dir)?;
+    let mut config = loader::initial_config(settings);
+    config.max_reply_payload = loader::max_reply_payload(&settings.iface)?;
+    if adopting {
+        // Keep the epoch the cached entries were filled in: the cache stays warm.
+        config.agent_epoch = kernel::pinned_config(dir)?.agent_epoch;
+    }
+    kernel::write_config(&mut ebpf, &config)?;
+    kernel::write_allowlist(&mut ebpf, &settings.allow)?;
+    if settings.allow.is_empty() {
+        warn!("no --allow list: the kernel answers every client that reaches the interface");
+    }
+    let links = if adopting {
+        loader::adopt(&mut ebpf, settings, dir)?
+    } else {
+        match loader::attach(&mut ebpf, settings) {
+            Ok(links) => links,
+            Err(e) => {
+                // Nothing attached: leave no pinned maps (the cache's memory) behind either.
+                let _ = std::fs::remove_dir_all(dir);
+                return Err(e.into());
+            }
+        }
+    };
+    Ok((ebpf, config, links))
+}
+
 fn pid_file(iface: &str) -> PathBuf {
     PathBuf::from(format!("/run/cache-agent/{iface}.pid"))
 }
@@ -162,35 +202,16 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
     }
     let dir = settings.pin_dir();
     // Upgrade mode: a previous agent left its programs attached and its cache pinned.
-    let adopting = settings.keep_on_exit && loader::can_adopt(&dir, &settings);
-    if !adopting && dir.exists() {
-        // A crashed or differently sized agent's pins: its links died with it; start cold.
-        warn!(dir = %dir.display(), "removing pins left by a previous agent");
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    let mut ebpf = loader::load_pinned(&settings, &dir)?;
-    let mut config = loader::initial_config(&settings);
-    config.max_reply_payload = loader::max_reply_payload(&settings.iface)?;
-    if adopting {
-        // Keep the epoch the cached entries were filled in: the cache stays warm.
-        config.agent_epoch = kernel::pinned_config(&dir)?.agent_epoch;
-    }
-    kernel::write_config(&mut ebpf, &config)?;
-    kernel::write_allowlist(&mut ebpf, &settings.allow)?;
-    if settings.allow.is_empty() {
-        warn!("no --allow list: the kernel answers every client that reaches the interface");
-    }
-    let links = if adopting {
-        loader::adopt(&mut ebpf, &settings, &dir)?
-    } else {
-        match loader::attach(&mut ebpf, &settings) {
-            Ok(links) => links,
-            Err(e) => {
-                // Nothing attached: leave no pinned maps (the cache's memory) behind either.
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e.into());
-            }
+    let mut adopting = settings.keep_on_exit && loader::can_adopt(&dir, &settings);
+    let (mut ebpf, mut config, links) = match bring_up(&settings, &dir, adopting) {
+        Ok(up) => up,
+        Err(e) if adopting => {
+            // Its links are gone (the interface was recreated, say): start cold.
+            warn!(error = %e, "could not adopt the previous agent's programs; starting cold");
+            adopting = false;
+            bring_up(&settings, &dir, false)?
         }
+        Err(e) => return Err(e),
     };
     if links.tc_serve.is_some() {
         // XDP may hand hits it has no room for to TC ingress only once something is there.
@@ -212,8 +233,8 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
         None => None,
     };
     let shared = Shared::new(ebpf, config, settings.clone());
-    // The kernel kept invalidating while no agent ran; only loopback stores in that gap were
-    // not seen, so the first watch connection does not flush an adopted cache.
+    // The kernel kept invalidating while no agent ran, so the first watch connection does not
+    // flush an adopted cache unless memcached has evicted items (coherence::follow_watch).
     shared
         .skip_first_watch_resync
         .store(adopting, std::sync::atomic::Ordering::Relaxed);

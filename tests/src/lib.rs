@@ -154,6 +154,31 @@ impl Rig {
         assert_eq!(reply, b"STORED\r\n", "set {key}");
     }
 
+    /// `count` 60-byte `set <prefix><i> ... noreply` over one connection from the client
+    /// namespace, in one write; returns once memcached has run them all (its reply to `mn`).
+    pub fn set_burst(&self, prefix: &str, count: usize) {
+        let addr = self.server(false);
+        let mut burst = Vec::new();
+        for i in 0..count {
+            burst.extend_from_slice(format!("set {prefix}{i} 0 0 60 noreply\r\n").as_bytes());
+            burst.extend_from_slice(&[b'y'; 60]);
+            burst.extend_from_slice(b"\r\n");
+        }
+        burst.extend_from_slice(b"mn\r\n");
+        self.bed.in_client(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(&burst).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut reply = Vec::new();
+            let mut buf = [0u8; 256];
+            while !reply.ends_with(b"MN\r\n") {
+                let n = s.read(&mut buf).unwrap();
+                assert!(n > 0, "memcached closed the connection");
+                reply.extend_from_slice(&buf[..n]);
+            }
+        });
+    }
+
     /// A raw UDP `get` (or any request) from the client namespace: all datagrams of the reply.
     pub fn udp(&self, request: &[u8], request_id: u16, v6: bool) -> UdpReply {
         let addr = self.server(v6);

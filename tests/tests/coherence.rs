@@ -300,31 +300,10 @@ fn an_item_memcached_evicts_during_a_write_burst_is_never_served_after() {
     // stream, so the eviction may never be reported: the agent must notice the drop.
     let mut rig = Rig::with_memcached("coevict", 70, &["-m", "2", "-t", "2"]);
     rig.start_agent(&[]);
-    let addr = rig.server(false);
-    // A burst of 60-byte sets over one connection, waited for (memcached's reply to `mn`).
-    let burst = move |prefix: &'static str| {
-        let mut s = TcpStream::connect(addr).unwrap();
-        let mut burst = Vec::new();
-        for i in 0..40_000 {
-            burst.extend_from_slice(format!("set {prefix}{i} 0 0 60 noreply\r\n").as_bytes());
-            burst.extend_from_slice(&[b'y'; 60]);
-            burst.extend_from_slice(b"\r\n");
-        }
-        burst.extend_from_slice(b"mn\r\n");
-        s.write_all(&burst).unwrap();
-        let mut reply = Vec::new();
-        let mut buf = [0u8; 256];
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        while !reply.ends_with(b"MN\r\n") {
-            let n = std::io::Read::read(&mut s, &mut buf).unwrap();
-            assert!(n > 0, "memcached closed the connection");
-            reply.extend_from_slice(&buf[..n]);
-        }
-    };
     // memcached full first, so the key is evicted in the middle of a later burst, when the log
     // is already overflowing, rather than at its start.
     let epoch = rig.counter("agent_epoch");
-    rig.bed.in_client(move || burst("pre"));
+    rig.set_burst("pre", 40_000);
     assert!(
         rig.mc_stat("log_worker_dropped") > 0,
         "the burst made memcached drop log entries"
@@ -338,7 +317,7 @@ fn an_item_memcached_evicts_during_a_write_burst_is_never_served_after() {
     rig.set("ev", &[b'x'; 60], 0, 0);
     rig.warm("ev", WARM);
     for round in 0.. {
-        rig.bed.in_client(move || burst("fill"));
+        rig.set_burst("fill", 40_000);
         if rig.tcp(b"me ev\r\n", &[b"\r\n"]) == b"EN\r\n" {
             break;
         }

@@ -8,6 +8,65 @@ use tests::{Rig, value_text};
 const WARM: Duration = Duration::from_secs(5);
 
 #[test]
+fn an_adopted_cache_is_flushed_when_memcached_evicted_between_agents() {
+    // Between two agents in upgrade mode the attached scanner keeps invalidating writes, but
+    // no watch stream reports evictions: the new agent keeps the cache only if memcached has
+    // never evicted.
+    let mut rig = Rig::with_memcached(
+        "lcevict",
+        72,
+        &["-m", "2", "-t", "2", "-o", "no_lru_maintainer"],
+    );
+    rig.start_agent(&["--keep-on-exit", "true"]);
+    rig.set("ev", &[b'x'; 60], 0, 0);
+    rig.warm("ev", WARM);
+    rig.bed.stop_agent();
+    for round in 0.. {
+        rig.set_burst("gap", 30_000);
+        if rig.tcp(b"me ev\r\n", &[b"\r\n"]) == b"EN\r\n" {
+            break;
+        }
+        assert!(round < 3, "memcached never evicted the key");
+    }
+    rig.start_agent(&["--keep-on-exit", "true"]);
+    assert!(
+        rig.agent_log().contains("adopted"),
+        "the new agent did not adopt: {}",
+        rig.agent_log()
+    );
+    for i in 0..8 {
+        assert_eq!(
+            rig.udp_get(&["ev"]).payload,
+            b"END\r\n",
+            "reply #{i}: an item evicted between agents was served"
+        );
+    }
+    // A plain stop removes the pins.
+    rig.bed.stop_agent();
+    rig.start_agent(&[]);
+}
+
+#[test]
+fn an_agent_in_upgrade_mode_starts_cold_when_the_kept_links_are_gone() {
+    // The interface the kept programs were attached to was deleted and made again (a pod's
+    // veth, say): the pinned links are severed, and the new agent must start cold, not fail.
+    let mut rig = Rig::with_agent("lcsever", 73, &["--keep-on-exit", "true"]);
+    rig.bed.stop_agent();
+    drop(rig);
+    let mut rig = Rig::new("lcsever", 73);
+    rig.start_agent(&["--keep-on-exit", "true"]);
+    assert!(
+        rig.agent_log().contains("starting cold"),
+        "{}",
+        rig.agent_log()
+    );
+    rig.set("k", b"v", 0, 0);
+    rig.warm("k", WARM);
+    rig.bed.stop_agent();
+    rig.start_agent(&[]);
+}
+
+#[test]
 fn a_restart_in_upgrade_mode_keeps_the_cache_warm() {
     let mut rig = Rig::with_agent("lcup", 51, &["--keep-on-exit", "true"]);
     rig.set("warm", b"kept", 0, 0);
