@@ -1756,6 +1756,35 @@ fn a_fill_whose_ttl_the_kernel_saw_is_not_queued() {
 }
 
 #[test]
+fn a_key_whose_hash_collides_never_takes_the_other_keys_ttl() {
+    // `ck:0062789` and `ck:0279192` share their 32-bit FNV-1a hash: the TTL a write records
+    // for one must not be taken by a fill of the other (whose item may expire first).
+    let (a, b) = ("ck:0062789", "ck:0279192");
+    assert_eq!(
+        cache_common::hash::key_hash(0, a.as_bytes()),
+        cache_common::hash::key_hash(0, b.as_bytes())
+    );
+    let mut fx = Fixture::new();
+    fx.update_config(|c| c.flags |= flags::LEARN_TTL);
+    let flow = Flow::v4();
+    let set = flow.get(1, format!("set {b} 0 0 1\r\nv\r\n").as_bytes());
+    fx.xdp(&set)
+        .assert_unchanged(XDP_PASS, &set, "UDP set of the other key");
+    sleep(SETTLE_SLEEP);
+    let item = Item::new(a, 0, b"v");
+    fx.expect_miss(&flow, 2, a, "first GET");
+    let reply = flow.memcached_reply(2, 0, 1, &reply_body(&[&item]));
+    fx.tc_counted(
+        &reply,
+        &[("fills", 1), ("slots_filled_0", 1), ("ttl_queries", 1)],
+        "its TTL is not known: a query",
+    );
+    let (key, _, _) = fx.next_ttl_query().expect("a query on TTL_QUERIES");
+    assert_eq!(key, a.as_bytes());
+    fx.expect_expired(&flow, 3, a, "not served before its own TTL is learned");
+}
+
+#[test]
 fn a_learned_ttl_is_refused_after_a_write_and_for_keys_not_cached() {
     // Queueing stays off: the agent's answer is what is under test.
     let mut fx = Fixture::new();

@@ -176,10 +176,11 @@ pub const BUCKET_BYTES: [usize; CLASS_COUNT] = [
 pub struct KeyMeta {
     /// Coarse time of the last write seen to any key with this index.
     pub write_ts_ns: u64,
-    /// Expiry from the TTL of the last TTL-setting write, valid when `ttl_tag` matches.
+    /// Expiry from the TTL of the last TTL-setting write, valid when `ttl_tag` and
+    /// `ttl_check` are the key's hash and check hash ([`crate::hash::key_check`]).
     pub ttl_expires_ns: u64,
     pub ttl_tag: u32,
-    pub _pad: u32,
+    pub ttl_check: u32,
 }
 const _: () = assert!(core::mem::size_of::<KeyMeta>() == 24);
 

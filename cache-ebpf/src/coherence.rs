@@ -54,6 +54,7 @@ pub fn expiry_from_exptime(exptime: i64, now: u64, realtime_offset_ns: u64) -> u
 pub fn write_key(
     cfg: &Config,
     key_hash: u32,
+    key_check: u32,
     ttl: Ttl,
     counters: Option<*mut Counters>,
     source: Counter,
@@ -70,6 +71,7 @@ pub fn write_key(
                     Ttl::Unknown => {
                         (*meta).ttl_expires_ns = 0;
                         (*meta).ttl_tag = key_hash;
+                        (*meta).ttl_check = key_check;
                     }
                     // Key hashes are never 0 (hash::finish).
                     Ttl::Forget => (*meta).ttl_tag = 0,
@@ -77,6 +79,7 @@ pub fn write_key(
                         (*meta).ttl_expires_ns =
                             expiry_from_exptime(e, now, cfg.realtime_offset_ns);
                         (*meta).ttl_tag = key_hash;
+                        (*meta).ttl_check = key_check;
                     }
                 }
                 true

@@ -8,7 +8,7 @@
 use aya_ebpf::{helpers::generated::bpf_skb_load_bytes, programs::TcContext};
 use cache_common::{
     Config, Counter, Counters, END, FRAME_HEADER_LEN, MAX_KEY_LEN, Ticket, TicketKey, VALUE, flags,
-    hash::{finish, seed, step},
+    hash::{check_seed, check_step, finish, seed, step},
 };
 
 use crate::coherence::fill_held;
@@ -157,7 +157,10 @@ fn fill(
     let Some(meta) = KEY_META.get_ptr(line.key_hash % cfg.key_meta_slots.max(1)) else {
         return Counter::FillRefusedHold;
     };
-    let ttl_known = unsafe { (*meta).ttl_tag == line.key_hash };
+    // The check hash too: a key whose 32-bit hash collides with the written key's must not
+    // take its TTL.
+    let ttl_known =
+        unsafe { (*meta).ttl_tag == line.key_hash && (*meta).ttl_check == line.key_check };
     // A TTL the kernel did not see: with learning on, the entry is stored expired and served
     // only once the agent has read the item's TTL from memcached and installed it (learn.rs),
     // so it never outlives memcached's item. Without learning it lives `max_age_ns`.
@@ -198,6 +201,7 @@ fn fill(
 
 struct ValueLine {
     key_hash: u32,
+    key_check: u32,
     key_len: usize,
     /// Bytes up to and including the line's CRLF.
     header_len: usize,
@@ -215,6 +219,7 @@ fn parse_value_line(s: *mut Scratch, instance: u8) -> Option<ValueLine> {
     let pos = unsafe { &raw mut (*s).key_start };
     // Key: from offset 6 to the next space.
     let mut hash = seed(instance);
+    let mut check = check_seed(instance);
     let mut i = VALUE.len();
     while i < VALUE.len() + MAX_KEY_LEN + 1 {
         let b = at(i);
@@ -225,6 +230,7 @@ fn parse_value_line(s: *mut Scratch, instance: u8) -> Option<ValueLine> {
             return None;
         }
         hash = step(hash, b);
+        check = check_step(check, b);
         i += 1;
     }
     let key_len = i - VALUE.len();
@@ -279,6 +285,7 @@ fn parse_value_line(s: *mut Scratch, instance: u8) -> Option<ValueLine> {
     if bytes > MAX_TEXT {
         return Some(ValueLine {
             key_hash: 0,
+            key_check: 0,
             key_len,
             header_len,
             bytes: MAX_TEXT + 1,
@@ -292,8 +299,10 @@ fn parse_value_line(s: *mut Scratch, instance: u8) -> Option<ValueLine> {
     let header_len = forget(header_len);
     let bytes = forget(bytes);
     let key_hash = forget(finish(hash) as usize) as u32;
+    let key_check = forget(check as usize) as u32;
     Some(ValueLine {
         key_hash,
+        key_check,
         key_len,
         header_len,
         bytes,

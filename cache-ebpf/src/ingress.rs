@@ -240,8 +240,15 @@ extern "C" fn apply_step(index: u64, _ctx: *mut c_void) -> i64 {
         return 1;
     };
     let p = unsafe { &raw const (*s).pending[index as usize & (MAX_PENDING - 1)] };
-    let (key_hash, kind, exptime, source) =
-        unsafe { ((*p).key_hash, (*p).ttl_kind, (*p).exptime, (*p).source) };
+    let (key_hash, key_check, kind, exptime, source) = unsafe {
+        (
+            (*p).key_hash,
+            (*p).key_check,
+            (*p).ttl_kind,
+            (*p).exptime,
+            (*p).source,
+        )
+    };
     let ttl = match kind {
         0 => Ttl::Keep,
         2 => Ttl::Exptime(exptime),
@@ -253,7 +260,7 @@ extern "C" fn apply_step(index: u64, _ctx: *mut c_void) -> i64 {
         x if x == Counter::InvalidateBinary as u32 => Counter::InvalidateBinary,
         _ => Counter::InvalidateText,
     };
-    write_key(cfg, key_hash, ttl, counters(), source);
+    write_key(cfg, key_hash, key_check, ttl, counters(), source);
     0
 }
 

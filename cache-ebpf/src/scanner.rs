@@ -21,7 +21,7 @@
 use aya_ebpf::{cty::c_void, helpers::generated::bpf_loop};
 use cache_common::{
     BINARY_REQUEST_MAGIC, Config, Counter, Counters, MAX_KEY_LEN,
-    hash::{finish, seed, step},
+    hash::{check_seed, check_step, finish, seed, step},
 };
 
 use crate::coherence::{Ttl, flush, flush_delayed};
@@ -105,6 +105,10 @@ pub struct FlowState {
     pub skip: u32,
     pub hash: u32,
     pub key_hash: u32,
+    /// The running check hash of the key token (cache_common::hash::check_step), and the last
+    /// key's.
+    pub check: u32,
+    pub key_check: u32,
     /// [`LINE_CR`], [`LINE_UNSURE`] and [`FLOW_ASCII`] bits.
     pub line_bits: u8,
     pub _pad: [u8; 3],
@@ -150,6 +154,8 @@ impl FlowState {
         self.skip = 0;
         self.hash = 0;
         self.key_hash = 0;
+        self.check = 0;
+        self.key_check = 0;
         self.word = 0;
         self.num = 0;
         self.exptime = 0;
@@ -280,7 +286,7 @@ struct Env<'a> {
 /// Records a write for [`crate::ingress`] to apply once the chunk is scanned: the per-byte
 /// step stays small (no locks, no key bookkeeping), which keeps verification cheap.
 #[inline(always)]
-fn queue_write(s: *mut Scratch, key_hash: u32, ttl: Ttl, source: Counter) {
+fn queue_write(s: *mut Scratch, key_hash: u32, key_check: u32, ttl: Ttl, source: Counter) {
     unsafe {
         let n = (*s).pending_len as usize;
         if n >= MAX_PENDING {
@@ -289,6 +295,7 @@ fn queue_write(s: *mut Scratch, key_hash: u32, ttl: Ttl, source: Counter) {
         }
         let p = &mut (*s).pending[n & (MAX_PENDING - 1)];
         p.key_hash = key_hash;
+        p.key_check = key_check;
         p.source = source as u32;
         let (kind, exptime) = match ttl {
             Ttl::Keep => (0, 0),
@@ -307,6 +314,7 @@ fn token_byte(st: &mut FlowState, b: u8, env: &Env) {
     if st.tok_len == 0 {
         st.tok_first = b;
         st.hash = seed(env.instance);
+        st.check = check_seed(env.instance);
         st.num = 0;
         st.flags &= !(F_NUM_BAD | F_NUM_NEG);
     }
@@ -318,6 +326,7 @@ fn token_byte(st: &mut FlowState, b: u8, env: &Env) {
     }
     if is_key_token(st) {
         st.hash = step(st.hash, b);
+        st.check = check_step(st.check, b);
     }
     let flag_letter = is_meta_flag(st) && st.tok_len == 1;
     if st.cmd == CMD_MS && st.tok_len == 2 && st.tok_first == b'M' && is_meta_flag(st) {
@@ -352,9 +361,16 @@ fn end_token(st: &mut FlowState, env: &Env) {
             st.flags |= F_KEY_TOO_LONG;
         }
         st.key_hash = finish(st.hash);
+        st.key_check = st.check;
         if st.cmd == CMD_GAT {
             // Every key of a gat changes its TTL.
-            queue_write(env.s, st.key_hash, ttl_from(st), Counter::InvalidateText);
+            queue_write(
+                env.s,
+                st.key_hash,
+                st.key_check,
+                ttl_from(st),
+                Counter::InvalidateText,
+            );
         }
     } else if is_meta_flag(st) {
         match st.tok_first {
@@ -404,6 +420,7 @@ fn end_token(st: &mut FlowState, env: &Env) {
 #[inline(always)]
 fn end_line(st: &mut FlowState, env: &Env) {
     let key = st.key_hash;
+    let check = st.key_check;
     let has_len = st.flags & F_HAVE_LEN != 0 && st.len >= 0 && st.len < (1 << 30);
     let base64 = st.flags & F_BASE64 != 0;
     let mut data = 0u32;
@@ -424,17 +441,17 @@ fn end_line(st: &mut FlowState, env: &Env) {
                     CMD_ADD | CMD_CAS => Ttl::Forget,
                     _ => ttl_from(st),
                 };
-                queue_write(env.s, key, ttl, Counter::InvalidateText);
+                queue_write(env.s, key, check, ttl, Counter::InvalidateText);
             }
             if has_len && framed {
                 data = st.len as u32 + 2;
             }
         }
         CMD_DELETE | CMD_INCR if key != 0 => {
-            queue_write(env.s, key, Ttl::Keep, Counter::InvalidateText);
+            queue_write(env.s, key, check, Ttl::Keep, Counter::InvalidateText);
         }
         CMD_TOUCH if key != 0 => {
-            queue_write(env.s, key, ttl_from(st), Counter::InvalidateText);
+            queue_write(env.s, key, check, ttl_from(st), Counter::InvalidateText);
         }
         CMD_FLUSH => {
             let delay = if has_len { st.len } else { 0 };
@@ -466,7 +483,7 @@ fn end_line(st: &mut FlowState, env: &Env) {
                         _ if st.flags & (F_HAVE_TTL | F_TTL_UNKNOWN) != 0 => ttl_from(st),
                         _ => Ttl::Keep,
                     };
-                    queue_write(env.s, key, ttl, Counter::InvalidateMeta);
+                    queue_write(env.s, key, check, ttl, Counter::InvalidateMeta);
                 }
             }
             if st.cmd == CMD_MS && has_len {
@@ -481,6 +498,7 @@ fn end_line(st: &mut FlowState, env: &Env) {
         st.skip = data;
         // Kept for the data block's check (see scan_step).
         st.key_hash = key;
+        st.key_check = check;
     }
 }
 
@@ -508,6 +526,7 @@ fn binary_done(st: &mut FlowState, env: &Env) {
     } else {
         0
     };
+    let check = st.check;
     let e = st.bin_ext;
     let exptime_at =
         |at: usize| u32::from_be_bytes([e[at], e[at + 1], e[at + 2], e[at + 3]]) as i64;
@@ -526,15 +545,15 @@ fn binary_done(st: &mut FlowState, env: &Env) {
             } else {
                 Ttl::Exptime(exptime_at(4))
             };
-            queue_write(env.s, key, ttl, Counter::InvalidateBinary);
+            queue_write(env.s, key, check, ttl, Counter::InvalidateBinary);
         }
         // delete, append, prepend (and quiet).
         0x04 | 0x14 | 0x0e | 0x0f | 0x19 | 0x1a if key != 0 => {
-            queue_write(env.s, key, Ttl::Keep, Counter::InvalidateBinary);
+            queue_write(env.s, key, check, Ttl::Keep, Counter::InvalidateBinary);
         }
         // incr, decr (and quiet) may create the item with the TTL in extras.
         0x05 | 0x06 | 0x15 | 0x16 if key != 0 => {
-            queue_write(env.s, key, Ttl::Unknown, Counter::InvalidateBinary);
+            queue_write(env.s, key, check, Ttl::Unknown, Counter::InvalidateBinary);
         }
         // touch, gat, gatq, gatk, gatkq: extras = exptime.
         0x1c | 0x1d | 0x1e | 0x23 | 0x24 if key != 0 => {
@@ -543,7 +562,7 @@ fn binary_done(st: &mut FlowState, env: &Env) {
             } else {
                 Ttl::Unknown
             };
-            queue_write(env.s, key, ttl, Counter::InvalidateBinary);
+            queue_write(env.s, key, check, ttl, Counter::InvalidateBinary);
         }
         // flush, flushq: optional delay in extras.
         0x08 | 0x18 => {
@@ -600,7 +619,13 @@ extern "C" fn scan_step(_index: u64, ctx: *mut c_void) -> i64 {
                     st.tok_first
                 };
                 if (cr != b'\r' || last != b'\n') && st.key_hash != 0 {
-                    queue_write(s, st.key_hash, Ttl::Forget, Counter::InvalidateText);
+                    queue_write(
+                        s,
+                        st.key_hash,
+                        st.key_check,
+                        Ttl::Forget,
+                        Counter::InvalidateText,
+                    );
                 }
                 st.mode = MODE_LINE;
                 st.key_hash = 0;
@@ -648,6 +673,7 @@ extern "C" fn scan_step(_index: u64, ctx: *mut c_void) -> i64 {
                 };
             } else {
                 st.hash = step(st.hash, b);
+                st.check = check_step(st.check, b);
             }
             st.bin_pos = p + 1;
             if st.bin_pos >= st.bin_body_len {
@@ -660,6 +686,7 @@ extern "C" fn scan_step(_index: u64, ctx: *mut c_void) -> i64 {
                 st.bin_header[0] = b;
                 st.bin_got = 1;
                 st.hash = seed(env.instance);
+                st.check = check_seed(env.instance);
                 return 0;
             }
             st.line_len += 1;

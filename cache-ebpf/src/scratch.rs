@@ -73,9 +73,10 @@ pub struct PendingWrite {
     pub key_hash: u32,
     /// The Counter naming the protocol.
     pub source: u32,
-    /// 0 keep, 1 unknown, 2 exptime.
+    /// 0 keep, 1 unknown, 2 exptime, 3 forget.
     pub ttl_kind: u32,
-    pub _pad: u32,
+    /// The key's check hash (cache_common::hash::key_check).
+    pub key_check: u32,
     pub exptime: i64,
 }
 
