@@ -235,6 +235,11 @@ fn is_storage(cmd: u8) -> bool {
 /// length (memcached refuses a negative length, and so skips no data block), and within range.
 #[inline(always)]
 fn number_is_certain(st: &FlowState, t: u8) -> bool {
+    // Other tokens (`noreply`) are no number.
+    let numeric = matches!(t, 2..=4) || (t == 5 && st.cmd == CMD_CAS);
+    if !numeric {
+        return true;
+    }
     if st.flags & F_NUM_BAD != 0 {
         return false;
     }
@@ -242,8 +247,7 @@ fn number_is_certain(st: &FlowState, t: u8) -> bool {
     match t {
         2 => !negative && st.num <= u32::MAX as u64,
         3 | 4 => st.num < i32::MAX as u64,
-        5 if st.cmd == CMD_CAS => !negative,
-        _ => true,
+        _ => !negative,
     }
 }
 
