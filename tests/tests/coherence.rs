@@ -298,16 +298,27 @@ fn an_item_memcached_evicts_during_a_write_burst_is_never_served_after() {
     // A 2 MiB memcached: a burst of sets evicts the cached key. Under such a burst memcached's
     // worker threads drop log entries (`log_worker_dropped`) without telling the watch
     // stream, so the eviction may never be reported: the agent must notice the drop.
-    let mut rig = Rig::with_memcached("coevict", 70, &["-m", "2", "-t", "2"]);
+    // A flat LRU: with memcached's segmented one, a key fetched twice moves to the warm LRU
+    // and a burst of new items may never evict it.
+    let mut rig = Rig::with_memcached(
+        "coevict",
+        70,
+        &["-m", "2", "-t", "2", "-o", "no_lru_maintainer"],
+    );
     rig.start_agent(&[]);
     // memcached full first, so the key is evicted in the middle of a later burst, when the log
     // is already overflowing, rather than at its start.
     let epoch = rig.counter("agent_epoch");
-    rig.set_burst("pre", 40_000);
-    assert!(
-        rig.mc_stat("log_worker_dropped") > 0,
-        "the burst made memcached drop log entries"
-    );
+    for round in 0.. {
+        rig.set_burst("pre", 40_000);
+        if rig.mc_stat("log_worker_dropped") > 0 {
+            break;
+        }
+        assert!(
+            round < 5,
+            "the bursts never made memcached drop log entries"
+        );
+    }
     // The agent's next health check (every write-settle / 4) sees the drop.
     std::thread::sleep(Duration::from_millis(300));
     assert!(
@@ -321,7 +332,7 @@ fn an_item_memcached_evicts_during_a_write_burst_is_never_served_after() {
         if rig.tcp(b"me ev\r\n", &[b"\r\n"]) == b"EN\r\n" {
             break;
         }
-        assert!(round < 5, "memcached never evicted the key");
+        assert!(round < 3, "memcached never evicted the key");
     }
     std::thread::sleep(Duration::from_millis(300));
     assert_fresh(&rig, "ev", MISS, "evicted during a write burst");
