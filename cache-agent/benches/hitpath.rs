@@ -341,6 +341,9 @@ fn prepare(ebpf: &mut Ebpf, settings: &Settings, keys: &[String]) -> anyhow::Res
     config.write_settle_ns = 0;
     config.fill_hold_until_ns = 0;
     config.max_age_ns = 3600 * SEC;
+    // No agent answers TTL questions here: entries whose TTL the kernel did not see live
+    // max_age instead of waiting for an answer (as live, where the sets were seen).
+    config.flags &= !flags::LEARN_TTL;
     kernel::write_config(ebpf, &config)?;
     let value = [b'v'; 32];
     let tc: &SchedClassifier = ebpf.program(names::TC_FILL).unwrap().try_into()?;
