@@ -355,6 +355,13 @@ async fn ask_and_install(
                 shared.ttl.failed.fetch_add(1, Ordering::Relaxed);
                 return Err(Unsupported);
             }
+            // Asked again after a `-1`: the item had one second left, and the entry served
+            // meanwhile must go now.
+            Some(Remaining::Gone) if q.first_asked_at_ns.is_some() => {
+                let first = q.first_asked_at_ns.unwrap_or(asked_at_ns);
+                expire(shared, &q.query, first);
+            }
+            // Not cached by memcached: the entry, stored expired, stays so.
             Some(Remaining::Gone) => {
                 shared.ttl.gone.fetch_add(1, Ordering::Relaxed);
             }
@@ -364,13 +371,24 @@ async fn ask_and_install(
                 let first = q.first_asked_at_ns.unwrap_or(asked_at_ns);
                 install(shared, &q.query, first, u64::MAX);
             }
-            Some(Remaining::NeverOrOneSecond) => confirm.push(
-                answered_at,
-                Question {
-                    query: q.query,
-                    first_asked_at_ns: Some(asked_at_ns),
-                },
-            ),
+            // Never, or one second left: served for that second at most, until memcached's
+            // clock has ticked and the second answer says which (an item that had a second left
+            // may be served after memcached dropped it, by less than that second).
+            Some(Remaining::NeverOrOneSecond) => {
+                install(
+                    shared,
+                    &q.query,
+                    asked_at_ns,
+                    asked_at_ns + cache_common::MEMCACHED_CLOCK_MARGIN_NS,
+                );
+                confirm.push(
+                    answered_at,
+                    Question {
+                        query: q.query,
+                        first_asked_at_ns: Some(asked_at_ns),
+                    },
+                )
+            }
             // (On a second question, a TTL means a write changed it, which the kernel saw.)
             Some(Remaining::Seconds(s)) => match expiry_ns(asked_at_ns, s) {
                 Some(expires) => install(shared, &q.query, asked_at_ns, expires),
@@ -432,8 +450,29 @@ async fn ask(
     result
 }
 
+/// Ends the entry now (an expiry of 0), counted as gone.
+fn expire(shared: &Shared, query: &TtlQuery, asked_at_ns: u64) {
+    install_counted(shared, query, asked_at_ns, 0, &shared.ttl.gone);
+}
+
 /// Runs `xdp_learn_ttl` on one answer and counts its verdict.
 fn install(shared: &Shared, query: &TtlQuery, asked_at_ns: u64, expires_at_ns: u64) {
+    install_counted(
+        shared,
+        query,
+        asked_at_ns,
+        expires_at_ns,
+        &shared.ttl.installed,
+    );
+}
+
+fn install_counted(
+    shared: &Shared,
+    query: &TtlQuery,
+    asked_at_ns: u64,
+    expires_at_ns: u64,
+    installed: &AtomicU64,
+) {
     let answer = TtlAnswer {
         query: *query,
         asked_at_ns,
@@ -446,7 +485,7 @@ fn install(shared: &Shared, query: &TtlQuery, asked_at_ns: u64, expires_at_ns: u
         run_answer(&ebpf, &answer)
     };
     let counter = match result {
-        Ok(ttl_answer::INSTALLED) => &shared.ttl.installed,
+        Ok(ttl_answer::INSTALLED) => installed,
         Ok(ttl_answer::NO_ENTRY) => &shared.ttl.gone,
         Ok(ttl_answer::WRITTEN) => &shared.ttl.raced,
         Ok(other) => {
