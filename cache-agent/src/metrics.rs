@@ -135,7 +135,7 @@ pub const EVICTIONS: Family = counter(
 pub const EXPIRED: Family = counter(
     "memcache_accel_expired_total",
     &[],
-    "Lookups that found the key but not served it because it had expired or been flushed.",
+    "Lookups that found the key but did not serve it: expired, flushed, or waiting for the TTL the agent learns from memcached.",
 );
 pub const TCP_SEGMENTS_SCANNED: Family = counter(
     "memcache_accel_tcp_segments_scanned_total",
