@@ -50,6 +50,9 @@ pub struct Shared {
     pub ttl: crate::ttl::Outcomes,
     /// memcached's clock as the last health check read it.
     clock: Mutex<Option<ClockSample>>,
+    /// A time memcached's clock ticked after (the health check before the one that first saw
+    /// the new `uptime`): its later ticks come at least a whole number of seconds after it.
+    tick_after: Mutex<Option<std::time::Instant>>,
     /// Set when the cache was adopted warm (upgrade mode): the first watch connection does
     /// not flush it.
     pub skip_first_watch_resync: AtomicBool,
@@ -68,6 +71,7 @@ impl Shared {
             lease_renewals: AtomicU64::new(0),
             ttl: Default::default(),
             clock: Mutex::new(None),
+            tick_after: Mutex::new(None),
             skip_first_watch_resync: AtomicBool::new(false),
         })
     }
@@ -125,6 +129,15 @@ impl Shared {
     /// memcached's clock at the last health check.
     pub fn memcached_clock(&self) -> Option<ClockSample> {
         *self.clock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The earliest time memcached's clock can tick after `t`: its timer fires every second
+    /// (or a little later), so ticks come at whole seconds after a known tick at the soonest.
+    /// None until a tick was seen.
+    pub fn next_memcached_tick_after(&self, t: std::time::Instant) -> Option<std::time::Instant> {
+        let tick = (*self.tick_after.lock().unwrap_or_else(|p| p.into_inner()))?;
+        let since = t.checked_duration_since(tick).unwrap_or_default();
+        Some(tick + Duration::from_secs(since.as_secs() + 1))
     }
 
     pub fn lease_valid(&self) -> bool {
@@ -234,7 +247,14 @@ pub async fn lease_loop(shared: Arc<Shared>) {
         let fill_until = (asked_at.elapsed() < fill_lease / 2)
             .then(|| asked_at_ns + fill_lease.as_nanos() as u64);
         if let Some(id) = id {
-            *shared.clock.lock().unwrap_or_else(|p| p.into_inner()) = Some(ClockSample {
+            let mut clock = shared.clock.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(before) = *clock
+                && id.uptime > before.uptime
+            {
+                *shared.tick_after.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(before.asked_at);
+            }
+            *clock = Some(ClockSample {
                 uptime: id.uptime,
                 asked_at,
             });

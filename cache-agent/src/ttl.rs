@@ -49,6 +49,9 @@ const CLOCK_POLL: Duration = Duration::from_millis(100);
 const EXPIRY_MARGIN_NS: u64 = cache_common::MEMCACHED_CLOCK_MARGIN_NS;
 const NS_PER_SEC: u64 = 1_000_000_000;
 const IO_LIMIT: Duration = Duration::from_secs(1);
+/// The kernel's coarse clock runs up to a tick (4 ms at 250 Hz) behind the monotonic clock:
+/// an entry served until memcached's next clock tick stops this much before it.
+const TICK_MARGIN_NS: u64 = 10_000_000;
 /// How often the ring buffer is read when the kernel did not wake the agent.
 const POLL_EVERY: Duration = Duration::from_millis(10);
 
@@ -337,6 +340,7 @@ async fn ask_and_install(
     confirm: &mut Confirmations,
 ) -> Result<(), Unsupported> {
     let asked_at_ns = coarse_now_ns();
+    let asked_at = std::time::Instant::now();
     let Some(answers) = ask(shared, conn, batch).await else {
         shared
             .ttl
@@ -371,16 +375,18 @@ async fn ask_and_install(
                 let first = q.first_asked_at_ns.unwrap_or(asked_at_ns);
                 install(shared, &q.query, first, u64::MAX);
             }
-            // Never, or one second left: served for that second at most, until memcached's
-            // clock has ticked and the second answer says which (an item that had a second left
-            // may be served after memcached dropped it, by less than that second).
+            // Never, or one second left: an item with a second left goes at memcached's next
+            // clock tick, so the entry is served until the earliest time that tick can come
+            // (known from the health check's samples of memcached's clock), and the second
+            // answer, after the tick, says which.
             Some(Remaining::NeverOrOneSecond) => {
-                install(
-                    shared,
-                    &q.query,
-                    asked_at_ns,
-                    asked_at_ns + cache_common::MEMCACHED_CLOCK_MARGIN_NS,
-                );
+                if let Some(tick) = shared.next_memcached_tick_after(asked_at) {
+                    let left = tick.saturating_duration_since(std::time::Instant::now());
+                    let until = coarse_now_ns() + left.as_nanos() as u64;
+                    if let Some(until) = until.checked_sub(TICK_MARGIN_NS) {
+                        install(shared, &q.query, asked_at_ns, until);
+                    }
+                }
                 confirm.push(
                     answered_at,
                     Question {
