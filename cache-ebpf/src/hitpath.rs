@@ -174,14 +174,20 @@ pub fn serve<T: ReplyTarget>(
     };
     // Four adjacent zero fields would become a byte-loop memset call.
     hits.zero_counts();
-    unsafe {
-        bpf_loop(
-            nkeys,
-            hit_step as *const () as *mut c_void,
-            (&raw mut hits).cast(),
-            0,
-        )
-    };
+    // One key (the common case) by a direct, inlined call: a bpf_loop costs a call and a
+    // return (through the return thunk) per iteration. Likewise below.
+    if nkeys == 1 {
+        hit_step(0, (&raw mut hits).cast());
+    } else {
+        unsafe {
+            bpf_loop(
+                nkeys,
+                hit_step as *const () as *mut c_void,
+                (&raw mut hits).cast(),
+                0,
+            )
+        };
+    }
     if hits.outcome != OUTCOME_HIT || hits.hits != nkeys {
         if hits.outcome == OUTCOME_STALE {
             count(c, Counter::Expired);
@@ -290,14 +296,18 @@ fn parse_keys(s: *mut Scratch, len: usize, instance: u8) -> Option<u32> {
         instance: instance as u32,
         _pad: 0,
     };
-    unsafe {
-        bpf_loop(
-            pieces,
-            parse_step as *const () as *mut c_void,
-            (&raw mut pc).cast(),
-            0,
-        )
-    };
+    if pieces == 1 {
+        parse_step(0, (&raw mut pc).cast());
+    } else {
+        unsafe {
+            bpf_loop(
+                pieces,
+                parse_step as *const () as *mut c_void,
+                (&raw mut pc).cast(),
+                0,
+            )
+        };
+    }
     finish_key(s, rd(limit) as usize & BUF_MASK, rd(hash));
     if rd(bad) != 0 {
         return None;
@@ -322,6 +332,7 @@ struct ParseCtx {
 /// hash stays in a register inside the piece (it changes on every byte); key boundaries,
 /// which are rare, go through scratch memory. Four bytes at a time where they are all plain
 /// key bytes (the common case), one at a time around spaces and the line's end.
+#[inline(always)]
 extern "C" fn parse_step(index: u64, ctx: *mut c_void) -> i64 {
     let Some(s) = SCRATCH.get_ptr_mut(0) else {
         return 1;
@@ -450,6 +461,7 @@ impl HitCtx {
 }
 
 /// Looks up key `index` in every class (smallest first) and stages its text.
+#[inline(always)]
 extern "C" fn hit_step(index: u64, ctx: *mut c_void) -> i64 {
     let ctx = ctx as *mut HitCtx;
     let (Some(s), Some(cfg)) = (SCRATCH.get_ptr_mut(0), CONFIG.get(0)) else {
@@ -529,18 +541,23 @@ fn staged(hc: &mut HitCtx, s: *mut Scratch, index: u64, stage_at: usize, text_le
 #[inline(always)]
 fn keys_match(nkeys: u32) -> bool {
     let mut mismatch = 0u64;
-    unsafe {
-        bpf_loop(
-            nkeys,
-            key_check_step as *const () as *mut c_void,
-            (&raw mut mismatch).cast(),
-            0,
-        )
-    };
+    if nkeys == 1 {
+        key_check_step(0, (&raw mut mismatch).cast());
+    } else {
+        unsafe {
+            bpf_loop(
+                nkeys,
+                key_check_step as *const () as *mut c_void,
+                (&raw mut mismatch).cast(),
+                0,
+            )
+        };
+    }
     mismatch == 0
 }
 
 /// Compares key `index` of the request with the key inside its staged `VALUE <key> ...` text.
+#[inline(always)]
 extern "C" fn key_check_step(index: u64, ctx: *mut c_void) -> i64 {
     let mismatch = ctx as *mut u64;
     let Some(s) = SCRATCH.get_ptr_mut(0) else {
