@@ -175,7 +175,9 @@ pub fn serve<T: ReplyTarget>(
     // Four adjacent zero fields would become a byte-loop memset call.
     hits.zero_counts();
     // One key (the common case) by a direct, inlined call: a bpf_loop costs a call and a
-    // return (through the return thunk) per iteration. Likewise below.
+    // return (through the return thunk) per iteration. Likewise in keys_match. (More keys
+    // inlined, even only in keys_match, exceed the verifier's budget of a million
+    // instructions: every copy multiplies the states.)
     if nkeys == 1 {
         hit_step(0, (&raw mut hits).cast());
     } else {
@@ -296,8 +298,12 @@ fn parse_keys(s: *mut Scratch, len: usize, instance: u8) -> Option<u32> {
         instance: instance as u32,
         _pad: 0,
     };
-    if pieces == 1 {
-        parse_step(0, (&raw mut pc).cast());
+    if pieces <= DIRECT_PIECES {
+        for index in 0..DIRECT_PIECES {
+            if index >= pieces || parse_step(index as u64, (&raw mut pc).cast()) != 0 {
+                break;
+            }
+        }
     } else {
         unsafe {
             bpf_loop(
@@ -321,6 +327,9 @@ fn parse_keys(s: *mut Scratch, len: usize, instance: u8) -> Option<u32> {
 
 /// Bytes of the request line one `parse_step` call scans: one call covers a BMC-sized key.
 const PARSE_PIECE: usize = 16;
+/// Request lines of up to this many pieces (a key of up to 64 bytes) are parsed by direct,
+/// inlined calls; longer ones by a bpf_loop, which costs a call and a return per piece.
+const DIRECT_PIECES: u32 = 4;
 
 #[repr(C)]
 struct ParseCtx {
