@@ -126,6 +126,21 @@ impl Shared {
         warn!(reason, "flushed the kernel cache");
     }
 
+    /// Records which memcached process the cache holds items of (kept with the pinned
+    /// config, for the next agent in upgrade mode).
+    fn record_memcached(&self, id: &Identity) {
+        let known = {
+            let c = self.config.lock().expect("config lock");
+            c.memcached_pid as u64 == id.pid && c.memcached_started_s == id.started
+        };
+        if !known {
+            self.publish(|c| {
+                c.memcached_pid = id.pid as u32;
+                c.memcached_started_s = id.started;
+            });
+        }
+    }
+
     /// memcached's clock at the last health check.
     pub fn memcached_clock(&self) -> Option<ClockSample> {
         *self.clock.lock().unwrap_or_else(|p| p.into_inner())
@@ -156,8 +171,10 @@ pub struct ClockSample {
 
 /// What `stats` says about memcached, as far as the health check needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Identity {
+pub struct Identity {
     pid: u64,
+    /// When the process started (`time - uptime`, both from memcached's own clock: exact).
+    started: u64,
     uptime: u64,
     /// Log entries memcached dropped before any watcher saw them (`log_worker_dropped`, plus
     /// `log_watcher_skipped`). Under a burst of writes the worker threads drop entries
@@ -209,17 +226,19 @@ impl Probe {
 
     async fn identity(&mut self, addr: std::net::SocketAddr, limit: Duration) -> Option<Identity> {
         let lines = self.request(addr, "stats\r\n", "END", limit).await?;
-        let get = |name: &str| {
+        let stat = |name: &str| -> Option<u64> {
             lines.iter().find_map(|l| {
                 l.strip_prefix(&format!("STAT {name} "))
                     .and_then(|v| v.parse().ok())
             })
         };
+        let uptime = stat("uptime")?;
         Some(Identity {
-            pid: get("pid")?,
-            uptime: get("uptime")?,
-            dropped: get("log_worker_dropped").unwrap_or(0)
-                + get("log_watcher_skipped").unwrap_or(0),
+            pid: stat("pid")?,
+            started: stat("time")?.saturating_sub(uptime),
+            uptime,
+            dropped: stat("log_worker_dropped").unwrap_or(0)
+                + stat("log_watcher_skipped").unwrap_or(0),
         })
     }
 }
@@ -237,7 +256,17 @@ pub async fn lease_loop(shared: Arc<Shared>) {
     let limit = s.lease / 2;
     let fill_lease = s.fill_lease();
     let mut probe = Probe { stream: None };
-    let mut identity: Option<Identity> = None;
+    // An adopted cache (upgrade mode) comes with the memcached it was filled from: any other
+    // process (restarted between the two agents) is a restart like any seen while running.
+    let mut identity: Option<Identity> = {
+        let c = shared.config.lock().expect("config lock");
+        (c.memcached_pid != 0).then_some(Identity {
+            pid: c.memcached_pid as u64,
+            started: c.memcached_started_s,
+            uptime: 0,
+            dropped: 0,
+        })
+    };
     let mut healthy = false;
     loop {
         let asked_at = std::time::Instant::now();
@@ -261,7 +290,11 @@ pub async fn lease_loop(shared: Arc<Shared>) {
         }
         shared.memcached_ok.store(ok, Ordering::Relaxed);
         match (id, identity) {
-            (Some(now), Some(before)) if now.pid != before.pid || now.uptime < before.uptime => {
+            (Some(now), Some(before))
+                if now.pid != before.pid
+                    || now.started != before.started
+                    || now.uptime < before.uptime =>
+            {
                 shared.resync("memcached restarted");
                 identity = Some(now);
             }
@@ -272,6 +305,9 @@ pub async fn lease_loop(shared: Arc<Shared>) {
             }
             (Some(now), _) => identity = Some(now),
             (None, _) => {}
+        }
+        if let Some(id) = identity {
+            shared.record_memcached(&id);
         }
         if ok && shared.watch_ok.load(Ordering::Relaxed) {
             if !healthy {

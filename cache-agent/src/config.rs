@@ -13,7 +13,7 @@ use crate::error::{AgentError, Result};
 /// Where maps are pinned; the layout version is part of the path so an upgrade that changes it
 /// never reads the old maps with the new layout.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/memcache-accel";
-pub const PIN_LAYOUT: &str = "v5";
+pub const PIN_LAYOUT: &str = "v6";
 
 /// `cache-agent run` / `check-config` options. Unset options fall back to the config file,
 /// then to the defaults shown.
@@ -133,6 +133,12 @@ pub struct Settings {
 /// [`Settings::probe_interval`].
 const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(20);
 
+/// Shortest `--write-settle-ms`. The settle time covers a write still queued inside memcached
+/// when a GET's reply is filled into the cache; shorter than this, ordinary queueing outlives
+/// it and stale values get cached (QA measured hundreds of stale reads in 15 s at 0 ms, none
+/// at the default 250 ms).
+pub const MIN_WRITE_SETTLE_MS: u64 = 50;
+
 impl Settings {
     /// How often the agent asks memcached for its health (and renews the leases): a quarter of
     /// the write-settle time, so a stall longer than that time is seen in time (see
@@ -162,11 +168,14 @@ impl Settings {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| AgentError::ConfigFile {
                     path: path.clone(),
-                    source: Box::new(e),
+                    problem: format!("cannot be read: {e}"),
+                    fix: "pass the path of a readable TOML file to --config (or CACHE_AGENT_CONFIG)",
                 })?;
                 toml::from_str::<RunArgs>(&text).map_err(|e| AgentError::ConfigFile {
                     path: path.clone(),
-                    source: Box::new(e),
+                    // toml's message spans lines and ends with a newline.
+                    problem: format!("is not valid: {}", e.to_string().trim_end()),
+                    fix: "use the long flag names as kebab-case keys, e.g. capacity = \"256M\"",
                 })?
             }
             None => RunArgs::default(),
@@ -191,7 +200,20 @@ impl Settings {
         }
         let memcached_text =
             pick!(memcached).ok_or_else(|| missing("memcached", "--memcached 127.0.0.1:11211"))?;
-        let memcached = parse_socket_addr(&memcached_text)?;
+        let memcached = parse_socket_addr(
+            "memcached",
+            &memcached_text,
+            "e.g. 127.0.0.1:11211 or [::1]:11211",
+        )?;
+        // Port 0 is no port memcached listens on; checked here, or the error would blame
+        // udp-port, which defaults to this port.
+        if memcached.port() == 0 {
+            return Err(bad(
+                "memcached",
+                format!("`{memcached_text}` has port 0"),
+                "pass the port memcached listens on (its -p), e.g. 127.0.0.1:11211",
+            ));
+        }
         let udp_port = pick!(udp_port).unwrap_or(memcached.port());
         if udp_port == 0 {
             return Err(bad("udp-port", "is 0".into(), "pass memcached's -U port"));
@@ -207,7 +229,8 @@ impl Settings {
                 ));
             }
         };
-        let capacity_bytes = parse_size(pick!(capacity).as_deref().unwrap_or("64M"))?;
+        let capacity_text = pick!(capacity).unwrap_or_else(|| "64M".into());
+        let capacity_bytes = parse_size(&capacity_text)?;
         if capacity_bytes < 1 << 20 {
             return Err(bad(
                 "capacity",
@@ -226,7 +249,8 @@ impl Settings {
         let mut class_buckets = [0u32; CLASS_COUNT];
         let mut slots = 0u64;
         for c in 0..CLASS_COUNT {
-            let bytes = capacity_bytes * shares[c] as u64 / 100;
+            // In u128: a capacity near 2^64 bytes times a percentage overflows u64.
+            let bytes = (capacity_bytes as u128 * shares[c] as u128 / 100) as u64;
             let buckets = (bytes / BUCKET_BYTES[c] as u64)
                 .clamp(if shares[c] > 0 { 1 } else { 0 }, u32::MAX as u64 / 2);
             class_buckets[c] = buckets as u32;
@@ -234,8 +258,23 @@ impl Settings {
         }
         // Twice the slots, so keys rarely share write times and TTLs.
         let key_meta_slots = (slots * 2).next_power_of_two().clamp(1 << 12, 1 << 26) as u32;
+        check_fits_memory(
+            &capacity_text,
+            map_bytes(&class_buckets, key_meta_slots),
+            mem_total(),
+        )?;
         let max_age = secs("max-age", pick!(max_age).unwrap_or(2.0))?;
-        let write_settle = Duration::from_millis(pick!(write_settle_ms).unwrap_or(250));
+        let write_settle_ms = pick!(write_settle_ms).unwrap_or(250);
+        if write_settle_ms < MIN_WRITE_SETTLE_MS {
+            return Err(bad(
+                "write-settle-ms",
+                format!(
+                    "{write_settle_ms} ms is too short: a write still queued in memcached when a GET's reply is filled would leave the old value cached"
+                ),
+                "use at least 50 ms (the default, 250, is safe under load)",
+            ));
+        }
+        let write_settle = Duration::from_millis(write_settle_ms);
         let lease = Duration::from_millis(pick!(lease_ms).unwrap_or(1000));
         if lease < Duration::from_millis(200) || lease > Duration::from_secs(60) {
             return Err(bad(
@@ -245,15 +284,10 @@ impl Settings {
             ));
         }
         let metrics_addr = parse_socket_addr(
+            "metrics-addr",
             pick!(metrics_addr).as_deref().unwrap_or("127.0.0.1:9477"),
-        )
-        .map_err(|_| {
-            bad(
-                "metrics-addr",
-                "is not HOST:PORT".into(),
-                "e.g. 127.0.0.1:9477",
-            )
-        })?;
+            "e.g. 127.0.0.1:9477",
+        )?;
         let allow = pick!(allow)
             .unwrap_or_default()
             .iter()
@@ -297,10 +331,58 @@ impl Settings {
 
     /// Bytes of map memory the cache will take (buckets plus per-key bookkeeping).
     pub fn map_bytes(&self) -> u64 {
-        let buckets: u64 = (0..CLASS_COUNT)
-            .map(|c| self.class_buckets[c] as u64 * BUCKET_BYTES[c] as u64)
-            .sum();
-        buckets + self.key_meta_slots as u64 * size_of::<KeyMeta>() as u64
+        map_bytes(&self.class_buckets, self.key_meta_slots)
+    }
+}
+
+fn map_bytes(class_buckets: &[u32; CLASS_COUNT], key_meta_slots: u32) -> u64 {
+    let buckets: u64 = (0..CLASS_COUNT)
+        .map(|c| class_buckets[c] as u64 * BUCKET_BYTES[c] as u64)
+        .sum();
+    buckets + key_meta_slots as u64 * size_of::<KeyMeta>() as u64
+}
+
+/// The machine's memory (MemTotal in /proc/meminfo), if it can be read.
+fn mem_total() -> Option<u64> {
+    parse_mem_total(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+fn parse_mem_total(meminfo: &str) -> Option<u64> {
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Map memory is kernel memory: maps larger than the machine fail to load with "Cannot
+/// allocate memory", which reads like a permission or kernel problem. Say what it is here.
+/// Unknown memory (no /proc/meminfo) skips the check.
+fn check_fits_memory(capacity: &str, map_bytes: u64, mem_total: Option<u64>) -> Result<()> {
+    match mem_total {
+        Some(mem) if map_bytes > mem => Err(bad(
+            "capacity",
+            format!(
+                "`{capacity}` needs {} of map memory, more than this machine's {} (MemTotal)",
+                human_size(map_bytes),
+                human_size(mem)
+            ),
+            "use a smaller capacity that leaves memory for memcached and the system, e.g. 256M",
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn human_size(bytes: u64) -> String {
+    let b = bytes as f64;
+    if bytes >= 1 << 30 {
+        format!("{:.1} GiB", b / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
     }
 }
 
@@ -340,28 +422,45 @@ fn bad(field: &'static str, problem: String, fix: &str) -> AgentError {
 }
 
 fn secs(field: &'static str, s: f64) -> Result<Duration> {
+    // 0 is excluded (every entry would expire as it is filled); the fix says so.
     if !(s.is_finite() && s > 0.0 && s <= 86400.0) {
         return Err(bad(
             field,
-            format!("{s} seconds"),
-            "use a number of seconds between 0 and 86400",
+            format!("{s} seconds is out of range"),
+            "use more than 0 and at most 86400 seconds (a day), e.g. 2",
         ));
     }
     Ok(Duration::from_secs_f64(s))
 }
 
-fn parse_socket_addr(s: &str) -> Result<SocketAddr> {
+/// `HOST:PORT` to the first address it resolves to. A string of that shape whose name does
+/// not resolve is reported as such, with the resolver's error, not as malformed.
+fn parse_socket_addr(field: &'static str, s: &str, example: &str) -> Result<SocketAddr> {
     use std::net::ToSocketAddrs;
-    s.to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let shaped = s
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if !shaped {
+        return Err(bad(field, format!("`{s}` is not HOST:PORT"), example));
+    }
+    let fix = format!("pass a name this host resolves, or an IP address ({example})");
+    match s.to_socket_addrs() {
+        Ok(mut addrs) => addrs.next().ok_or_else(|| {
             bad(
-                "memcached",
-                format!("`{s}` is not HOST:PORT"),
-                "e.g. 127.0.0.1:11211 or [::1]:11211",
+                field,
+                format!("`{s}`: the name resolved to no address"),
+                &fix,
             )
-        })
+        }),
+        Err(e) => Err(bad(
+            field,
+            format!("`{s}`: the name could not be resolved ({e})"),
+            &fix,
+        )),
+    }
 }
 
 /// `64M`, `1G`, `1048576`.
@@ -391,7 +490,14 @@ pub fn parse_size(s: &str) -> Result<u64> {
         .trim()
         .parse()
         .map_err(|_| bad("capacity", format!("`{s}` is not a size"), "e.g. 256M"))?;
-    Ok(n * mult)
+    // Checked: a wrapped product would silently give another size (17179869185G was 1G).
+    n.checked_mul(mult).ok_or_else(|| {
+        bad(
+            "capacity",
+            format!("`{s}` is too large (more than 2^64 bytes)"),
+            "use a size below the machine's memory, e.g. 256M",
+        )
+    })
 }
 
 pub fn parse_cidr(s: &str) -> Result<Cidr> {

@@ -209,6 +209,9 @@ pub fn initial_config(settings: &Settings) -> Config {
         max_reply_payload: 0,
         max_amplification_pct: settings.max_amplification.saturating_mul(100),
         serve_ifindex,
+        memcached_pid: 0,
+        _pad: 0,
+        memcached_started_s: 0,
     }
 }
 

@@ -125,8 +125,16 @@ fn bring_up(
     let mut config = loader::initial_config(settings);
     config.max_reply_payload = loader::max_reply_payload(&settings.iface)?;
     if adopting {
-        // Keep the epoch the cached entries were filled in: the cache stays warm.
-        config.agent_epoch = kernel::pinned_config(dir)?.agent_epoch;
+        // Keep the epoch the cached entries were filled in: the cache stays warm. And which
+        // memcached they came from: the health check flushes them if it is another process.
+        let kept = kernel::pinned_config(dir)?;
+        config.agent_epoch = kept.agent_epoch;
+        if kept.memcached_pid == 0 {
+            // Never told which memcached it holds: start from a clean epoch.
+            config.agent_epoch = kept.agent_epoch.wrapping_add(1).max(1);
+        }
+        config.memcached_pid = kept.memcached_pid;
+        config.memcached_started_s = kept.memcached_started_s;
     }
     kernel::write_config(&mut ebpf, &config)?;
     kernel::write_allowlist(&mut ebpf, &settings.allow)?;

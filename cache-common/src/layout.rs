@@ -104,8 +104,14 @@ pub struct Config {
     /// programs only scan for writes: the agent also attaches them to `lo`, so clients on
     /// memcached's own host invalidate too.
     pub serve_ifindex: u32,
+    /// The memcached the cache was filled from (`pid` and `time - uptime` from its `stats`;
+    /// 0 = not known yet). Only the agent reads them: a new agent adopting a kept cache
+    /// (upgrade mode) keeps it only if memcached is still that process.
+    pub memcached_pid: u32,
+    pub _pad: u32,
+    pub memcached_started_s: u64,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 104);
+const _: () = assert!(core::mem::size_of::<Config>() == 120);
 
 /// Written only by the kernel (one element).
 #[repr(C)]
