@@ -126,6 +126,11 @@ impl Shared {
         warn!(reason, "flushed the kernel cache");
     }
 
+    /// Replies may be at most this large from now on (the interface's MTU changed).
+    pub fn set_max_reply_payload(&self, payload: u32) {
+        self.publish(|c| c.max_reply_payload = payload);
+    }
+
     /// Records which memcached process the cache holds items of (kept with the pinned
     /// config, for the next agent in upgrade mode).
     fn record_memcached(&self, id: &Identity) {

@@ -8,6 +8,7 @@
 //! - [`coherence`]: the lease and fill lease, memcached's health and restarts, and the `watch`
 //!   backstop.
 //! - [`warm`]: fills the kernel cache from memcached's contents when the agent starts.
+//! - [`interface`]: the served interface's index and MTU, followed while the agent runs.
 //! - [`requests`]: keeps the agent's own requests to memcached within one scanner buffer.
 //! - [`ttl`]: learns from memcached the TTLs of entries filled without one.
 //! - [`stats`]: counters read from pinned maps, for `cache-agent stats` and `status`.
@@ -24,6 +25,7 @@ pub mod coherence;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod interface;
 pub mod kernel;
 pub mod loader;
 pub mod metrics;

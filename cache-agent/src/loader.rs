@@ -215,45 +215,16 @@ pub fn initial_config(settings: &Settings) -> Config {
     }
 }
 
-/// memcached splits UDP replies into datagrams of at most this payload (UDP_MAX_PAYLOAD_SIZE):
-/// a bigger reply from the kernel would differ from what memcached sends.
-const MEMCACHED_UDP_MAX_PAYLOAD: u32 = 1400;
-
 /// The largest UDP payload a reply frame may carry on `iface`: its MTU minus IP and UDP headers
 /// (the IPv6 header is the larger), and never more than memcached puts in one datagram.
 pub fn max_reply_payload(iface: &str) -> Result<u32> {
-    let path = format!("/sys/class/net/{iface}/mtu");
-    let mtu = match std::fs::read_to_string(&path) {
-        Ok(s) => s.trim().parse::<u32>().unwrap_or(1500),
-        // /sys may belong to another network namespace (nsenter): ask the kernel instead.
-        Err(_) => mtu_ioctl(iface).unwrap_or(1500),
-    };
-    Ok(mtu.saturating_sub(40 + 8).min(MEMCACHED_UDP_MAX_PAYLOAD))
-}
-
-fn mtu_ioctl(iface: &str) -> Option<u32> {
-    // SAFETY: plain socket + SIOCGIFMTU ioctl on a zeroed ifreq with a NUL-terminated name.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
-        if fd < 0 {
-            return None;
-        }
-        let mut req: libc::ifreq = std::mem::zeroed();
-        for (i, b) in iface.bytes().take(15).enumerate() {
-            req.ifr_name[i] = b as libc::c_char;
-        }
-        let rc = libc::ioctl(fd, libc::SIOCGIFMTU, &mut req);
-        libc::close(fd);
-        (rc == 0).then_some(req.ifr_ifru.ifru_mtu as u32)
-    }
+    // Asked of the kernel in this network namespace: /sys may show another one (nsenter).
+    let mtu = crate::interface::mtu(iface).unwrap_or(1500);
+    Ok(crate::interface::max_reply_payload(mtu))
 }
 
 pub fn interface_exists(iface: &str) -> bool {
-    let Ok(name) = std::ffi::CString::new(iface) else {
-        return false;
-    };
-    // SAFETY: NUL-terminated string.
-    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+    crate::interface::index(iface) != 0
 }
 
 /// The links this agent owns (dropping the Ebpf detaches them, unless [`keep_attached`]).

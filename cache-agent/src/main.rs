@@ -264,15 +264,26 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
         settings.metrics_addr,
         Arc::clone(&shared),
     ));
+    let mut interface = tokio::spawn(cache_agent::interface::watch(
+        Arc::clone(&shared),
+        settings.iface.clone(),
+        config.serve_ifindex,
+    ));
     cache_agent::notify::ready();
     let watchdog = tokio::spawn(cache_agent::notify::watchdog_loop());
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: detaching"),
-        _ = int.recv() => info!("SIGINT: detaching"),
-    }
+    let failure = tokio::select! {
+        _ = term.recv() => { info!("SIGTERM: detaching"); None }
+        _ = int.recv() => { info!("SIGINT: detaching"); None }
+        gone = &mut interface => {
+            let why = gone.unwrap_or_else(|e| format!("interface watch failed: {e}"));
+            error!(reason = %why, "stopping: the programs are no longer attached where they serve");
+            Some(why)
+        }
+    };
+    interface.abort();
     cache_agent::notify::stopping();
     watchdog.abort();
     lease.abort();
@@ -288,6 +299,15 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
     metrics.abort();
     shared.revoke();
     let _ = std::fs::remove_file(pid_file(&settings.iface));
+    if let Some(why) = failure {
+        // Nothing worth keeping: the links died with the interface.
+        let _ = std::fs::remove_dir_all(&dir);
+        drop(shared);
+        return Err(anyhow::anyhow!(
+            "{why}; stopped so that the service manager starts the agent again on the \
+             interface as it is now"
+        ));
+    }
     if settings.keep_on_exit {
         let mut ebpf = shared.ebpf.lock().expect("ebpf lock");
         match loader::keep_attached(&mut ebpf, &dir, links) {

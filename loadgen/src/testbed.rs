@@ -802,6 +802,14 @@ impl Testbed {
         self.agent_cmd(&["status", "--iface", &self.srv_if]).is_ok()
     }
 
+    /// How the agent ended, once it has exited by itself (None while it runs).
+    pub fn agent_exit(&mut self) -> Option<String> {
+        let status = self.agent.as_mut().and_then(Proc::try_exited)?;
+        self.agent = None;
+        let _ = fs::remove_file(state_dir(&self.cfg.name).join("agent.pid"));
+        Some(status)
+    }
+
     /// The agent's pid, if this handle started it and it runs.
     pub fn agent_pid(&self) -> Option<u32> {
         self.agent.as_ref().map(Proc::pid)

@@ -503,3 +503,62 @@ fn a_get_with_ip_options_too_big_for_the_xdp_frame_passes_to_memcached() {
     assert_eq!(rig.counter("hit_requests_tc"), tc_hits);
     assert_eq!(rig.counter("pass_unsupported"), unsupported + 3);
 }
+
+/// Sets the MTU of both ends of the testbed's veth pair.
+fn set_mtu(rig: &Rig, mtu: u32) {
+    for (ns, iface) in [
+        (rig.bed.server_netns(), rig.bed.server_iface()),
+        (rig.bed.client_netns(), rig.bed.client_iface()),
+    ] {
+        let out = std::process::Command::new("ip")
+            .args(["-n", ns, "link", "set", iface, "mtu", &mtu.to_string()])
+            .output()
+            .expect("ip link set mtu");
+        assert!(
+            out.status.success(),
+            "ip link set {iface} mtu {mtu}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn a_smaller_mtu_is_followed_and_hits_that_no_longer_fit_go_to_memcached() {
+    // Found by QA: the MTU was read once at start, so after it shrank the kernel kept
+    // answering with frames the link dropped, and clients of those keys timed out for good.
+    let rig = Rig::with_agent("dpmtu", 81, &["--warm-start", "false"]);
+    let value = value_of(1000, 7);
+    rig.set("mtu:big", &value, 0, 0);
+    let expected = [value_text("mtu:big", 0, &value), b"END\r\n".to_vec()].concat();
+    assert_eq!(rig.warm("mtu:big", WARM).payload, expected, "kernel reply");
+    set_mtu(&rig, 600);
+    // The agent looks at the interface every 250 ms.
+    std::thread::sleep(Duration::from_millis(1000));
+    let (hits, too_big) = (rig.counter("hit_requests"), rig.counter("pass_too_big"));
+    for i in 0..4 {
+        assert_eq!(
+            rig.udp_get(&["mtu:big"]).payload,
+            expected,
+            "reply #{i} after the MTU went down to 600"
+        );
+    }
+    assert_eq!(
+        rig.counter("hit_requests"),
+        hits,
+        "the kernel answered with a reply bigger than the link's MTU"
+    );
+    assert!(rig.counter("pass_too_big") >= too_big + 4);
+    assert!(
+        rig.agent_log().contains("interface MTU changed"),
+        "{}",
+        rig.agent_log()
+    );
+    // Back up: the kernel answers again.
+    set_mtu(&rig, 1500);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        rig.warm("mtu:big", WARM).payload,
+        expected,
+        "after the MTU came back"
+    );
+}

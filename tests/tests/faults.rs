@@ -159,6 +159,47 @@ fn an_adopted_cache_is_flushed_when_memcached_restarted_between_agents() {
 }
 
 #[test]
+fn an_agent_whose_interface_is_deleted_stops_with_an_error_and_leaves_nothing_pinned() {
+    // Found by QA: with its interface deleted (and made again, as a pod's veth is) the agent
+    // kept running and reporting healthy, its programs gone with the old interface.
+    let mut rig = Rig::with_agent("fadel", 82, &[]);
+    let out = std::process::Command::new("ip")
+        .args([
+            "-n",
+            rig.bed.server_netns(),
+            "link",
+            "del",
+            rig.bed.server_iface(),
+        ])
+        .output()
+        .expect("ip link del");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = rig.bed.agent_exit() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the agent still runs without its interface: {}",
+            rig.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.contains("status: 0"), "exit status: {status}");
+    let log = rig.agent_log();
+    assert!(log.contains("was deleted"), "{log}");
+    let pins = std::path::Path::new("/sys/fs/bpf/memcache-accel")
+        .join(cache_agent::config::PIN_LAYOUT)
+        .join(rig.bed.server_iface());
+    assert!(!pins.exists(), "{} is left pinned", pins.display());
+}
+
+#[test]
 fn stopping_memcached_under_load_serves_nothing_stale() {
     let mut rig = Rig::with_agent("fastop", 44, &[]);
     let out = run_with(&mut rig, 12, false, false, Duration::from_secs(4), |rig| {
