@@ -486,18 +486,22 @@ pub fn parse_size(s: &str) -> Result<u64> {
         }
         None => (t, 1),
     };
-    let n: u64 = num
-        .trim()
-        .parse()
-        .map_err(|_| bad("capacity", format!("`{s}` is not a size"), "e.g. 256M"))?;
-    // Checked: a wrapped product would silently give another size (17179869185G was 1G).
-    n.checked_mul(mult).ok_or_else(|| {
+    let too_large = || {
         bad(
             "capacity",
             format!("`{s}` is too large (more than 2^64 bytes)"),
             "use a size below the machine's memory, e.g. 256M",
         )
-    })
+    };
+    let n: u64 = num.trim().parse().map_err(|e: std::num::ParseIntError| {
+        if *e.kind() == std::num::IntErrorKind::PosOverflow {
+            too_large()
+        } else {
+            bad("capacity", format!("`{s}` is not a size"), "e.g. 256M")
+        }
+    })?;
+    // Checked: a wrapped product would silently give another size (17179869185G was 1G).
+    n.checked_mul(mult).ok_or_else(too_large)
 }
 
 pub fn parse_cidr(s: &str) -> Result<Cidr> {
@@ -571,6 +575,136 @@ mod tests {
         let s = Settings::resolve(&a).unwrap();
         assert_eq!(s.iface, "from-flag");
         assert_eq!(s.capacity_bytes, 2 << 20);
+    }
+
+    fn resolve_err(a: &RunArgs) -> String {
+        Settings::resolve(a).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn write_settle_below_the_minimum_is_refused() {
+        for ms in [0, 1, 49] {
+            let mut a = args("eth1", "127.0.0.1:11211");
+            a.write_settle_ms = Some(ms);
+            let e = resolve_err(&a);
+            assert!(
+                e.contains("`write-settle-ms`")
+                    && e.contains("at least 50 ms")
+                    && e.contains("250"),
+                "{e}"
+            );
+        }
+        let mut a = args("eth1", "127.0.0.1:11211");
+        a.write_settle_ms = Some(50);
+        let s = Settings::resolve(&a).unwrap();
+        assert_eq!(s.write_settle, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn a_capacity_larger_than_the_machine_is_refused() {
+        let meminfo = "MemTotal:       24683784 kB\nMemFree:        21462580 kB\n";
+        assert_eq!(parse_mem_total(meminfo), Some(24683784 * 1024));
+        assert_eq!(parse_mem_total("MemFree: 1 kB\n"), None);
+        let e = check_fits_memory("2000G", 2001 << 30, Some(24 << 30))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`capacity`") && e.contains("`2000G`") && e.contains("24.0 GiB"),
+            "{e}"
+        );
+        assert!(check_fits_memory("2000G", 2001 << 30, None).is_ok());
+        assert!(check_fits_memory("1G", 1 << 30, Some(24 << 30)).is_ok());
+        // Through resolve, on any machine with less than 2000 GiB.
+        if mem_total().is_some_and(|m| m < 2000 << 30) {
+            let mut a = args("eth1", "127.0.0.1:11211");
+            a.capacity = Some("2000G".into());
+            let e = resolve_err(&a);
+            assert!(e.contains("`capacity`") && e.contains("MemTotal"), "{e}");
+        }
+    }
+
+    #[test]
+    fn overflowing_sizes_are_errors() {
+        for s in ["17179869185G", "17179869184G", "18446744073709551616"] {
+            let e = parse_size(s).unwrap_err().to_string();
+            assert!(
+                e.contains("`capacity`") && e.contains(s) && e.contains("too large"),
+                "{e}"
+            );
+        }
+        assert_eq!(
+            parse_size("17179869183G").unwrap(),
+            u64::MAX - (1 << 30) + 1
+        );
+        assert_eq!(parse_size("18446744073709551615").unwrap(), u64::MAX);
+        // The largest size does not overflow the per-class arithmetic either.
+        let mut a = args("eth1", "127.0.0.1:11211");
+        a.capacity = Some("17179869183G".into());
+        let _ = Settings::resolve(&a);
+    }
+
+    #[test]
+    fn memcached_port_0_names_memcached() {
+        let e = resolve_err(&args("eth1", "198.18.231.1:0"));
+        assert!(
+            e.contains("`memcached`") && !e.contains("udp-port") && e.contains("port 0"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_unresolvable_name_is_not_called_malformed() {
+        let e = resolve_err(&args("eth1", "nosuchhost.invalid:11211"));
+        assert!(
+            e.contains("`memcached`")
+                && e.contains("could not be resolved")
+                && !e.contains("is not HOST:PORT"),
+            "{e}"
+        );
+        for bad in ["nonsense", "host:port", ":11211", "127.0.0.1"] {
+            let e = resolve_err(&args("eth1", bad));
+            assert!(e.contains("is not HOST:PORT"), "{bad}: {e}");
+        }
+        let mut a = args("eth1", "127.0.0.1:11211");
+        a.metrics_addr = Some("nosuchhost.invalid:9477".into());
+        let e = resolve_err(&a);
+        assert!(
+            e.contains("`metrics-addr`") && e.contains("could not be resolved"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_missing_config_file_says_its_path_and_the_os_error_once() {
+        let path = std::env::temp_dir().join(format!("agent-cfg-none-{}.toml", std::process::id()));
+        let mut a = args("eth1", "127.0.0.1:11211");
+        a.config = Some(path.clone());
+        let e = Settings::resolve(&a).unwrap_err();
+        // As main prints it: the whole chain.
+        let text = format!("{:#}", anyhow::Error::from(e));
+        let p = path.display().to_string();
+        assert_eq!(text.matches(&p).count(), 1, "{text}");
+        assert_eq!(
+            text.matches("No such file or directory").count(),
+            1,
+            "{text}"
+        );
+        assert!(text.contains("Fix:"), "{text}");
+    }
+
+    #[test]
+    fn max_age_0_is_refused_with_the_real_rule() {
+        let mut a = args("eth1", "127.0.0.1:11211");
+        a.max_age = Some(0.0);
+        let e = resolve_err(&a);
+        assert!(
+            e.contains("`max-age`") && e.contains("more than 0") && !e.contains("between 0"),
+            "{e}"
+        );
+        a.max_age = Some(86400.0);
+        assert!(Settings::resolve(&a).is_ok());
+        a.max_age = Some(86400.5);
+        assert!(Settings::resolve(&a).is_err());
     }
 
     #[test]

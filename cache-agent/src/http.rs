@@ -5,15 +5,22 @@
 //! A deliberately small HTTP/1.x server on tokio: one request per connection (`Connection:
 //! close`), requests bounded in size and time, a bounded number of connections at once, and
 //! rendering on the blocking pool (it takes the `ebpf` lock). Bad requests get a 4xx, never a
-//! panic. [`run`] is the testable core; [`serve`] binds it to the agent.
+//! panic. Idle clients cannot starve `/healthz`: a connection gets [`HEAD_TIMEOUT`] to send its
+//! request, and when every slot is taken the one that has waited longest on its client is
+//! closed to make room. [`run`] is the testable core; [`serve`] binds it to the agent.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use prometheus::Registry;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::Semaphore,
+    sync::{Semaphore, TryAcquireError, oneshot},
     time::timeout,
 };
 use tracing::{debug, error, info, warn};
@@ -22,10 +29,14 @@ use crate::{coherence::Shared, metrics};
 
 /// Largest request head (request line and headers) accepted.
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
-/// Time a client has to send its request and read the response.
+/// Time a client has to send its request head. Short: a probe sends it at once, and an idle
+/// connection holds a slot until then.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time a connection may take in all: its request, the rendering and reading the response.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections served at once; more wait in the listen backlog.
-pub const MAX_CONNECTIONS: usize = 32;
+/// Connections served at once. When all are taken, the oldest waiting on its client is closed
+/// (see [`Waiting`]); only if every one is rendering does a new one wait for a slot.
+pub const MAX_CONNECTIONS: usize = 256;
 
 /// What the server serves. Both methods may block; they run on the blocking pool.
 pub trait Endpoints: Send + Sync + 'static {
@@ -73,13 +84,59 @@ pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) {
     run(listener, Arc::new(Agent { registry, shared })).await;
 }
 
+/// Connections waiting on their client (for the request head, or to hang up after the
+/// response), oldest first: the ones closed to make room when every slot is taken.
+#[derive(Default)]
+struct Waiting {
+    next: u64,
+    shed: BTreeMap<u64, oneshot::Sender<()>>,
+}
+
+type WaitingSet = Arc<Mutex<Waiting>>;
+
+fn lock(set: &WaitingSet) -> std::sync::MutexGuard<'_, Waiting> {
+    set.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `f`, which waits on the client, unless the connection is shed first (`None`).
+async fn sheddable<T>(set: &WaitingSet, f: impl Future<Output = T>) -> Option<T> {
+    /// Leaves the set however the wait ends.
+    struct Ticket<'a>(&'a WaitingSet, u64);
+    impl Drop for Ticket<'_> {
+        fn drop(&mut self) {
+            lock(self.0).shed.remove(&self.1);
+        }
+    }
+    let (tx, rx) = oneshot::channel();
+    let _ticket = {
+        let mut w = lock(set);
+        let id = w.next;
+        w.next += 1;
+        w.shed.insert(id, tx);
+        Ticket(set, id)
+    };
+    tokio::select! {
+        r = f => Some(r),
+        _ = rx => None,
+    }
+}
+
+/// Tells the connection that has waited longest on its client to close; false if none waits.
+fn shed_oldest(set: &WaitingSet) -> bool {
+    let mut w = lock(set);
+    while let Some((_, tx)) = w.shed.pop_first() {
+        if tx.send(()).is_ok() {
+            return true;
+        }
+    }
+    false
+}
+
 /// Accepts connections on `listener` forever, answering each with `endpoints`.
 pub async fn run(listener: TcpListener, endpoints: Arc<dyn Endpoints>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let waiting = WaitingSet::default();
     loop {
-        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
-            return;
-        };
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
@@ -89,10 +146,27 @@ pub async fn run(listener: TcpListener, endpoints: Arc<dyn Endpoints>) {
                 continue;
             }
         };
+        // Accept first, then find a slot: a full server still answers a new probe at once by
+        // closing an idle connection, instead of leaving the probe in the listen backlog.
+        let permit = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(p) => p,
+            Err(TryAcquireError::Closed) => return,
+            Err(TryAcquireError::NoPermits) => {
+                if shed_oldest(&waiting) {
+                    debug!(%peer, "all http slots taken: closed the longest idle connection");
+                }
+                // Released by the shed connection, or within REQUEST_TIMEOUT by a busy one.
+                let Ok(p) = Arc::clone(&slots).acquire_owned().await else {
+                    return;
+                };
+                p
+            }
+        };
         let endpoints = Arc::clone(&endpoints);
+        let waiting = Arc::clone(&waiting);
         tokio::spawn(async move {
             let _permit = permit;
-            match timeout(REQUEST_TIMEOUT, handle(stream, endpoints)).await {
+            match timeout(REQUEST_TIMEOUT, handle(stream, endpoints, waiting)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => debug!(%peer, error = %e, "http connection failed"),
                 Err(_) => debug!(%peer, "http request timed out"),
@@ -238,9 +312,19 @@ async fn respond(endpoints: Arc<dyn Endpoints>, req: &Request<'_>) -> Response {
     }
 }
 
-async fn handle(mut stream: TcpStream, endpoints: Arc<dyn Endpoints>) -> std::io::Result<()> {
+async fn handle(
+    mut stream: TcpStream,
+    endpoints: Arc<dyn Endpoints>,
+    waiting: WaitingSet,
+) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
     let bad = || Response::text("400 Bad Request", "bad request\n");
-    let (response, head_only) = match read_head(&mut stream).await? {
+    let head = match sheddable(&waiting, timeout(HEAD_TIMEOUT, read_head(&mut stream))).await {
+        None => return Err(Error::other("closed to make room for a new connection")),
+        Some(Err(_)) => return Err(Error::new(ErrorKind::TimedOut, "no request head in time")),
+        Some(Ok(head)) => head?,
+    };
+    let (response, head_only) = match head {
         Ok(head) => match parse_request_line(&head) {
             Ok(req) => (respond(endpoints, &req).await, req.method == "HEAD"),
             Err(_) => (bad(), false),
@@ -270,14 +354,17 @@ async fn handle(mut stream: TcpStream, endpoints: Arc<dyn Endpoints>) -> std::io
     // Closing with unread input (a body, an oversized head) would reset the connection and
     // could destroy the response before the client reads it: read what is left, within bounds,
     // until the client closes (it has the whole response already).
-    let mut sink = [0u8; 4096];
-    let mut left = 1usize << 20;
-    while left > 0 {
-        match timeout(Duration::from_secs(1), stream.read(&mut sink)).await {
-            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
-            _ => break,
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        let mut left = 1usize << 20;
+        while left > 0 {
+            match timeout(Duration::from_secs(1), stream.read(&mut sink)).await {
+                Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+                _ => break,
+            }
         }
-    }
+    };
+    sheddable(&waiting, drain).await;
     Ok(())
 }
 
@@ -471,6 +558,46 @@ mod tests {
             );
         }
         assert_eq!(fake.scrapes.load(Ordering::Relaxed), 50);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_do_not_starve_health_checks() {
+        let (addr, _) = server(false).await;
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS + 44 {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // A probe is answered at once, not after the idle connections time out.
+        for request in [
+            b"GET /healthz HTTP/1.1\r\n\r\n".as_slice(),
+            b"GET /metrics HTTP/1.1\r\n\r\n",
+        ] {
+            let resp = timeout(Duration::from_secs(1), raw(addr, request))
+                .await
+                .expect("starved by idle connections");
+            assert_eq!(status(&resp), "HTTP/1.1 200 OK");
+        }
+        // The oldest idle connection was closed to make room.
+        let mut buf = [0u8; 16];
+        let n = timeout(Duration::from_secs(1), idle[0].read(&mut buf))
+            .await
+            .expect("the oldest idle connection is still open")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_is_closed_after_the_head_timeout() {
+        let (addr, _) = server(false).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let start = std::time::Instant::now();
+        let mut buf = [0u8; 16];
+        let n = timeout(HEAD_TIMEOUT * 2, s.read(&mut buf))
+            .await
+            .expect("still open after twice the head timeout")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        assert!(start.elapsed() >= HEAD_TIMEOUT - Duration::from_millis(100));
     }
 
     #[tokio::test]
