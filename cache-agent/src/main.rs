@@ -121,6 +121,19 @@ fn bring_up(
         warn!(dir = %dir.display(), "removing pins left by a previous agent");
         let _ = std::fs::remove_dir_all(dir);
     }
+    let up = load_and_attach(settings, dir, adopting);
+    if up.is_err() && !adopting {
+        // Nothing attached: leave no pinned maps (the cache's memory) behind either.
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    up
+}
+
+fn load_and_attach(
+    settings: &Settings,
+    dir: &std::path::Path,
+    adopting: bool,
+) -> anyhow::Result<(aya::Ebpf, cache_common::Config, loader::Links)> {
     let mut ebpf = loader::load_pinned(settings, dir)?;
     let mut config = loader::initial_config(settings);
     config.max_reply_payload = loader::max_reply_payload(&settings.iface)?;
@@ -144,20 +157,43 @@ fn bring_up(
     let links = if adopting {
         loader::adopt(&mut ebpf, settings, dir)?
     } else {
-        match loader::attach(&mut ebpf, settings) {
-            Ok(links) => links,
-            Err(e) => {
-                // Nothing attached: leave no pinned maps (the cache's memory) behind either.
-                let _ = std::fs::remove_dir_all(dir);
-                return Err(e.into());
-            }
-        }
+        loader::attach(&mut ebpf, settings)?
     };
     Ok((ebpf, config, links))
 }
 
 fn pid_file(iface: &str) -> PathBuf {
     PathBuf::from(format!("/run/cache-agent/{iface}.pid"))
+}
+
+/// This agent's pid file, from before it loads anything until it exits, however it exits.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn create(iface: &str) -> PidFile {
+        let path = pid_file(iface);
+        let _ = std::fs::create_dir_all("/run/cache-agent");
+        let _ = std::fs::write(&path, std::process::id().to_string());
+        PidFile(path)
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The pid of the cache-agent running for `iface`, per its pid file: None if there is no
+/// pid file, or its process is gone or is not a cache-agent (a pid used again).
+fn running_agent(iface: &str) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pid_file(iface))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    (comm.trim() == "cache-agent" && pid != std::process::id() as i32).then_some(pid)
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -171,6 +207,20 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn run_async(settings: Settings) -> anyhow::Result<()> {
+    // Pins and pid file are per interface name: a second agent would take the first one's.
+    if let Some(pid) = running_agent(&settings.iface) {
+        anyhow::bail!(
+            "another cache-agent (pid {pid}) already runs for an interface named `{iface}` (in \
+             this or another network namespace: pins and pid files go by name). Fix: stop it \
+             first (`cache-agent detach --iface {iface}`), or serve another interface",
+            iface = settings.iface
+        );
+    }
+    let _pid_file = PidFile::create(&settings.iface);
+    // From here on SIGTERM and SIGINT are handled: one that arrives while the programs load
+    // is acted on once they are attached, by the same clean detach as any other.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     // Refuse to start half-way: memcached must answer before anything is attached.
     let addr = settings.memcached;
     match tokio::time::timeout(
@@ -226,8 +276,6 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
         config.flags |= cache_common::flags::TC_SERVE;
         kernel::write_config(&mut ebpf, &config)?;
     }
-    let _ = std::fs::create_dir_all("/run/cache-agent");
-    let _ = std::fs::write(pid_file(&settings.iface), std::process::id().to_string());
     info!(
         iface = %settings.iface,
         memcached = %settings.memcached,
@@ -272,8 +320,6 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
     cache_agent::notify::ready();
     let watchdog = tokio::spawn(cache_agent::notify::watchdog_loop());
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let failure = tokio::select! {
         _ = term.recv() => { info!("SIGTERM: detaching"); None }
         _ = int.recv() => { info!("SIGINT: detaching"); None }
@@ -298,7 +344,6 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
     }
     metrics.abort();
     shared.revoke();
-    let _ = std::fs::remove_file(pid_file(&settings.iface));
     if let Some(why) = failure {
         // Nothing worth keeping: the links died with the interface.
         let _ = std::fs::remove_dir_all(&dir);
@@ -349,7 +394,7 @@ fn show_stats(t: Target) -> anyhow::Result<()> {
 
 fn show_status(t: Target) -> anyhow::Result<()> {
     let snap = pinned_snapshot(&t)?;
-    let pid = std::fs::read_to_string(pid_file(&t.iface)).unwrap_or_default();
+    let agent = running_agent(&t.iface);
     let m = stats::counters_by_name(&snap);
     let entries: i64 = (0..4)
         .map(|c| {
@@ -359,7 +404,8 @@ fn show_status(t: Target) -> anyhow::Result<()> {
         .sum();
     let status = serde_json::json!({
         "iface": t.iface,
-        "pid": pid.trim(),
+        // null when no agent runs (crashed: the kernel serves until its lease runs out).
+        "pid": agent,
         "serving": stats::serving(&snap),
         "lease_remaining_ms": snap.config.lease_until_ns.saturating_sub(kernel::coarse_now_ns()) / 1_000_000,
         // 0 while memcached answers the agent's probes late: the kernel fills nothing then.
@@ -380,21 +426,19 @@ fn show_status(t: Target) -> anyhow::Result<()> {
 
 fn detach(t: Target) -> anyhow::Result<()> {
     let pid_path = pid_file(&t.iface);
-    if let Ok(pid) = std::fs::read_to_string(&pid_path) {
-        if let Ok(pid) = pid.trim().parse::<i32>() {
-            // SAFETY: sending a signal to a pid we recorded.
-            if unsafe { libc::kill(pid, libc::SIGTERM) } == 0 {
-                println!("asked agent {pid} to detach from {}", t.iface);
-                for _ in 0..50 {
-                    if unsafe { libc::kill(pid, 0) } != 0 {
-                        break;
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(100));
+    if let Some(pid) = running_agent(&t.iface) {
+        // SAFETY: sending a signal to the cache-agent the pid file names.
+        if unsafe { libc::kill(pid, libc::SIGTERM) } == 0 {
+            println!("asked agent {pid} to detach from {}", t.iface);
+            for _ in 0..50 {
+                if unsafe { libc::kill(pid, 0) } != 0 {
+                    break;
                 }
+                std::thread::sleep(std::time::Duration::from_millis(100));
             }
         }
-        let _ = std::fs::remove_file(&pid_path);
     }
+    let _ = std::fs::remove_file(&pid_path);
     let dir = pin_dir(&t.pin_root, &t.iface);
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;

@@ -67,6 +67,49 @@ fn an_agent_in_upgrade_mode_starts_cold_when_the_kept_links_are_gone() {
 }
 
 #[test]
+fn a_second_agent_for_the_same_interface_is_refused_and_the_first_keeps_serving() {
+    // Found by QA: the second agent removed the first one's pins as leftovers of a crash,
+    // then failed to attach, leaving the first serving with no pins (no status, no detach).
+    let rig = Rig::with_agent("lctwice", 74, &[]);
+    rig.set("k", b"v", 0, 0);
+    rig.warm("k", WARM);
+    let ns = format!("--net=/run/netns/{}", rig.bed.server_netns());
+    let memcached = rig.bed.memcached_addr().to_string();
+    let out = std::process::Command::new("nsenter")
+        .arg(&ns)
+        .arg(loadgen::agent_bin())
+        .args([
+            "run",
+            "--iface",
+            rig.bed.server_iface(),
+            "--memcached",
+            &memcached,
+        ])
+        .args(["--metrics-addr", "127.0.0.1:19478"])
+        .output()
+        .expect("run a second cache-agent");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already runs") && err.contains("Fix:"),
+        "{err}"
+    );
+    // The first agent still has its pins and still serves.
+    let status = rig
+        .bed
+        .agent_cmd(&["status", "--iface", rig.bed.server_iface(), "--json"])
+        .expect("status of the first agent");
+    assert!(status.contains("\"serving\":true"), "{status}");
+    let hits = rig.counter("hit_keys");
+    rig.udp_get(&["k"]);
+    assert_eq!(
+        rig.counter("hit_keys"),
+        hits + 1,
+        "the first agent stopped serving"
+    );
+}
+
+#[test]
 fn a_restart_in_upgrade_mode_keeps_the_cache_warm() {
     let mut rig = Rig::with_agent("lcup", 51, &["--keep-on-exit", "true"]);
     rig.set("warm", b"kept", 0, 0);
@@ -142,6 +185,34 @@ fn bad_configuration_and_missing_interfaces_fail_with_a_clear_message() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("`capacity`") && err.contains("Fix:"), "{err}");
+    // Refused at config resolution, each naming its field: a settle time too short to cover a
+    // write queued in memcached, maps larger than the machine (which would otherwise fail to
+    // load with a misleading "Cannot allocate memory"), and port 0 (not blamed on udp-port).
+    for (memcached, extra, field, says) in [
+        (
+            "127.0.0.1:1",
+            &["--write-settle-ms", "0"][..],
+            "`write-settle-ms`",
+            "250",
+        ),
+        (
+            "127.0.0.1:1",
+            &["--capacity", "2000G"],
+            "`capacity`",
+            "MemTotal",
+        ),
+        ("198.18.231.1:0", &[], "`memcached`", "port 0"),
+    ] {
+        let mut args = vec!["run", "--iface", "lo", "--memcached", memcached];
+        args.extend(extra);
+        let out = run(&args);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(field) && err.contains(says) && err.contains("Fix:"),
+            "{args:?}: {err}"
+        );
+    }
 
     let mc = rig.server(false).to_string();
     let out = rig
