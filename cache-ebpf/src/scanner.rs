@@ -458,7 +458,13 @@ fn end_line(st: &mut FlowState, env: &Env) {
             queue_write(env.s, key, check, ttl_from(st), Counter::InvalidateText);
         }
         CMD_FLUSH => {
-            let delay = if has_len { st.len } else { 0 };
+            // Not bounded like a data block's length: a delay of 30 days or more is a unix
+            // time (about 1.8e9 today), which memcached honours as such.
+            let delay = if st.flags & F_HAVE_LEN != 0 && st.len > 0 {
+                st.len
+            } else {
+                0
+            };
             flush_delayed(env.cfg, delay, env.counters);
         }
         CMD_MS | CMD_MD | CMD_MA | CMD_MG => {
