@@ -181,11 +181,22 @@ pub struct Identity {
     /// When the process started (`time - uptime`, both from memcached's own clock: exact).
     started: u64,
     uptime: u64,
-    /// Log entries memcached dropped before any watcher saw them (`log_worker_dropped`, plus
-    /// `log_watcher_skipped`). Under a burst of writes the worker threads drop entries
+    /// Items or log entries about them memcached dropped without a watch stream hearing of
+    /// it ([`UNREPORTED_DROPS`]). Under a burst of writes the worker threads drop log entries
     /// without a `skipped=` line on the watch stream, evictions among them.
     dropped: u64,
 }
+
+/// memcached's counters of items it dropped, or of log entries about them, that never reach
+/// a `watch` stream: log entries the worker threads dropped under a burst of writes (evictions
+/// among them) or the watcher skipped, and items the slab mover dropped when it found no free
+/// chunk to move them to (`slabs reassign`, or the background automover) or found busy.
+const UNREPORTED_DROPS: [&str; 4] = [
+    "log_worker_dropped",
+    "log_watcher_skipped",
+    "slab_reassign_evictions_nomem",
+    "slab_reassign_busy_deletes",
+];
 
 /// One persistent connection for health checks.
 struct Probe {
@@ -242,8 +253,10 @@ impl Probe {
             pid: stat("pid")?,
             started: stat("time")?.saturating_sub(uptime),
             uptime,
-            dropped: stat("log_worker_dropped").unwrap_or(0)
-                + stat("log_watcher_skipped").unwrap_or(0),
+            dropped: UNREPORTED_DROPS
+                .iter()
+                .map(|name| stat(name).unwrap_or(0))
+                .sum(),
         })
     }
 }
@@ -305,7 +318,10 @@ pub async fn lease_loop(shared: Arc<Shared>) {
             }
             // An eviction the watch stream never reported may be cached.
             (Some(now), Some(before)) if now.dropped > before.dropped => {
-                shared.resync("memcached dropped watch events (log_worker_dropped)");
+                shared.resync(
+                    "memcached dropped items or log entries the watch stream never reported \
+                     (log_worker_dropped, log_watcher_skipped, slab mover)",
+                );
                 identity = Some(now);
             }
             (Some(now), _) => identity = Some(now),
@@ -352,8 +368,10 @@ async fn never_evicted(addr: std::net::SocketAddr) -> std::io::Result<bool> {
         })
     };
     let evictions = count("evictions").ok_or_else(|| std::io::Error::other("no evictions stat"))?;
-    let dropped =
-        count("log_worker_dropped").unwrap_or(0) + count("log_watcher_skipped").unwrap_or(0);
+    let dropped: u64 = UNREPORTED_DROPS
+        .iter()
+        .map(|name| count(name).unwrap_or(0))
+        .sum();
     Ok(evictions == 0 && dropped == 0)
 }
 

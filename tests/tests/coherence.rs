@@ -1174,3 +1174,54 @@ fn fragmented_udp_writes_invalidate() {
         assert_fresh(&rig, key, &item(key, 0, &value), "fragmented UDP set");
     }
 }
+
+#[test]
+fn items_memcached_drops_when_it_moves_a_slab_page_are_never_served_after() {
+    // Found by QA: the slab mover (`slabs reassign`, or memcached's background automover)
+    // drops the items of the page it moves when it finds no free chunk for them, and no
+    // watch stream hears of it. Here one class is exactly two full pages, so moving one of
+    // them can rescue nothing.
+    let mut rig = Rig::with_memcached("coslab", 83, &["-o", "slab_automove=0"]);
+    rig.start_agent(&[]);
+    rig.set_burst("sl", 1);
+    let slabs = String::from_utf8_lossy(&rig.tcp(b"stats slabs\r\n", &[b"END\r\n"])).into_owned();
+    let stat = |class: &str, name: &str| -> u64 {
+        slabs
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("STAT {class}:{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let class = slabs
+        .lines()
+        .filter_map(|l| l.strip_prefix("STAT "))
+        .find_map(|l| {
+            let (name, value) = l.split_once(' ')?;
+            let (class, field) = name.split_once(':')?;
+            (field == "used_chunks" && value.trim() != "0").then(|| class.to_owned())
+        })
+        .expect("the class of the burst's items");
+    let per_page = stat(&class, "chunks_per_page") as usize;
+    rig.set_burst("sl", 2 * per_page);
+    rig.warm("sl0", WARM);
+    let dropped = rig.mc_stat("slab_reassign_evictions_nomem");
+    assert_eq!(
+        rig.tcp_line(&format!("slabs reassign {class} 0\r\n")),
+        "OK\r\n"
+    );
+    let start = Instant::now();
+    while rig.mc_stat("slab_reassign_evictions_nomem") == dropped
+        || authoritative(&rig, "sl0") != MISS
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "memcached did not drop sl0 (evictions_nomem {} -> {})",
+            dropped,
+            rig.mc_stat("slab_reassign_evictions_nomem")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The agent reads memcached's counters every quarter settle time.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_fresh(&rig, "sl0", MISS, "an item the slab mover dropped");
+}
