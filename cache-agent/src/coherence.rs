@@ -50,9 +50,9 @@ pub struct Shared {
     pub ttl: crate::ttl::Outcomes,
     /// memcached's clock as the last health check read it.
     clock: Mutex<Option<ClockSample>>,
-    /// A time memcached's clock ticked after (the health check before the one that first saw
-    /// the new `uptime`): its later ticks come at least a whole number of seconds after it.
-    tick_after: Mutex<Option<std::time::Instant>>,
+    /// When memcached's clock last ticked, as far as the health check knows: after the check
+    /// before the one that first saw the new `uptime` was sent, and before that one's answer.
+    last_tick: Mutex<Option<TickWindow>>,
     /// Set when the cache was adopted warm (upgrade mode): the first watch connection does
     /// not flush it.
     pub skip_first_watch_resync: AtomicBool,
@@ -71,7 +71,7 @@ impl Shared {
             lease_renewals: AtomicU64::new(0),
             ttl: Default::default(),
             clock: Mutex::new(None),
-            tick_after: Mutex::new(None),
+            last_tick: Mutex::new(None),
             skip_first_watch_resync: AtomicBool::new(false),
         })
     }
@@ -151,18 +151,48 @@ impl Shared {
         *self.clock.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The earliest time memcached's clock can tick after `t`: its timer fires every second
-    /// (or a little later), so ticks come at whole seconds after a known tick at the soonest.
+    /// The earliest time memcached's clock can tick after `t` (see [`TickWindow::next_after`]).
     /// None until a tick was seen.
     pub fn next_memcached_tick_after(&self, t: std::time::Instant) -> Option<std::time::Instant> {
-        let tick = (*self.tick_after.lock().unwrap_or_else(|p| p.into_inner()))?;
-        let since = t.checked_duration_since(tick).unwrap_or_default();
-        Some(tick + Duration::from_secs(since.as_secs() + 1))
+        let window = (*self.last_tick.lock().unwrap_or_else(|p| p.into_inner()))?;
+        Some(window.next_after(t))
     }
 
     pub fn lease_valid(&self) -> bool {
         let c = self.config.lock().expect("config lock");
         c.flags & flags::SERVE != 0 && c.lease_until_ns > kernel::coarse_now_ns()
+    }
+}
+
+/// A span of time memcached's clock ticked in: after `after`, no later than `by`.
+#[derive(Debug, Clone, Copy)]
+pub struct TickWindow {
+    pub after: std::time::Instant,
+    pub by: std::time::Instant,
+}
+
+/// How much later than a whole number of seconds after the last seen tick the next ones may
+/// come (memcached re-arms its one-second timer when it fires, so ticks drift later), per
+/// second since then, and at least.
+const TICK_DRIFT_PER_SEC: Duration = Duration::from_millis(5);
+const TICK_DRIFT_MIN: Duration = Duration::from_millis(20);
+
+impl TickWindow {
+    /// The earliest time memcached's clock can tick after `t`. Its timer fires every second
+    /// (a little more), so the ticks after one seen in this window fall in the same window a
+    /// whole number of seconds later: a `t` inside one of those windows may see a tick at
+    /// any moment (`t` itself is returned), one between them not before the next window.
+    pub fn next_after(&self, t: std::time::Instant) -> std::time::Instant {
+        let Some(since) = t.checked_duration_since(self.after) else {
+            return t;
+        };
+        let whole = since.as_secs();
+        let phase = since - Duration::from_secs(whole);
+        let drift = TICK_DRIFT_MIN + TICK_DRIFT_PER_SEC * whole as u32;
+        if phase <= self.by.saturating_duration_since(self.after) + drift {
+            return t;
+        }
+        self.after + Duration::from_secs(whole + 1)
     }
 }
 
@@ -290,6 +320,7 @@ pub async fn lease_loop(shared: Arc<Shared>) {
         let asked_at = std::time::Instant::now();
         let asked_at_ns = kernel::coarse_now_ns();
         let id = probe.identity(s.memcached, limit).await;
+        let answered_at = std::time::Instant::now();
         let ok = id.is_some();
         let fill_until = (asked_at.elapsed() < fill_lease / 2)
             .then(|| asked_at_ns + fill_lease.as_nanos() as u64);
@@ -298,8 +329,10 @@ pub async fn lease_loop(shared: Arc<Shared>) {
             if let Some(before) = *clock
                 && id.uptime > before.uptime
             {
-                *shared.tick_after.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some(before.asked_at);
+                *shared.last_tick.lock().unwrap_or_else(|p| p.into_inner()) = Some(TickWindow {
+                    after: before.asked_at,
+                    by: answered_at,
+                });
             }
             *clock = Some(ClockSample {
                 uptime: id.uptime,
@@ -477,7 +510,30 @@ pub fn watch_key(line: &str) -> Option<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
-    use super::watch_key;
+    use std::time::{Duration, Instant};
+
+    use super::{TickWindow, watch_key};
+
+    #[test]
+    fn the_next_tick_is_never_placed_after_one_that_may_come_sooner() {
+        let after = Instant::now();
+        let ms = Duration::from_millis;
+        // A tick was seen between `after` and 60 ms later.
+        let w = TickWindow {
+            after,
+            by: after + ms(60),
+        };
+        // Before or inside that window, or inside its copies a second later: any moment.
+        for t in [ms(0), ms(30), ms(79), ms(1030), ms(2000) + ms(60) + ms(29)] {
+            assert_eq!(w.next_after(after + t), after + t, "{t:?}");
+        }
+        // Between windows: not before the next one opens.
+        assert_eq!(w.next_after(after + ms(100)), after + ms(1000));
+        assert_eq!(w.next_after(after + ms(1500)), after + ms(2000));
+        // A question asked before the window was seen.
+        let earlier = after.checked_sub(ms(5)).unwrap_or(after);
+        assert_eq!(w.next_after(earlier), earlier);
+    }
 
     #[test]
     fn watch_lines_yield_decoded_keys() {
