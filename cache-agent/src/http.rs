@@ -265,11 +265,12 @@ impl Response {
 
 const LANDING_PAGE: &str = "<html><head><title>cache-agent</title></head><body>\
 <h1>cache-agent</h1><p>In-kernel memcached cache.</p>\
-<ul><li><a href=\"/metrics\">/metrics</a></li><li><a href=\"/healthz\">/healthz</a></li></ul>\
+<ul><li><a href=\"/metrics\">/metrics</a></li><li><a href=\"/healthz\">/healthz</a></li>\
+<li><a href=\"/livez\">/livez</a></li></ul>\
 </body></html>\n";
 
 async fn respond(endpoints: Arc<dyn Endpoints>, req: &Request<'_>) -> Response {
-    let known = matches!(req.path, "/metrics" | "/healthz" | "/");
+    let known = matches!(req.path, "/metrics" | "/healthz" | "/livez" | "/");
     if !known {
         return Response::text("404 Not Found", "not found\n");
     }
@@ -295,6 +296,9 @@ async fn respond(endpoints: Arc<dyn Endpoints>, req: &Request<'_>) -> Response {
                 Response::text("500 Internal Server Error", "internal error\n")
             }
         },
+        // The agent answers: for a liveness probe, which must not restart an agent that is
+        // only waiting for memcached (/healthz is for readiness).
+        "/livez" => Response::text("200 OK", "alive\n"),
         "/healthz" => match tokio::task::spawn_blocking(move || endpoints.healthy()).await {
             Ok(true) => Response::text("200 OK", "ok"),
             Ok(false) => Response::text(
@@ -584,6 +588,16 @@ mod tests {
             .expect("the oldest idle connection is still open")
             .unwrap_or(0);
         assert_eq!(n, 0);
+    }
+
+    #[tokio::test]
+    async fn livez_answers_while_healthz_says_not_serving() {
+        let (addr, fake) = server(false).await;
+        fake.healthy.store(false, Ordering::Relaxed);
+        let live = raw(addr, b"GET /livez HTTP/1.1\r\n\r\n").await;
+        assert_eq!(status(&live), "HTTP/1.1 200 OK");
+        let health = raw(addr, b"GET /healthz HTTP/1.1\r\n\r\n").await;
+        assert_eq!(status(&health), "HTTP/1.1 503 Service Unavailable");
     }
 
     #[tokio::test]
