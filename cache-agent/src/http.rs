@@ -7,11 +7,10 @@
 //! rendering on the blocking pool (it takes the `ebpf` lock). Bad requests get a 4xx, never a
 //! panic. Idle clients cannot starve `/healthz`: a connection gets [`HEAD_TIMEOUT`] to send its
 //! request, and when every slot is taken the one that has waited longest on its client is
-//! closed to make room. [`run`] is the testable core; [`serve`] binds it to the agent.
+//! closed to make room. [`run`] is the testable core; [`serve`] runs it for the agent.
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -62,9 +61,9 @@ impl Endpoints for Agent {
     }
 }
 
-/// Serves the agent's metrics and health on `addr` until the task is aborted. If the address
-/// cannot be bound this logs an error and returns.
-pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) {
+/// Serves the agent's metrics and health on `listener` (bound by the agent before it attaches
+/// anything, so a taken address fails the start) until the task is aborted.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let registry = match metrics::registry(Arc::clone(&shared)) {
         Ok(r) => r,
         Err(e) => {
@@ -72,15 +71,9 @@ pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) {
             return;
         }
     };
-    let listener = match TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            error!(%addr, error = %e, "cannot listen for /metrics and /healthz");
-            return;
-        }
-    };
-    let bound = listener.local_addr().unwrap_or(addr);
-    info!(addr = %bound, "serving /metrics and /healthz");
+    if let Ok(bound) = listener.local_addr() {
+        info!(addr = %bound, "serving /metrics, /healthz and /livez");
+    }
     run(listener, Arc::new(Agent { registry, shared })).await;
 }
 
@@ -374,7 +367,10 @@ async fn handle(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::{
+        net::SocketAddr,
+        sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+    };
 
     use super::*;
 

@@ -71,7 +71,26 @@ pub fn can_adopt(dir: &std::path::Path, settings: &Settings) -> bool {
 /// Loads (and so verifies) every program, sized from `settings`, without attaching. The maps
 /// in [`PINNED_MAPS`] are opened from `pin_dir` if pinned there, else created and pinned.
 pub fn load_pinned(settings: &Settings, pin_dir: &std::path::Path) -> Result<Ebpf> {
-    std::fs::create_dir_all(pin_dir)?;
+    // The nearest part of the path that exists must be on bpffs: under `ip netns exec` (a
+    // fresh /sys) or without bpffs mounted, /sys/fs/bpf is a plain sysfs directory.
+    if !pin_dir
+        .ancestors()
+        .find(|p| p.exists())
+        .is_some_and(on_bpffs)
+    {
+        return Err(AgentError::Pin {
+            path: pin_dir.to_owned(),
+            detail: "not on a BPF filesystem (bpffs), so nothing can be pinned there. Fix: \
+                     `mount -t bpf bpf /sys/fs/bpf`; under `ip netns exec`, which mounts a \
+                     /sys of its own, run the agent with `nsenter --net=/run/netns/NAME` \
+                     instead"
+                .into(),
+        });
+    }
+    std::fs::create_dir_all(pin_dir).map_err(|e| AgentError::Pin {
+        path: pin_dir.to_owned(),
+        detail: e.to_string(),
+    })?;
     let paths: Vec<(&str, std::path::PathBuf)> =
         PINNED_MAPS.iter().map(|n| (*n, pin_dir.join(n))).collect();
     let mut loader = EbpfLoader::new();
@@ -79,6 +98,19 @@ pub fn load_pinned(settings: &Settings, pin_dir: &std::path::Path) -> Result<Ebp
         loader.map_pin_path(name, path.as_path());
     }
     configure_and_load(&mut loader, settings, crate::EBPF_OBJECT)
+}
+
+/// Whether `path` lies on a BPF filesystem (where maps and links can be pinned).
+fn on_bpffs(path: &std::path::Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs on a NUL-terminated path into a zeroed struct.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
 }
 
 /// Loads (and so verifies) every program, sized from `settings`, without attaching or pinning.

@@ -166,6 +166,41 @@ fn pid_file(iface: &str) -> PathBuf {
     PathBuf::from(format!("/run/cache-agent/{iface}.pid"))
 }
 
+/// Whether memcached answers a UDP `version` on `port` (three tries, a second in all).
+async fn memcached_answers_udp(addr: std::net::SocketAddr, port: u16) -> bool {
+    let target = std::net::SocketAddr::new(addr.ip(), port);
+    let bind: std::net::SocketAddr = if addr.is_ipv6() {
+        "[::]:0".parse().expect("literal")
+    } else {
+        "0.0.0.0:0".parse().expect("literal")
+    };
+    let Ok(socket) = tokio::net::UdpSocket::bind(bind).await else {
+        return false;
+    };
+    if socket.connect(target).await.is_err() {
+        return false;
+    }
+    // Frame header: request id, sequence 0, one datagram, reserved.
+    let request = b"\x4d\x43\x00\x00\x00\x01\x00\x00version\r\n";
+    let mut reply = [0u8; 64];
+    for _ in 0..3 {
+        if socket.send(request).await.is_err() {
+            return false;
+        }
+        let wait = tokio::time::timeout(
+            std::time::Duration::from_millis(333),
+            socket.recv(&mut reply),
+        );
+        if let Ok(Ok(n)) = wait.await
+            && n > 8
+            && reply[8..n].starts_with(b"VERSION")
+        {
+            return true;
+        }
+    }
+    false
+}
+
 /// This agent's pid file, from before it loads anything until it exits, however it exits.
 struct PidFile(PathBuf);
 
@@ -245,6 +280,24 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
             .into());
         }
     }
+    if !memcached_answers_udp(addr, settings.udp_port).await {
+        anyhow::bail!(
+            "memcached at {addr} does not answer UDP on port {port}: without UDP no client \
+             can use what the kernel caches. Fix: start memcached with `-U {port}` (UDP is off \
+             by default since 1.5.6), or set `udp-port` to the port it uses",
+            port = settings.udp_port
+        );
+    }
+    // Bound before anything is attached: a taken address fails the start, not the metrics.
+    let metrics_listener = tokio::net::TcpListener::bind(settings.metrics_addr)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "`metrics-addr` {}: {e}. Fix: pick a free address with --metrics-addr (another \
+                 agent or exporter may hold this one)",
+                settings.metrics_addr
+            )
+        })?;
     if !loader::interface_exists(&settings.iface) {
         return Err(AgentError::NoSuchInterface {
             iface: settings.iface.clone(),
@@ -309,7 +362,7 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
     let warm = (settings.warm_start && !adopting)
         .then(|| tokio::spawn(cache_agent::warm::warm_start(Arc::clone(&shared))));
     let metrics = tokio::spawn(cache_agent::http::serve(
-        settings.metrics_addr,
+        metrics_listener,
         Arc::clone(&shared),
     ));
     let mut interface = tokio::spawn(cache_agent::interface::watch(

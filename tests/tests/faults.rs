@@ -126,39 +126,6 @@ fn restarting_memcached_under_load_serves_nothing_old() {
 }
 
 #[test]
-fn an_adopted_cache_is_flushed_when_memcached_restarted_between_agents() {
-    // Upgrade mode keeps the cache between two agents; a memcached restarted in that gap has
-    // lost every item, and a new memcached has no evictions or dropped log lines to tell.
-    let mut rig = Rig::with_agent("farestup", 80, &["--keep-on-exit", "true"]);
-    rig.set("kept", b"old", 0, 0);
-    rig.warm("kept", Duration::from_secs(5));
-    rig.bed.stop_agent();
-    rig.bed.stop_memcached();
-    rig.bed.start_memcached().unwrap();
-    rig.start_agent(&["--keep-on-exit", "true"]);
-    assert!(
-        rig.agent_log().contains("adopted"),
-        "the new agent did not adopt: {}",
-        rig.agent_log()
-    );
-    for i in 0..8 {
-        assert_eq!(
-            rig.udp_get(&["kept"]).payload,
-            b"END\r\n",
-            "reply #{i}: an item of the memcached before the restart was served"
-        );
-    }
-    assert!(
-        rig.agent_log().contains("memcached restarted"),
-        "{}",
-        rig.agent_log()
-    );
-    // A plain stop removes the pins.
-    rig.bed.stop_agent();
-    rig.start_agent(&[]);
-}
-
-#[test]
 fn an_agent_whose_interface_is_deleted_stops_with_an_error_and_leaves_nothing_pinned() {
     // Found by QA: with its interface deleted (and made again, as a pod's veth is) the agent
     // kept running and reporting healthy, its programs gone with the old interface.

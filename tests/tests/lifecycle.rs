@@ -28,6 +28,15 @@ fn an_adopted_cache_is_flushed_when_memcached_evicted_between_agents() {
         }
         assert!(round < 3, "memcached never evicted the key");
     }
+    adopt_and_expect_a_miss(&mut rig, "ev", "an item evicted between agents");
+    // A plain stop removes the pins.
+    rig.bed.stop_agent();
+    rig.start_agent(&[]);
+}
+
+/// Starts an agent in upgrade mode that must adopt the kept cache, and checks it never
+/// serves `key` (`what` says why it must not).
+fn adopt_and_expect_a_miss(rig: &mut Rig, key: &str, what: &str) {
     rig.start_agent(&["--keep-on-exit", "true"]);
     assert!(
         rig.agent_log().contains("adopted"),
@@ -36,11 +45,33 @@ fn an_adopted_cache_is_flushed_when_memcached_evicted_between_agents() {
     );
     for i in 0..8 {
         assert_eq!(
-            rig.udp_get(&["ev"]).payload,
+            rig.udp_get(&[key]).payload,
             b"END\r\n",
-            "reply #{i}: an item evicted between agents was served"
+            "reply #{i}: {what} was served"
         );
     }
+}
+
+#[test]
+fn an_adopted_cache_is_flushed_when_memcached_restarted_between_agents() {
+    // Upgrade mode keeps the cache between two agents; a memcached restarted in that gap has
+    // lost every item, and a new memcached has no evictions or dropped log lines to tell.
+    let mut rig = Rig::with_agent("lcrestup", 80, &["--keep-on-exit", "true"]);
+    rig.set("kept", b"old", 0, 0);
+    rig.warm("kept", WARM);
+    rig.bed.stop_agent();
+    rig.bed.stop_memcached();
+    rig.bed.start_memcached().unwrap();
+    adopt_and_expect_a_miss(
+        &mut rig,
+        "kept",
+        "an item of the memcached before the restart",
+    );
+    assert!(
+        rig.agent_log().contains("memcached restarted"),
+        "{}",
+        rig.agent_log()
+    );
     // A plain stop removes the pins.
     rig.bed.stop_agent();
     rig.start_agent(&[]);
@@ -227,6 +258,53 @@ fn bad_configuration_and_missing_interfaces_fail_with_a_clear_message() {
     let out = run(&["run", "--iface", "lo", "--memcached", "127.0.0.1:1"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unreachable"));
+
+    // The metrics address is bound before anything is attached: a taken one (memcached's own
+    // here) fails the start instead of leaving an agent without /metrics and /healthz.
+    let iface = rig.bed.server_iface();
+    let out = rig
+        .bed
+        .agent_cmd(&[
+            "run",
+            "--iface",
+            iface,
+            "--memcached",
+            &mc,
+            "--metrics-addr",
+            &mc,
+        ])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        out.contains("`metrics-addr`") && out.contains("Fix:"),
+        "{out}"
+    );
+    // `ip netns exec` mounts a /sys of its own, without bpffs: the error says so, and how to
+    // run the agent instead (found by QA: it said only "No such file or directory").
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", rig.bed.server_netns()])
+        .arg(&agent)
+        .args(["run", "--iface", iface, "--memcached", &mc])
+        .output()
+        .expect("ip netns exec cache-agent");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("BPF filesystem") && err.contains("nsenter"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_memcached_without_udp_is_refused_with_the_fix() {
+    // Found by QA: with memcached's UDP off the agent served the keys it warmed and every
+    // other UDP get timed out, while it reported healthy.
+    let mut rig = Rig::with_memcached("lcnoudp", 84, &["-U", "0"]);
+    let err = rig.bed.start_agent(&[]).unwrap_err().to_string();
+    assert!(
+        err.contains("does not answer UDP") && err.contains("-U"),
+        "{err}"
+    );
 }
 
 #[test]
