@@ -116,6 +116,10 @@ fn bring_up(
     dir: &std::path::Path,
     adopting: bool,
 ) -> anyhow::Result<(aya::Ebpf, cache_common::Config, loader::Links)> {
+    // The verifier gives up a load when a signal is pending for the loading thread, and the
+    // retry (with its log on) takes many times longer: SIGTERM and SIGINT go to the runtime's
+    // other threads meanwhile, and are acted on once the programs are attached.
+    let _quiet = SignalsElsewhere::new();
     if !adopting && dir.exists() {
         // A crashed or differently sized agent's pins: its links died with it; start cold.
         warn!(dir = %dir.display(), "removing pins left by a previous agent");
@@ -199,6 +203,30 @@ async fn memcached_answers_udp(addr: std::net::SocketAddr, port: u16) -> bool {
         }
     }
     false
+}
+
+/// Blocks SIGTERM and SIGINT on this thread until dropped.
+struct SignalsElsewhere(libc::sigset_t);
+
+impl SignalsElsewhere {
+    fn new() -> Self {
+        // SAFETY: a sigset built with sigemptyset/sigaddset, applied to this thread only.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            SignalsElsewhere(set)
+        }
+    }
+}
+
+impl Drop for SignalsElsewhere {
+    fn drop(&mut self) {
+        // SAFETY: unblocks what `new` blocked, on the same thread.
+        unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &self.0, std::ptr::null_mut()) };
+    }
 }
 
 /// This agent's pid file, from before it loads anything until it exits, however it exits.
