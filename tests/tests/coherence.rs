@@ -33,6 +33,23 @@ fn assert_fresh(rig: &Rig, key: &str, expected: &[u8], what: &str) {
     }
 }
 
+/// TCP segments retransmitted so far in network namespace `ns` (RetransSegs).
+fn tcp_retransmits(ns: &str) -> u64 {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "cat", "/proc/net/snmp"])
+        .output()
+        .expect("read /proc/net/snmp");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next().unwrap_or(""), tcp.next().unwrap_or(""));
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RetransSegs")
+        .and_then(|(_, v)| v.parse().ok())
+        .expect("RetransSegs in /proc/net/snmp")
+}
+
 fn item(key: &str, flags: u32, value: &[u8]) -> Vec<u8> {
     [value_text(key, flags, value), b"END\r\n".to_vec()].concat()
 }
@@ -1028,13 +1045,19 @@ fn a_client_pipelining_hundreds_of_small_writes_is_followed_without_flushing() {
         batch.extend_from_slice(format!("md sm:{i} q\r\n").as_bytes());
     }
     batch.extend_from_slice(b"set hit 0 0 3 noreply\r\nnew\r\nversion\r\n");
+    let retransmitted = tcp_retransmits(rig.bed.client_netns());
     let reply = rig.tcp(&batch, &[b"\r\n"]);
     assert!(
         reply.starts_with(b"VERSION"),
         "{}",
         String::from_utf8_lossy(&reply)
     );
-    assert_eq!(rig.counter("flush_unsynced"), 0, "the stream was lost");
+    // A retransmitted segment makes the scanner lose the stream and flush, by design (it
+    // cannot tell what memcached kept): only a clean stream must be followed. Under the
+    // suite's parallel load veth sometimes drops a segment.
+    if tcp_retransmits(rig.bed.client_netns()) == retransmitted {
+        assert_eq!(rig.counter("flush_unsynced"), 0, "the stream was lost");
+    }
     assert_fresh(
         &rig,
         "hit",
