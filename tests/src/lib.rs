@@ -235,6 +235,22 @@ impl Rig {
 
 static NEXT_ID: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(1);
 
+/// Runs a command (`ip netns exec NS ARGS...`) inside network namespace `ns`, asserting it
+/// succeeds; its standard output.
+pub fn in_netns(ns: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("ip netns exec {ns} {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} in {ns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 pub fn next_id() -> u16 {
     NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }

@@ -35,11 +35,7 @@ fn assert_fresh(rig: &Rig, key: &str, expected: &[u8], what: &str) {
 
 /// TCP segments retransmitted so far in network namespace `ns` (RetransSegs).
 fn tcp_retransmits(ns: &str) -> u64 {
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", ns, "cat", "/proc/net/snmp"])
-        .output()
-        .expect("read /proc/net/snmp");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = tests::in_netns(ns, &["cat", "/proc/net/snmp"]);
     let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
     let (names, values) = (tcp.next().unwrap_or(""), tcp.next().unwrap_or(""));
     names
@@ -911,15 +907,17 @@ fn writes_during_warm_start_never_leave_an_old_value_cached() {
     // Segments no longer than an Ethernet MTU, as on a NIC: a veth pair would otherwise pass
     // the writer's pipelined sets on as 64 KiB GSO segments, which the scanner cannot follow
     // (it flushes instead, and the warm start under test would never run).
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", rig.bed.client_netns(), "ethtool", "-K"])
-        .args([rig.bed.client_iface(), "tso", "off", "gso", "off"])
-        .output()
-        .expect("ethtool");
-    assert!(
-        out.status.success(),
-        "ethtool: {}",
-        String::from_utf8_lossy(&out.stderr)
+    tests::in_netns(
+        rig.bed.client_netns(),
+        &[
+            "ethtool",
+            "-K",
+            rig.bed.client_iface(),
+            "tso",
+            "off",
+            "gso",
+            "off",
+        ],
     );
     // Attached (not yet serving): the writer's connection is then followed from its SYN.
     rig.bed.start_agent(&[]).expect("agent");

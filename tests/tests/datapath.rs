@@ -222,11 +222,7 @@ fn client_udp_csum_errors(rig: &Rig) -> u64 {
 /// Turns transmit checksum offload off (`tx off`) on one end of the veth pair, so checksums
 /// leaving it are computed in software.
 fn tx_checksum_off(ns: &str, iface: &str) {
-    let status = std::process::Command::new("ip")
-        .args(["netns", "exec", ns, "ethtool", "-K", iface, "tx", "off"])
-        .status()
-        .expect("ethtool");
-    assert!(status.success(), "ethtool -K {iface} tx off in {ns}");
+    tests::in_netns(ns, &["ethtool", "-K", iface, "tx", "off"]);
 }
 
 /// A raw socket on the client's veth that sees every frame in both directions.
@@ -510,15 +506,7 @@ fn set_mtu(rig: &Rig, mtu: u32) {
         (rig.bed.server_netns(), rig.bed.server_iface()),
         (rig.bed.client_netns(), rig.bed.client_iface()),
     ] {
-        let out = std::process::Command::new("ip")
-            .args(["-n", ns, "link", "set", iface, "mtu", &mtu.to_string()])
-            .output()
-            .expect("ip link set mtu");
-        assert!(
-            out.status.success(),
-            "ip link set {iface} mtu {mtu}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        tests::in_netns(ns, &["ip", "link", "set", iface, "mtu", &mtu.to_string()]);
     }
 }
 

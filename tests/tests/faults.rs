@@ -130,20 +130,9 @@ fn an_agent_whose_interface_is_deleted_stops_with_an_error_and_leaves_nothing_pi
     // Found by QA: with its interface deleted (and made again, as a pod's veth is) the agent
     // kept running and reporting healthy, its programs gone with the old interface.
     let mut rig = Rig::with_agent("fadel", 82, &[]);
-    let out = std::process::Command::new("ip")
-        .args([
-            "-n",
-            rig.bed.server_netns(),
-            "link",
-            "del",
-            rig.bed.server_iface(),
-        ])
-        .output()
-        .expect("ip link del");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    tests::in_netns(
+        rig.bed.server_netns(),
+        &["ip", "link", "del", rig.bed.server_iface()],
     );
     let start = Instant::now();
     let status = loop {
