@@ -174,22 +174,9 @@ pub fn serve<T: ReplyTarget>(
     };
     // Four adjacent zero fields would become a byte-loop memset call.
     hits.zero_counts();
-    // One key (the common case) by a direct, inlined call: a bpf_loop costs a call and a
-    // return (through the return thunk) per iteration. Likewise in keys_match. (More keys
-    // inlined, even only in keys_match, exceed the verifier's budget of a million
-    // instructions: every copy multiplies the states.)
-    if nkeys == 1 {
-        hit_step(0, (&raw mut hits).cast());
-    } else {
-        unsafe {
-            bpf_loop(
-                nkeys,
-                hit_step as *const () as *mut c_void,
-                (&raw mut hits).cast(),
-                0,
-            )
-        };
-    }
+    // One key (the common case) by a direct call. (More keys inlined, even only in
+    // keys_match, exceed the verifier's budget of a million instructions.)
+    for_each::<1>(nkeys, hit_step, (&raw mut hits).cast());
     if hits.outcome != OUTCOME_HIT || hits.hits != nkeys {
         if hits.outcome == OUTCOME_STALE {
             count(c, Counter::Expired);
@@ -298,22 +285,7 @@ fn parse_keys(s: *mut Scratch, len: usize, instance: u8) -> Option<u32> {
         instance: instance as u32,
         _pad: 0,
     };
-    if pieces <= DIRECT_PIECES {
-        for index in 0..DIRECT_PIECES {
-            if index >= pieces || parse_step(index as u64, (&raw mut pc).cast()) != 0 {
-                break;
-            }
-        }
-    } else {
-        unsafe {
-            bpf_loop(
-                pieces,
-                parse_step as *const () as *mut c_void,
-                (&raw mut pc).cast(),
-                0,
-            )
-        };
-    }
+    for_each::<DIRECT_PIECES>(pieces, parse_step, (&raw mut pc).cast());
     finish_key(s, rd(limit) as usize & BUF_MASK, rd(hash));
     if rd(bad) != 0 {
         return None;
@@ -325,10 +297,29 @@ fn parse_keys(s: *mut Scratch, len: usize, instance: u8) -> Option<u32> {
     Some(n)
 }
 
+/// A bpf_loop callback: iteration index and context; nonzero stops the loop.
+type Step = extern "C" fn(u64, *mut c_void) -> i64;
+
+/// Runs `step` for `0..n` as bpf_loop does (until it returns nonzero): by direct, inlined calls
+/// when `n <= DIRECT`, else through bpf_loop. Each bpf_loop iteration costs a call and a
+/// return (through the return thunk); each direct copy adds to what the verifier walks.
+#[inline(always)]
+fn for_each<const DIRECT: u32>(n: u32, step: Step, ctx: *mut c_void) {
+    if n <= DIRECT {
+        for index in 0..DIRECT {
+            if index >= n || step(index as u64, ctx) != 0 {
+                break;
+            }
+        }
+    } else {
+        unsafe { bpf_loop(n, step as *const () as *mut c_void, ctx, 0) };
+    }
+}
+
 /// Bytes of the request line one `parse_step` call scans: one call covers a BMC-sized key.
 const PARSE_PIECE: usize = 16;
-/// Request lines of up to this many pieces (a key of up to 64 bytes) are parsed by direct,
-/// inlined calls; longer ones by a bpf_loop, which costs a call and a return per piece.
+/// Request lines of up to this many pieces (a key of up to 64 bytes) are parsed by direct
+/// calls ([`for_each`]).
 const DIRECT_PIECES: u32 = 4;
 
 #[repr(C)]
@@ -550,18 +541,7 @@ fn staged(hc: &mut HitCtx, s: *mut Scratch, index: u64, stage_at: usize, text_le
 #[inline(always)]
 fn keys_match(nkeys: u32) -> bool {
     let mut mismatch = 0u64;
-    if nkeys == 1 {
-        key_check_step(0, (&raw mut mismatch).cast());
-    } else {
-        unsafe {
-            bpf_loop(
-                nkeys,
-                key_check_step as *const () as *mut c_void,
-                (&raw mut mismatch).cast(),
-                0,
-            )
-        };
-    }
+    for_each::<1>(nkeys, key_check_step, (&raw mut mismatch).cast());
     mismatch == 0
 }
 
@@ -884,20 +864,8 @@ fn write_reply<T: ReplyTarget>(
         failed: 0,
         csum: 0,
     };
-    // A single key (the common case) is emitted by a direct (inlined) call: a bpf_loop costs
-    // a helper call and an indirect call.
-    if nkeys == 1 {
-        emit_step::<T>(0, (&raw mut emit).cast());
-    } else {
-        unsafe {
-            bpf_loop(
-                nkeys,
-                emit_step::<T> as *const () as *mut c_void,
-                (&raw mut emit).cast(),
-                0,
-            )
-        };
-    }
+    // A single key (the common case) is emitted by a direct call.
+    for_each::<1>(nkeys, emit_step::<T>, (&raw mut emit).cast());
     if emit.failed != 0 {
         return false;
     }
