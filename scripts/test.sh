@@ -18,7 +18,7 @@ echo "== tests"
 # each end-to-end test runs its own memcached, agent and verifier).
 mkdir -p target
 set +e
-cargo test -- --test-threads=2 2>&1 | tee target/test-output.log
+cargo test --no-fail-fast -- --test-threads=2 2>&1 | tee target/test-output.log
 status=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole run (cargo's last line is a doc-test binary with 0 tests).

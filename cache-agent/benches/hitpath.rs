@@ -168,6 +168,19 @@ fn main() -> anyhow::Result<()> {
         let object = std::fs::read(&path)?;
         arms.push((" [base]", loader::load_object(&settings, &object)?));
     }
+    // How close each program is to the verifier's budget of a million instructions: inlining
+    // on the hit path trades run time for verification, and past the budget nothing loads.
+    for (label, ebpf) in &arms {
+        for (name, program) in ebpf.programs() {
+            if let Some(n) = program
+                .info()
+                .ok()
+                .and_then(|i| i.verified_instruction_count())
+            {
+                eprintln!("verified{label}: {name} {n} instructions");
+            }
+        }
+    }
     let keys: Vec<String> = (0..4).map(|i| format!("key:{i:012}")).collect();
     // BMC's keys are 16 bytes; keys in the field are often longer.
     let long_key = format!("user:{:024}:profile", 7);
