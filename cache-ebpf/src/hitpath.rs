@@ -30,7 +30,7 @@ use crate::reply::{ReplyTarget, XdpTarget};
 use crate::scratch::{BUF_MASK, BUF_SIZE, MAX_TEXT, REPLY_MASK, Scratch, forget, helper_len};
 use crate::stats::{count, count_n, record};
 use crate::store::{Found, KEY_AT, Validity, lookup};
-use crate::time::{coarse_ns, precise_ns};
+use crate::time::{hit_clock, precise_ns};
 use crate::unaligned::{load_u16, load_u32, load_u64, store_u16, store_u32, store_u64};
 
 /// Longest `get` line parsed (a 32-key multi-get of 30-byte keys is about 1000 bytes).
@@ -126,14 +126,14 @@ pub fn serve<T: ReplyTarget>(
     if T::FIRST_STAGE {
         count(c, Counter::GetRequests);
     }
-    let now = coarse_ns();
+    let clock = hit_clock(s);
     let fh = head;
     // Only single-datagram requests: seq 0 of total 1.
     if u16::from_be_bytes([fh[2], fh[3]]) != 0 || u16::from_be_bytes([fh[4], fh[5]]) != 1 {
         return unparsed(c, Counter::PassUnsupported);
     }
     let request_id = u16::from_be_bytes([fh[0], fh[1]]);
-    if cfg.flags & flags::SERVE == 0 || now >= cfg.lease_until_ns {
+    if cfg.flags & flags::SERVE == 0 || clock.lead >= cfg.lease_until_ns {
         return pass(c, Counter::PassNoLease);
     }
     if cfg.flags & flags::ALLOWLIST != 0 && !allowed(h) {
@@ -162,7 +162,7 @@ pub fn serve<T: ReplyTarget>(
     };
 
     let mut hits = HitCtx {
-        now,
+        now: clock.lead,
         kernel_epoch: state.kernel_epoch as u32,
         agent_epoch: cfg.agent_epoch,
         instance: instance as u32,
@@ -176,12 +176,13 @@ pub fn serve<T: ReplyTarget>(
     hits.zero_counts();
     // One key (the common case) by a direct call. (More keys inlined, even only in
     // keys_match, exceed the verifier's budget of a million instructions.)
-    for_each::<1>(nkeys, hit_step, (&raw mut hits).cast());
+    let ctx = (&raw mut hits).cast();
+    for_each::<1>(nkeys, s, look_up_key, hit_step, ctx);
     if hits.outcome != OUTCOME_HIT || hits.hits != nkeys {
         if hits.outcome == OUTCOME_STALE {
             count(c, Counter::Expired);
         }
-        leave_ticket(h, cfg, state, instance, request_id, now, started);
+        leave_ticket(h, cfg, state, instance, request_id, clock.lag, started);
         let reason = match hits.outcome {
             OUTCOME_TOO_BIG => Counter::PassTooBig,
             OUTCOME_BUSY => Counter::PassContended,
@@ -191,9 +192,9 @@ pub fn serve<T: ReplyTarget>(
         return pass(c, reason);
     }
 
-    if !keys_match(nkeys) {
+    if !keys_match(s, nkeys) {
         // Another key with the same 32-bit tag and length is cached: memcached answers.
-        leave_ticket(h, cfg, state, instance, request_id, now, started);
+        leave_ticket(h, cfg, state, instance, request_id, clock.lag, started);
         return pass(c, Counter::PassMiss);
     }
 
@@ -214,11 +215,11 @@ pub fn serve<T: ReplyTarget>(
     let Some(saved) = saved else {
         return pass(c, Counter::PassMalformed);
     };
-    if !target.resize(new_len as i32 - old_len as i32, new_len as u32) {
+    if !target.resize(s, new_len as i32 - old_len as i32, new_len as u32) {
         return Served::NoRoom;
     }
     // From here on the request is gone: the packet is the reply.
-    if !write_reply(target, h, &saved, request_id, nkeys, payload_len) {
+    if !write_reply(target, s, h, &saved, request_id, nkeys, payload_len) {
         return Served::Broken;
     }
     count(c, Counter::HitRequests);
@@ -285,7 +286,8 @@ fn parse_keys(s: *mut Scratch, len: usize, instance: u8) -> Option<u32> {
         instance: instance as u32,
         _pad: 0,
     };
-    for_each::<DIRECT_PIECES>(pieces, parse_step, (&raw mut pc).cast());
+    let ctx = (&raw mut pc).cast();
+    for_each::<DIRECT_PIECES>(pieces, s, parse_piece, parse_step, ctx);
     finish_key(s, rd(limit) as usize & BUF_MASK, rd(hash));
     if rd(bad) != 0 {
         return None;
@@ -299,20 +301,31 @@ fn parse_keys(s: *mut Scratch, len: usize, instance: u8) -> Option<u32> {
 
 /// A bpf_loop callback: iteration index and context; nonzero stops the loop.
 type Step = extern "C" fn(u64, *mut c_void) -> i64;
+/// The same step called directly, given this CPU's scratch memory.
+type DirectStep = fn(*mut Scratch, u64, *mut c_void) -> i64;
 
-/// Runs `step` for `0..n` as bpf_loop does (until it returns nonzero): by direct, inlined calls
-/// when `n <= DIRECT`, else through bpf_loop. Each bpf_loop iteration costs a call and a
+/// Runs a step for `0..n` as bpf_loop does (until it returns nonzero): `direct`, inlined, when
+/// `n <= DIRECT`, else `looped` through bpf_loop. Each bpf_loop iteration costs a call and a
 /// return (through the return thunk); each direct copy adds to what the verifier walks.
+/// `looped` is the same step as a callback, which must look up scratch itself; `direct` gets
+/// it from the caller (each per-CPU lookup costs a few ns). (A closure here would be compiled
+/// as a BPF function of its own: a call and a return per step.)
 #[inline(always)]
-fn for_each<const DIRECT: u32>(n: u32, step: Step, ctx: *mut c_void) {
+fn for_each<const DIRECT: u32>(
+    n: u32,
+    s: *mut Scratch,
+    direct: DirectStep,
+    looped: Step,
+    ctx: *mut c_void,
+) {
     if n <= DIRECT {
         for index in 0..DIRECT {
-            if index >= n || step(index as u64, ctx) != 0 {
+            if index >= n || direct(s, index as u64, ctx) != 0 {
                 break;
             }
         }
     } else {
-        unsafe { bpf_loop(n, step as *const () as *mut c_void, ctx, 0) };
+        unsafe { bpf_loop(n, looped as *const () as *mut c_void, ctx, 0) };
     }
 }
 
@@ -334,9 +347,15 @@ struct ParseCtx {
 /// key bytes (the common case), one at a time around spaces and the line's end.
 #[inline(always)]
 extern "C" fn parse_step(index: u64, ctx: *mut c_void) -> i64 {
-    let Some(s) = SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
+    match SCRATCH.get_ptr_mut(0) {
+        Some(s) => parse_piece(s, index, ctx),
+        None => 1,
+    }
+}
+
+/// [`parse_step`]'s work.
+#[inline(always)]
+fn parse_piece(s: *mut Scratch, index: u64, ctx: *mut c_void) -> i64 {
     let instance = unsafe { (*(ctx as *mut ParseCtx)).instance } as u8;
     let req = unsafe { &raw mut (*s).req };
     let hash_cell = unsafe { &raw mut (*s).hash };
@@ -463,10 +482,16 @@ impl HitCtx {
 /// Looks up key `index` in every class (smallest first) and stages its text.
 #[inline(always)]
 extern "C" fn hit_step(index: u64, ctx: *mut c_void) -> i64 {
+    match SCRATCH.get_ptr_mut(0) {
+        Some(s) => look_up_key(s, index, ctx),
+        None => 1,
+    }
+}
+
+/// [`hit_step`]'s work.
+#[inline(always)]
+fn look_up_key(s: *mut Scratch, index: u64, ctx: *mut c_void) -> i64 {
     let ctx = ctx as *mut HitCtx;
-    let (Some(s), Some(cfg)) = (SCRATCH.get_ptr_mut(0), CONFIG.get(0)) else {
-        return 1;
-    };
     let hc = unsafe { &mut *ctx };
     let v = Validity {
         now: hc.now,
@@ -482,6 +507,11 @@ extern "C" fn hit_step(index: u64, ctx: *mut c_void) -> i64 {
         return 1;
     }
     let (k, inst) = (index as usize, hc.instance as u8);
+    // Looked up here, not carried in the context: a copy on the stack is a value the verifier
+    // tracks, and every bucket-count check would split its states (a million instructions).
+    let Some(cfg) = CONFIG.get(0) else {
+        return 1;
+    };
     let b = &cfg.class_buckets;
     let mut found = lookup(&CLASS0, b[0], k, inst, &v, s, stage_at);
     if let Found::Miss = found {
@@ -539,20 +569,29 @@ fn staged(hc: &mut HitCtx, s: *mut Scratch, index: u64, stage_at: usize, text_le
 
 /// Whether every staged text is for exactly the requested key (lookups match by tag only).
 #[inline(always)]
-fn keys_match(nkeys: u32) -> bool {
+fn keys_match(s: *mut Scratch, nkeys: u32) -> bool {
     let mut mismatch = 0u64;
-    for_each::<1>(nkeys, key_check_step, (&raw mut mismatch).cast());
+    let ctx = (&raw mut mismatch).cast();
+    for_each::<1>(nkeys, s, check_key, key_check_step, ctx);
     mismatch == 0
 }
 
 /// Compares key `index` of the request with the key inside its staged `VALUE <key> ...` text.
 #[inline(always)]
 extern "C" fn key_check_step(index: u64, ctx: *mut c_void) -> i64 {
+    match SCRATCH.get_ptr_mut(0) {
+        Some(s) => check_key(s, index, ctx),
+        None => {
+            unsafe { *(ctx as *mut u64) = 1 };
+            1
+        }
+    }
+}
+
+/// [`key_check_step`]'s work.
+#[inline(always)]
+fn check_key(s: *mut Scratch, index: u64, ctx: *mut c_void) -> i64 {
     let mismatch = ctx as *mut u64;
-    let Some(s) = SCRATCH.get_ptr_mut(0) else {
-        unsafe { *mismatch = 1 };
-        return 1;
-    };
     let kr = unsafe { (*s).keys[index as usize & (MAX_KEYS_PER_GET - 1)] };
     let (start, len) = (kr.start as usize, kr.len as usize);
     let text = (kr.staged_at as usize & (BUF_MASK & !7)) + KEY_AT;
@@ -706,11 +745,19 @@ struct EmitCtx {
 /// Copies key `index`'s staged text into the packet (and adds it to the UDP checksum).
 #[inline(always)]
 extern "C" fn emit_step<T: ReplyTarget>(index: u64, ctx: *mut c_void) -> i64 {
+    match SCRATCH.get_ptr_mut(0) {
+        Some(s) => emit_text::<T>(s, index, ctx),
+        None => {
+            unsafe { (*(ctx as *mut EmitCtx)).failed = 1 };
+            1
+        }
+    }
+}
+
+/// [`emit_step`]'s work.
+#[inline(always)]
+fn emit_text<T: ReplyTarget>(s: *mut Scratch, index: u64, ctx: *mut c_void) -> i64 {
     let e = unsafe { &mut *(ctx as *mut EmitCtx) };
-    let Some(s) = SCRATCH.get_ptr_mut(0) else {
-        e.failed = 1;
-        return 1;
-    };
     let kr = unsafe { (*s).keys[index as usize & (MAX_KEYS_PER_GET - 1)] };
     // The last key's text carries END (append_end).
     let len = kr.text_len as usize;
@@ -742,6 +789,7 @@ extern "C" fn emit_step<T: ReplyTarget>(index: u64, ctx: *mut c_void) -> i64 {
 #[inline(always)]
 fn write_reply<T: ReplyTarget>(
     target: &T,
+    s: *mut Scratch,
     h: &Headers,
     saved: &SavedHeaders,
     request_id: u16,
@@ -852,9 +900,6 @@ fn write_reply<T: ReplyTarget>(
         (0, 0)
     };
 
-    let Some(s) = SCRATCH.get_ptr_mut(0) else {
-        return false;
-    };
     append_end(s, nkeys);
     let mut emit = EmitCtx {
         raw: target.raw(),
@@ -865,7 +910,8 @@ fn write_reply<T: ReplyTarget>(
         csum: 0,
     };
     // A single key (the common case) is emitted by a direct call.
-    for_each::<1>(nkeys, emit_step::<T>, (&raw mut emit).cast());
+    let ctx = (&raw mut emit).cast();
+    for_each::<1>(nkeys, s, emit_text::<T>, emit_step::<T>, ctx);
     if emit.failed != 0 {
         return false;
     }

@@ -14,8 +14,8 @@ use aya_ebpf::{
 };
 
 use crate::csum::fold;
-use crate::maps::SCRATCH;
 use crate::net::{Frame, HEADER_SPAN_MASK};
+use crate::scratch::Scratch;
 use crate::unaligned::copy_with_frame;
 
 /// Longest text the XDP target copies into the frame itself; longer ones go through
@@ -45,8 +45,8 @@ pub trait ReplyTarget {
     /// Copies `len` bytes from `from` into the packet at `off`; `raw` is [`ReplyTarget::raw`].
     fn store_raw(raw: u64, off: u32, from: *mut c_void, len: u32) -> bool;
     /// Makes the packet `delta` bytes longer (or shorter) so it is `new_len` bytes; on failure
-    /// the packet is as it was.
-    fn resize(&self, delta: i32, new_len: u32) -> bool;
+    /// the packet is as it was. `s`: this CPU's scratch memory.
+    fn resize(&self, s: *mut Scratch, delta: i32, new_len: u32) -> bool;
     /// Writes the UDP checksum at `off`, given the folded sums of the pseudo-header and of the
     /// UDP header (checksum field zero) plus payload.
     fn finish_udp_csum(&self, off: usize, pseudo: u16, datagram: u16) -> bool;
@@ -100,7 +100,7 @@ impl ReplyTarget for XdpTarget<'_> {
     /// Tail growth is the cheap way but veth (and drivers with small buffers) often refuse it;
     /// head growth works inside the 256-byte XDP headroom; a mix covers the rest.
     #[inline(always)]
-    fn resize(&self, delta: i32, _new_len: u32) -> bool {
+    fn resize(&self, s: *mut Scratch, delta: i32, _new_len: u32) -> bool {
         let ctx = self.0.ctx;
         unsafe {
             if delta <= 0 {
@@ -108,23 +108,17 @@ impl ReplyTarget for XdpTarget<'_> {
             }
             // Drivers either have tailroom (page-sized buffers) or not (veth): start with what
             // worked last time on this CPU, so the common case costs one helper call.
-            let head_first = SCRATCH
-                .get_ptr_mut(0)
-                .map(|s| &raw mut (*s).grow_head_first);
-            let prefer_head = head_first.is_some_and(|p| *p != 0);
+            let head_first = &raw mut (*s).grow_head_first;
+            let prefer_head = *head_first != 0;
             if prefer_head && bpf_xdp_adjust_head(ctx, -delta) == 0 {
                 return true;
             }
             if bpf_xdp_adjust_tail(ctx, delta) == 0 {
-                if let Some(p) = head_first {
-                    *p = 0;
-                }
+                *head_first = 0;
                 return true;
             }
             if !prefer_head && bpf_xdp_adjust_head(ctx, -delta) == 0 {
-                if let Some(p) = head_first {
-                    *p = 1;
-                }
+                *head_first = 1;
                 return true;
             }
             for head in [192i32, 128, 64] {
@@ -193,7 +187,7 @@ impl ReplyTarget for SkbTarget<'_> {
 
     /// An skb grows at the tail as far as needed (the kernel reallocates it if it must).
     #[inline(always)]
-    fn resize(&self, _delta: i32, new_len: u32) -> bool {
+    fn resize(&self, _s: *mut Scratch, _delta: i32, new_len: u32) -> bool {
         unsafe { bpf_skb_change_tail(self.skb(), new_len, 0) == 0 }
     }
 

@@ -6,6 +6,7 @@ use cache_common::MAX_KEYS_PER_GET;
 
 use crate::net::Headers;
 use crate::scanner::FlowState;
+use crate::time::ClockCache;
 
 pub const BUF_SIZE: usize = 2048;
 pub const BUF_MASK: usize = BUF_SIZE - 1;
@@ -121,6 +122,8 @@ pub struct Scratch {
     pub pending_overflow: u32,
     /// Scanner state of the stream being scanned (copied in and out of TCP_FLOWS).
     pub flow: FlowState,
+    /// The hit path's clock (see time::hit_clock).
+    pub clock: ClockCache,
 }
 
 // hitpath::parse_step reads the request four bytes at a time from 4-byte aligned offsets.

@@ -12,11 +12,11 @@ use aya_ebpf::{
     helpers::generated::{bpf_redirect, bpf_skb_pull_data},
     programs::TcContext,
 };
-use cache_common::{Counter, FRAME_HEADER_LEN, GET, TC_HANDOFF, TC_HANDOFF_LEN};
+use cache_common::{Counter, FRAME_HEADER_LEN, TC_HANDOFF, TC_HANDOFF_LEN};
 
 use crate::fill::TC_NEXT;
 use crate::hitpath::{Served, pass, serve};
-use crate::ingress::{instance_for, save, saved_headers};
+use crate::ingress::{PacketHead, instance_for, save, saved_headers};
 use crate::maps::{CONFIG, SCRATCH};
 use crate::net::{Frame, IPPROTO_UDP, IPV4_LEN, parse};
 use crate::reply::SkbTarget;
@@ -62,13 +62,14 @@ pub fn run(ctx: &TcContext) -> i32 {
         pass(c, Counter::PassMalformed);
         return TC_NEXT;
     };
-    let head = unsafe { *head };
-    if head[FRAME_HEADER_LEN..] != *GET {
+    let head = PacketHead::read(head);
+    if !head.is_get() {
         pass(c, Counter::PassUnsupported);
         return TC_NEXT;
     }
-    save(s, &h, instance, &head);
+    save(s, &h, instance, head);
     let h = saved_headers(s);
+    let head = unsafe { (*s).pkt.head };
     match serve(&SkbTarget(ctx), s, h, &head, cfg, instance, c) {
         Served::Reply => {
             count(c, Counter::HitRequestsTc);
