@@ -1299,6 +1299,14 @@ fn get_without_a_lease_passes_unchanged() {
         "lease expired",
     )
     .assert_unchanged(XDP_PASS, &get, "lease expired");
+    // A lease ending within the hit path's clock slack is over already.
+    fx.update_config(|c| c.lease_until_ns = kernel::coarse_now_ns() + 10_000_000);
+    fx.xdp_counted(
+        &get,
+        &[("get_requests", 1), ("pass_no_lease", 1)],
+        "lease ending in 10 ms",
+    )
+    .assert_unchanged(XDP_PASS, &get, "lease ending in 10 ms");
     fx.update_config(|c| {
         c.lease_until_ns = lease;
         c.flags &= !flags::SERVE;
@@ -1717,6 +1725,15 @@ fn a_fill_without_a_known_ttl_is_queued_and_a_learned_ttl_outlives_max_age() {
     );
     sleep(Duration::from_millis(700));
     fx.expect_hit(&flow, 2, &[&item], "past max_age, within the learned TTL");
+
+    // Due within the hit path's clock slack (its per-CPU clock may trail the coarse clock by
+    // up to two ticks): already over, so an entry is never served late.
+    let now = kernel::coarse_now_ns();
+    assert_eq!(
+        fx.answer("learn:me", now, now + 10_000_000),
+        ttl_answer::INSTALLED
+    );
+    fx.expect_expired(&flow, 4, "learn:me", "10 ms before the learned expiry");
 
     // An answer saying the item is about to expire shortens the entry just the same.
     let now = kernel::coarse_now_ns();
