@@ -13,7 +13,8 @@ use cache_common::{Config, Counter, Counters, FRAME_HEADER_LEN, FlowKey, GET, MA
 use crate::coherence::{Ttl, flush, write_key};
 use crate::maps::{CONFIG, JUMP, JUMP_GET, JUMP_SCAN, SCRATCH, TCP_FLOWS};
 use crate::net::{
-    Frame, Headers, IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN, carried_destination, parse,
+    Frame, Headers, IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN, TCP_URG,
+    carried_destination, parse,
 };
 use crate::scanner::scan_chunk;
 use crate::scratch::{BUF_SIZE, MAX_PENDING, Scratch, helper_len};
@@ -335,6 +336,11 @@ fn tcp_segment(h: &Headers, s: *mut Scratch, c: Option<*mut Counters>) -> Option
         return None;
     };
     let state = unsafe { &mut *flow };
+    if h.tcp_flags & TCP_URG != 0 {
+        // Urgent data: the kernel takes the urgent byte out of the stream memcached reads, so
+        // memcached reads other bytes than the scanner would. Lost for good.
+        state.mode_lost();
+    }
     if state.is_lost() {
         flush(c, Counter::FlushUnsynced);
         return None;

@@ -23,6 +23,7 @@ pub const IPPROTO_UDP: u8 = 17;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_URG: u8 = 0x20;
 
 /// The packet between `start` and `end` (xdp_md / __sk_buff data pointers).
 #[derive(Clone, Copy)]

@@ -60,9 +60,7 @@ const CMD_MA: u8 = 12;
 const CMD_MG: u8 = 13;
 const CMD_ADD: u8 = 14; // add, replace: like set, but memcached may refuse them
 
-// FlowState::ms_effect bits: what an `ms` does besides storing (its mode and CAS flags).
-/// Mode E (add) or R (replace), an unknown mode, or a CAS compare: memcached may refuse it.
-const MS_CONDITIONAL: u8 = 1 << 0;
+// FlowState::ms_effect bits: what an `ms` does besides storing (its mode).
 /// Mode A (append) or P (prepend): the item keeps its TTL.
 const MS_KEEPS_TTL: u8 = 1 << 1;
 
@@ -123,7 +121,7 @@ pub struct FlowState {
     pub bin_pos: u32,
     pub bin_key_len: u16,
     pub bin_ext_len: u8,
-    /// `ms` only: [`MS_CONDITIONAL`] and [`MS_KEEPS_TTL`] bits of the line.
+    /// `ms` only: the [`MS_KEEPS_TTL`] bit of the line.
     pub ms_effect: u8,
     pub bin_ext: [u8; 8],
     pub bin_header: [u8; 32],
@@ -261,13 +259,21 @@ fn is_meta_flag(st: &FlowState) -> bool {
     }
 }
 
+/// The number as memcached 1.6.18 reads it: `safe_strtol` stores strtol's long in an int32,
+/// so 4294967299 is 3 and -4294967286 is 10. (`num` is exact below about 1e13; beyond, the
+/// number is bad.)
 #[inline(always)]
 fn number(st: &FlowState) -> Option<i64> {
     if st.flags & F_NUM_BAD != 0 {
         return None;
     }
-    let n = st.num as i64;
-    Some(if st.flags & F_NUM_NEG != 0 { -n } else { n })
+    let low = st.num as u32;
+    let n = if st.flags & F_NUM_NEG != 0 {
+        low.wrapping_neg()
+    } else {
+        low
+    };
+    Some(n as i32 as i64)
 }
 
 #[inline(always)]
@@ -334,11 +340,9 @@ fn token_byte(st: &mut FlowState, b: u8, env: &Env) {
     }
     let flag_letter = is_meta_flag(st) && st.tok_len == 1;
     if st.cmd == CMD_MS && st.tok_len == 2 && st.tok_first == b'M' && is_meta_flag(st) {
-        st.ms_effect |= match b {
-            b'S' | b's' => 0,
-            b'A' | b'a' | b'P' | b'p' => MS_KEEPS_TTL,
-            _ => MS_CONDITIONAL,
-        };
+        if matches!(b, b'A' | b'a' | b'P' | b'p') {
+            st.ms_effect |= MS_KEEPS_TTL;
+        }
     }
     if b.is_ascii_digit() {
         if st.num > 1_000_000_000_000 {
@@ -367,12 +371,13 @@ fn end_token(st: &mut FlowState, env: &Env) {
         st.key_hash = finish(st.hash);
         st.key_check = st.check;
         if st.cmd == CMD_GAT {
-            // Every key of a gat changes its TTL.
+            // Every key of a gat changes its TTL, unless memcached refuses the line (a token
+            // too many, a bad number): not recorded, learned from memcached on the next fill.
             queue_write(
                 env.s,
                 st.key_hash,
                 st.key_check,
-                ttl_from(st),
+                Ttl::Forget,
                 Counter::InvalidateText,
             );
         }
@@ -388,8 +393,6 @@ fn end_token(st: &mut FlowState, env: &Env) {
             }
             // Vivify on miss (its TTL is the token), set CAS, invalidate: all change the item.
             b'N' | b'E' | b'I' => st.flags |= F_MUTATES | F_TTL_UNKNOWN,
-            // Compare CAS: the store happens only if it matches.
-            b'C' => st.ms_effect |= MS_CONDITIONAL,
             // The mode letter was recorded by token_byte.
             _ => {}
         }
@@ -443,6 +446,8 @@ fn end_line(st: &mut FlowState, env: &Env) {
                 let ttl = match st.cmd {
                     CMD_APPEND => Ttl::Keep,
                     CMD_ADD | CMD_CAS => Ttl::Forget,
+                    // With another token count memcached answers ERROR and stores nothing.
+                    _ if !framed => Ttl::Forget,
                     _ => ttl_from(st),
                 };
                 queue_write(env.s, key, check, ttl, Counter::InvalidateText);
@@ -455,7 +460,8 @@ fn end_line(st: &mut FlowState, env: &Env) {
             queue_write(env.s, key, check, Ttl::Keep, Counter::InvalidateText);
         }
         CMD_TOUCH if key != 0 => {
-            queue_write(env.s, key, check, ttl_from(st), Counter::InvalidateText);
+            // memcached may refuse it (a token too many): learned on the next fill instead.
+            queue_write(env.s, key, check, Ttl::Forget, Counter::InvalidateText);
         }
         CMD_FLUSH => {
             // Not bounded like a data block's length: a delay of 30 days or more is a unix
@@ -473,7 +479,7 @@ fn end_line(st: &mut FlowState, env: &Env) {
             let ms_unsure = st.flags & F_KEY_TOO_LONG != 0
                 || st.token >= MAX_META_TOKENS
                 || st.flags & F_HAVE_LEN == 0
-                || st.len < 0;
+                || !has_len;
             if st.cmd == CMD_MS && ms_unsure {
                 st.mode = MODE_LOST;
                 return;
@@ -483,14 +489,17 @@ fn end_line(st: &mut FlowState, env: &Env) {
                 if base64 {
                     flush(env.counters, Counter::FlushUnsynced);
                 } else {
+                    // memcached refuses a meta command for any flag it does not take (an
+                    // invalid flag, too many, a non-numeric `ma`, a CAS mismatch), and the
+                    // scanner does not check them all: a TTL it would set is forgotten, and
+                    // learned from memcached on the next fill.
                     let ttl = match st.cmd {
-                        CMD_MS if st.flags & F_TTL_UNKNOWN != 0 => Ttl::Unknown,
-                        CMD_MS if st.ms_effect & MS_CONDITIONAL != 0 => Ttl::Forget,
+                        _ if st.flags & F_TTL_UNKNOWN != 0 => Ttl::Unknown,
                         // Append and prepend keep the item's TTL, T or not.
                         CMD_MS if st.ms_effect & MS_KEEPS_TTL != 0 => Ttl::Keep,
                         // ms without T stores with exptime 0.
-                        CMD_MS => ttl_from(st),
-                        _ if st.flags & (F_HAVE_TTL | F_TTL_UNKNOWN) != 0 => ttl_from(st),
+                        CMD_MS => Ttl::Forget,
+                        _ if st.flags & F_HAVE_TTL != 0 => Ttl::Forget,
                         _ => Ttl::Keep,
                     };
                     queue_write(env.s, key, check, ttl, Counter::InvalidateMeta);

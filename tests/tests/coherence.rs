@@ -242,7 +242,7 @@ fn writes_memcached_refuses_never_extend_a_cached_items_life() {
     // TTL) is sent. The kernel must not take that write's exptime for the item's: after
     // memcached expires the item, nobody may answer it.
     let rig = Rig::with_agent("corefuse", 68, &[]);
-    let cases: [(&str, i64, &[u8], &str); 7] = [
+    let cases: [(&str, i64, &[u8], &str); 10] = [
         ("r-add", 6, b"add r-add 0 0 2\r\nxx\r\n", "NOT_STORED\r\n"),
         (
             "r-cas",
@@ -260,6 +260,28 @@ fn writes_memcached_refuses_never_extend_a_cached_items_life() {
             "CLIENT_ERROR bad data chunk\r\nERROR\r\n",
         ),
         ("r-msa", 6, b"ms r-msa 2 MA\r\nzz\r\n", "HD\r\n"),
+        // Found by QA: memcached keeps the exptime in an int32, so this is a TTL of 3 s, not a
+        // unix time in 2106.
+        (
+            "r-touchw",
+            6,
+            b"touch r-touchw 4294967299\r\n",
+            "TOUCHED\r\n",
+        ),
+        // A token too many: memcached refuses the touch.
+        (
+            "r-touchx",
+            6,
+            b"touch r-touchx 1000 noreply x\r\n",
+            "ERROR\r\n",
+        ),
+        // A flag memcached does not take: it refuses the whole command, T included.
+        (
+            "r-mgbad",
+            6,
+            b"mg r-mgbad T1000 v !\r\n",
+            "CLIENT_ERROR invalid flag\r\n",
+        ),
         // Shorter than --max-age: the refill after the refused add must wait for the TTL
         // memcached reports instead of living --max-age.
         (
@@ -412,6 +434,13 @@ fn lines_memcached_reads_otherwise_than_a_naive_parser_never_hide_a_delete() {
             [b"mn\r\n".to_vec(), binary_header].concat(),
             b"\r\n".to_vec(),
         ),
+        // Found by QA: memcached keeps the length in an int32, so it reads a 12-byte block
+        // (`set x 0 0 50`), not a line that would hide the delete inside a 50-byte block.
+        (
+            "ms length past int32",
+            b"ms wrapk 4294967308\r\nset x 0 0 50\r\n".to_vec(),
+            b"\r\n".to_vec(),
+        ),
     ];
     let addr = rig.server(false);
     for (i, (what, before, after)) in cases.into_iter().enumerate() {
@@ -441,6 +470,33 @@ fn lines_memcached_reads_otherwise_than_a_naive_parser_never_hide_a_delete() {
         );
         assert_fresh(&rig, &key, MISS, what);
     }
+    // TCP urgent data (found by QA): the kernel takes the urgent byte out of the stream, so
+    // memcached runs `delete frame-urg` where the bytes on the wire say `delete frame-urgX`.
+    rig.set("frame-urg", b"old", 0, 0);
+    rig.warm("frame-urg", WARM);
+    let reply = rig.bed.in_client(move || {
+        use std::os::fd::AsRawFd;
+        let mut s = TcpStream::connect(addr).unwrap();
+        let urgent = b"delete frame-urgX";
+        let sent = unsafe {
+            libc::send(
+                s.as_raw_fd(),
+                urgent.as_ptr().cast(),
+                urgent.len(),
+                libc::MSG_OOB,
+            )
+        };
+        assert_eq!(sent, urgent.len() as isize);
+        s.write_all(b"\r\n").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut reply = vec![0u8; 64];
+        let n = std::io::Read::read(&mut s, &mut reply).unwrap_or(0);
+        reply.truncate(n);
+        reply
+    });
+    assert_eq!(reply, b"DELETED\r\n", "memcached ran `delete frame-urg`");
+    assert_fresh(&rig, "frame-urg", MISS, "a delete sent with urgent data");
     // A NUL ends memcached's line: `delete <key>\0zz` deletes <key>.
     rig.set("frame-nul", b"old", 0, 0);
     rig.warm("frame-nul", WARM);
@@ -524,6 +580,28 @@ fn ttl_expiry_touch_gat_and_flush_all_are_honoured() {
         "fla",
         MISS,
         "flush_all <unix time> after it took effect",
+    );
+
+    // memcached keeps a number in an int32 (found by QA): -4294967291 is a delay of 5 s. Read
+    // as negative ("now"), the kernel refilled the item and served it after memcached's flush.
+    rig.set("flw", b"v", 0, 0);
+    rig.warm("flw", WARM);
+    assert_eq!(rig.tcp_line("flush_all -4294967291\r\n"), "OK\r\n");
+    let until = Instant::now() + Duration::from_millis(7500);
+    while Instant::now() < until {
+        let reply = rig.udp_get(&["flw"]);
+        let now_auth = authoritative(&rig, "flw");
+        assert!(
+            reply.payload == now_auth || reply.payload == item("flw", 0, b"v"),
+            "flush_all -4294967291"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_fresh(
+        &rig,
+        "flw",
+        MISS,
+        "flush_all -4294967291 after it took effect",
     );
 }
 
