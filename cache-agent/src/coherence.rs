@@ -56,6 +56,10 @@ pub struct Shared {
     /// Set when the cache was adopted warm (upgrade mode): the first watch connection does
     /// not flush it.
     pub skip_first_watch_resync: AtomicBool,
+    /// memcached's own unix time minus the monotonic clock, as the health check bounds it
+    /// ([`memcached_realtime_offset_ns`]), for the memcached process (pid, start) it was read
+    /// from.
+    memcached_offset: Mutex<Option<(Identity, u64)>>,
 }
 
 impl Shared {
@@ -73,7 +77,38 @@ impl Shared {
             clock: Mutex::new(None),
             last_tick: Mutex::new(None),
             skip_first_watch_resync: AtomicBool::new(false),
+            memcached_offset: Mutex::new(None),
         })
+    }
+
+    /// What absolute exptimes are converted with: memcached's unix time minus the monotonic
+    /// clock. memcached reads the wall clock once, at start, and counts on the monotonic
+    /// clock after that, so once the host's wall clock is stepped (NTP at boot, a restored
+    /// VM) only memcached's own `time` says when it expires an item. The host's offset
+    /// until the health check has read memcached's.
+    pub fn realtime_offset_ns(&self) -> u64 {
+        let known = *self
+            .memcached_offset
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        known.map_or_else(kernel::realtime_offset_ns, |(_, offset)| offset)
+    }
+
+    /// Takes one health check's bound on memcached's offset: the largest bound seen for the
+    /// same memcached process (each is an upper bound; a later tick phase gives a larger one,
+    /// and larger only expires items earlier).
+    fn record_memcached_clock(&self, id: &Identity, asked_at_ns: u64) {
+        let sample = memcached_realtime_offset_ns(id.started + id.uptime, asked_at_ns);
+        let mut known = self
+            .memcached_offset
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *known = Some(match *known {
+            Some((before, offset)) if before.pid == id.pid && before.started == id.started => {
+                (before, offset.max(sample))
+            }
+            _ => (*id, sample),
+        });
     }
 
     fn publish(&self, change: impl FnOnce(&mut Config)) {
@@ -92,7 +127,7 @@ impl Shared {
         self.publish(|c| {
             c.lease_until_ns = until;
             c.flags |= flags::SERVE;
-            c.realtime_offset_ns = kernel::realtime_offset_ns();
+            c.realtime_offset_ns = self.realtime_offset_ns();
             if let Some(f) = fill_until {
                 c.fill_lease_until_ns = c.fill_lease_until_ns.max(f);
             }
@@ -202,6 +237,18 @@ impl TickWindow {
 pub struct ClockSample {
     pub uptime: u64,
     pub asked_at: std::time::Instant,
+}
+
+/// memcached's unix time minus the monotonic clock (ns), bounded from above from its `time`
+/// stat (`unix_time`) answered to a `stats` sent at monotonic `asked_at_ns`: memcached read
+/// that time after the request was sent, and its one-second clock may tick right after; one
+/// more second covers a tick its clock event ran late. From above, because the kernel
+/// expires an item with an absolute exptime at `exptime - offset`: too large an offset only
+/// expires it early.
+pub fn memcached_realtime_offset_ns(unix_time: u64, asked_at_ns: u64) -> u64 {
+    (unix_time + 2)
+        .saturating_mul(1_000_000_000)
+        .saturating_sub(asked_at_ns)
 }
 
 /// What `stats` says about memcached, as far as the health check needs it.
@@ -338,6 +385,8 @@ pub async fn lease_loop(shared: Arc<Shared>) {
                 uptime: id.uptime,
                 asked_at,
             });
+            drop(clock);
+            shared.record_memcached_clock(&id, asked_at_ns);
         }
         shared.memcached_ok.store(ok, Ordering::Relaxed);
         match (id, identity) {
@@ -512,7 +561,35 @@ pub fn watch_key(line: &str) -> Option<Vec<u8>> {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::{TickWindow, watch_key};
+    use super::{TickWindow, memcached_realtime_offset_ns, watch_key};
+
+    /// memcached's clock: `unix = started_unix + floor((mono - mono_at_start) / 1 s)`, read
+    /// up to a second late (its clock event runs once a second). Whenever the `stats` is
+    /// answered after it was sent, the bound is at least memcached's real offset, so an
+    /// absolute exptime is never converted to a deadline after memcached's own.
+    #[test]
+    fn the_offset_from_memcacheds_clock_never_falls_below_memcacheds() {
+        const SEC: u64 = 1_000_000_000;
+        let started_unix = 1_765_000_000u64;
+        let mono_at_start = 123_456_789_012u64;
+        // memcached's exact offset: unix seconds minus monotonic, in ns.
+        let exact = started_unix * SEC - mono_at_start;
+        for asked in (0..40u64).map(|i| mono_at_start + 5 * SEC + i * 97_000_000) {
+            for delay in [0, 1_000_000, 300_000_000, 900_000_000] {
+                for late in [0, 999_000_000] {
+                    let answered = asked + delay;
+                    let seen = (answered - mono_at_start).saturating_sub(late) / SEC;
+                    let bound = memcached_realtime_offset_ns(started_unix + seen, asked);
+                    assert!(bound >= exact, "asked {asked} delay {delay} late {late}");
+                    assert!(
+                        bound - exact <= 3 * SEC + delay,
+                        "too loose: {}",
+                        bound - exact
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn the_next_tick_is_never_placed_after_one_that_may_come_sooner() {

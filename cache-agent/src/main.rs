@@ -117,7 +117,7 @@ fn bring_up(
     adopting: bool,
 ) -> anyhow::Result<(aya::Ebpf, cache_common::Config, loader::Links)> {
     // The verifier gives up a load when a signal is pending for the loading thread, and the
-    // retry (with its log on) takes many times longer: SIGTERM and SIGINT go to the runtime's
+    // retry (with its log on) takes many times longer: SIGTERM, SIGINT and SIGHUP go to the runtime's
     // other threads meanwhile, and are acted on once the programs are attached.
     let _quiet = SignalsElsewhere::new();
     if !adopting && dir.exists() {
@@ -205,7 +205,7 @@ async fn memcached_answers_udp(addr: std::net::SocketAddr, port: u16) -> bool {
     false
 }
 
-/// Blocks SIGTERM and SIGINT on this thread until dropped.
+/// Blocks SIGTERM, SIGINT and SIGHUP on this thread until dropped.
 struct SignalsElsewhere(libc::sigset_t);
 
 impl SignalsElsewhere {
@@ -216,6 +216,7 @@ impl SignalsElsewhere {
             libc::sigemptyset(&mut set);
             libc::sigaddset(&mut set, libc::SIGTERM);
             libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGHUP);
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
             SignalsElsewhere(set)
         }
@@ -284,6 +285,17 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
     // is acted on once they are attached, by the same clean detach as any other.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    // SIGHUP's default action ends the process without a word (and leaves the cache to the
+    // next start): there is nothing to reload, so say so and keep serving.
+    let mut hangup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            warn!(
+                "SIGHUP ignored: cache-agent has no reload; restart it to apply a changed \
+                 configuration"
+            );
+        }
+    });
     // Refuse to start half-way: memcached must answer before anything is attached.
     let addr = settings.memcached;
     match tokio::time::timeout(

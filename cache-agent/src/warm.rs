@@ -149,7 +149,7 @@ async fn warm(shared: &Shared) -> std::io::Result<(usize, usize, Outcome)> {
         .map_err(|_| std::io::Error::other("metadump took too long"))??;
     // Least recent first: in a full bucket the most recent are stored last and stay.
     chosen.sort_by_key(|l| l.last_access);
-    let offset_ns = kernel::realtime_offset_ns();
+    let offset_ns = shared.realtime_offset_ns();
     let mut outcome = Outcome::default();
     // `get` and ` <key>` per key, then CRLF.
     for batch in requests::runs(&chosen, 5, GET_BATCH, |l| l.key.len() + 1) {
