@@ -24,6 +24,7 @@
 pub mod coherence;
 pub mod config;
 pub mod error;
+pub mod exposure;
 pub mod http;
 pub mod interface;
 pub mod kernel;

@@ -328,6 +328,23 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
             port = settings.udp_port
         );
     }
+    if let Some(inter) = cache_agent::exposure::listen_setting(addr).await {
+        let others = cache_agent::exposure::unseen_interfaces(
+            &inter,
+            &settings.iface,
+            &cache_agent::exposure::interface_addresses(),
+        );
+        if !others.is_empty() {
+            warn!(
+                memcached_listens_on = %inter,
+                other_interfaces = ?others,
+                "memcached can be reached through interfaces the agent does not watch: a delete, \
+                 touch or incr sent through them is never seen by the kernel, which may keep \
+                 serving the old value (stores are caught later by watch). Fix: bind memcached \
+                 (-l) to the served interface's addresses and 127.0.0.1 only"
+            );
+        }
+    }
     // Bound before anything is attached: a taken address fails the start, not the metrics.
     let metrics_listener = tokio::net::TcpListener::bind(settings.metrics_addr)
         .await

@@ -308,6 +308,41 @@ fn a_memcached_without_udp_is_refused_with_the_fix() {
 }
 
 #[test]
+fn a_memcached_reachable_through_an_unwatched_interface_is_reported_at_start() {
+    // Found by QA: writes that reach memcached through another interface are never seen by
+    // the scanner (a delete through a second NIC: 10 of 10 GETs stale), and nothing said so.
+    let mut rig = Rig::with_memcached("lcexpose", 85, &[]);
+    let ns = rig.bed.server_netns().to_string();
+    let v4 = rig.bed.server_v4().to_string();
+    // A second interface that carries one of the addresses memcached listens on.
+    tests::in_netns(
+        &ns,
+        &[
+            "ip",
+            "link",
+            "add",
+            "lcexpose9",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "lcexpose8",
+        ],
+    );
+    tests::in_netns(
+        &ns,
+        &["ip", "addr", "add", &format!("{v4}/32"), "dev", "lcexpose9"],
+    );
+    tests::in_netns(&ns, &["ip", "link", "set", "lcexpose9", "up"]);
+    rig.start_agent(&[]);
+    let log = rig.agent_log();
+    assert!(
+        log.contains("interfaces the agent does not watch") && log.contains("lcexpose9"),
+        "{log}"
+    );
+}
+
+#[test]
 fn clients_outside_the_allowlist_are_never_answered_by_the_kernel() {
     let rig = Rig::with_agent(
         "lcallow",
