@@ -555,54 +555,35 @@ fn ttl_expiry_touch_gat_and_flush_all_are_honoured() {
 
     // A delay of 30 days or more is a unix time (found by QA: read as "now", the kernel
     // refilled the item before memcached's flush took effect and served it from then on).
-    rig.set("fla", b"v", 0, 0);
-    rig.warm("fla", WARM);
     let unix_now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    assert_eq!(
-        rig.tcp_line(&format!("flush_all {}\r\n", unix_now + 2)),
-        "OK\r\n"
-    );
-    let until = Instant::now() + Duration::from_millis(4500);
-    while Instant::now() < until {
-        let reply = rig.udp_get(&["fla"]);
-        let now_auth = authoritative(&rig, "fla");
-        assert!(
-            reply.payload == now_auth || reply.payload == item("fla", 0, b"v"),
-            "flush_all <unix time>"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_fresh(
-        &rig,
-        "fla",
-        MISS,
-        "flush_all <unix time> after it took effect",
-    );
+    delayed_flush_is_followed(&rig, "fla", &format!("flush_all {}", unix_now + 2), 4500);
 
     // memcached keeps a number in an int32 (found by QA): -4294967291 is a delay of 5 s. Read
     // as negative ("now"), the kernel refilled the item and served it after memcached's flush.
-    rig.set("flw", b"v", 0, 0);
-    rig.warm("flw", WARM);
-    assert_eq!(rig.tcp_line("flush_all -4294967291\r\n"), "OK\r\n");
-    let until = Instant::now() + Duration::from_millis(7500);
+    delayed_flush_is_followed(&rig, "flw", "flush_all -4294967291", 7500);
+}
+
+/// Caches `key`, sends `flush` (a delayed flush_all) and polls for `wait_ms`: every GET is
+/// answered with memcached's current answer or the value from before (memcached may not have
+/// flushed yet); after that, only with memcached's miss.
+fn delayed_flush_is_followed(rig: &Rig, key: &str, flush: &str, wait_ms: u64) {
+    rig.set(key, b"v", 0, 0);
+    rig.warm(key, WARM);
+    assert_eq!(rig.tcp_line(&format!("{flush}\r\n")), "OK\r\n", "{flush}");
+    let until = Instant::now() + Duration::from_millis(wait_ms);
     while Instant::now() < until {
-        let reply = rig.udp_get(&["flw"]);
-        let now_auth = authoritative(&rig, "flw");
+        let reply = rig.udp_get(&[key]);
+        let now_auth = authoritative(rig, key);
         assert!(
-            reply.payload == now_auth || reply.payload == item("flw", 0, b"v"),
-            "flush_all -4294967291"
+            reply.payload == now_auth || reply.payload == item(key, 0, b"v"),
+            "{flush}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_fresh(
-        &rig,
-        "flw",
-        MISS,
-        "flush_all -4294967291 after it took effect",
-    );
+    assert_fresh(rig, key, MISS, &format!("{flush}, after it took effect"));
 }
 
 #[test]
