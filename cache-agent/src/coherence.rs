@@ -319,12 +319,7 @@ impl Probe {
 
     async fn identity(&mut self, addr: std::net::SocketAddr, limit: Duration) -> Option<Identity> {
         let lines = self.request(addr, "stats\r\n", "END", limit).await?;
-        let stat = |name: &str| -> Option<u64> {
-            lines.iter().find_map(|l| {
-                l.strip_prefix(&format!("STAT {name} "))
-                    .and_then(|v| v.parse().ok())
-            })
-        };
+        let stat = |name: &str| stat_number(&lines, name);
         let uptime = stat("uptime")?;
         Some(Identity {
             pid: stat("pid")?,
@@ -436,19 +431,38 @@ pub async fn lease_loop(shared: Arc<Shared>) {
     }
 }
 
+/// `cmd`'s answer lines up to the one starting with `until` (or an error), on a connection
+/// of its own; None if memcached did not answer within `limit`.
+pub async fn request_once(
+    addr: std::net::SocketAddr,
+    cmd: &str,
+    until: &str,
+    limit: Duration,
+) -> Option<Vec<String>> {
+    Probe { stream: None }
+        .request(addr, cmd, until, limit)
+        .await
+}
+
+/// The value of `STAT <name> <value>` among `stats` answer lines.
+pub fn stat<'a>(lines: &'a [String], name: &str) -> Option<&'a str> {
+    lines.iter().find_map(|l| {
+        l.strip_prefix("STAT ")?
+            .strip_prefix(name)?
+            .strip_prefix(' ')
+    })
+}
+
+fn stat_number(lines: &[String], name: &str) -> Option<u64> {
+    stat(lines, name)?.parse().ok()
+}
+
 /// Whether memcached's `stats` count no eviction and no dropped log entry since it started.
 async fn never_evicted(addr: std::net::SocketAddr) -> std::io::Result<bool> {
-    let mut probe = Probe { stream: None };
-    let lines = probe
-        .request(addr, "stats\r\n", "END", Duration::from_secs(1))
+    let lines = request_once(addr, "stats\r\n", "END", Duration::from_secs(1))
         .await
         .ok_or_else(|| std::io::Error::other("stats"))?;
-    let count = |name: &str| {
-        lines.iter().find_map(|l| {
-            l.strip_prefix(&format!("STAT {name} "))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-    };
+    let count = |name: &str| stat_number(&lines, name);
     let evictions = count("evictions").ok_or_else(|| std::io::Error::other("no evictions stat"))?;
     let dropped: u64 = UNREPORTED_DROPS
         .iter()

@@ -5,39 +5,18 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use crate::coherence::{request_once, stat};
 
 /// memcached's listen setting (`-l`): `STAT inter` of `stats settings`, "NULL" when unset.
 pub async fn listen_setting(addr: SocketAddr) -> Option<String> {
-    let stream = crate::requests::connect(addr, std::time::Duration::from_secs(1))
-        .await
-        .ok()?;
-    let mut stream = BufReader::new(stream);
-    let read = async {
-        stream
-            .get_mut()
-            .write_all(b"stats settings\r\n")
-            .await
-            .ok()?;
-        let mut inter = None;
-        loop {
-            let mut line = String::new();
-            if stream.read_line(&mut line).await.ok()? == 0 {
-                return None;
-            }
-            let line = line.trim_end();
-            if line == "END" || line.starts_with("ERROR") {
-                return inter;
-            }
-            if let Some(v) = line.strip_prefix("STAT inter ") {
-                inter = Some(v.to_string());
-            }
-        }
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(1), read)
-        .await
-        .ok()
-        .flatten()
+    let lines = request_once(
+        addr,
+        "stats settings\r\n",
+        "END",
+        std::time::Duration::from_secs(1),
+    )
+    .await?;
+    stat(&lines, "inter").map(str::to_string)
 }
 
 /// The addresses memcached listens on, from its `inter` setting; None for every address
