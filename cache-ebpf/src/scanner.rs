@@ -84,6 +84,9 @@ const LINE_UNSURE: u8 = 1 << 1;
 /// The stream has carried a text command: memcached fixed the connection's protocol at its
 /// first byte, so a later 0x80 at a line start is a text byte, not a binary request.
 const FLOW_ASCII: u8 = 1 << 2;
+/// The data block being skipped did not end in the chunk its line was in: memcached stores it
+/// only when its last byte arrives, which may be long after the line (a slow client).
+const DATA_SPLIT: u8 = 1 << 3;
 
 /// Scanner state of one stream.
 #[repr(C)]
@@ -107,7 +110,7 @@ pub struct FlowState {
     /// key's.
     pub check: u32,
     pub key_check: u32,
-    /// [`LINE_CR`], [`LINE_UNSURE`] and [`FLOW_ASCII`] bits.
+    /// [`LINE_CR`], [`LINE_UNSURE`], [`FLOW_ASCII`] and [`DATA_SPLIT`] bits.
     pub line_bits: u8,
     pub _pad: [u8; 3],
     /// First (up to) 8 bytes of the command token, packed little-endian.
@@ -625,6 +628,13 @@ extern "C" fn scan_step(_index: u64, ctx: *mut c_void) -> i64 {
         // does not end in CRLF ("bad data chunk"), so the TTL its write recorded is wrong:
         // forget it (the old item keeps its own). `tok_first` keeps the last byte of a run,
         // for a CRLF split between two chunks.
+        //
+        // A block that goes on past its chunk is a write that lands later than its line:
+        // the rest may come after the write-settle time, and a GET's reply filled meanwhile
+        // holds the old value. So the key is written again when the block ends (a fresh
+        // write time, the entry cleared before memcached stores the value), and its TTL is
+        // forgotten when the block first runs past a chunk (if it never ends, memcached
+        // keeps the old item with its own TTL).
         MODE_DATA => {
             let n = if st.skip < left { st.skip } else { left };
             st.skip -= n;
@@ -637,7 +647,18 @@ extern "C" fn scan_step(_index: u64, ctx: *mut c_void) -> i64 {
                 } else {
                     st.tok_first
                 };
-                if (cr != b'\r' || last != b'\n') && st.key_hash != 0 {
+                let stored = cr == b'\r' && last == b'\n';
+                let split = st.line_bits & DATA_SPLIT != 0;
+                if st.key_hash != 0 && (!stored || split) {
+                    let ttl = if stored { Ttl::Keep } else { Ttl::Forget };
+                    queue_write(s, st.key_hash, st.key_check, ttl, Counter::InvalidateText);
+                }
+                st.mode = MODE_LINE;
+                st.key_hash = 0;
+                st.line_bits &= !DATA_SPLIT;
+            } else {
+                st.tok_first = last;
+                if st.line_bits & DATA_SPLIT == 0 && st.key_hash != 0 {
                     queue_write(
                         s,
                         st.key_hash,
@@ -646,10 +667,7 @@ extern "C" fn scan_step(_index: u64, ctx: *mut c_void) -> i64 {
                         Counter::InvalidateText,
                     );
                 }
-                st.mode = MODE_LINE;
-                st.key_hash = 0;
-            } else {
-                st.tok_first = last;
+                st.line_bits |= DATA_SPLIT;
             }
             return 0;
         }

@@ -601,6 +601,56 @@ fn a_get_racing_a_write_never_refills_the_old_value() {
     );
 }
 
+/// A value whose data block arrives more slowly than the write-settle time: memcached keeps
+/// the old item until the last byte, and a GET in between may fill it. The kernel must drop
+/// that entry when the block ends, before memcached stores the new value (the watch backstop
+/// may report the store up to a second later).
+#[test]
+fn a_value_arriving_slower_than_the_settle_time_never_leaves_the_old_one_cached() {
+    let rig = Rig::with_agent("cotrickle", 86, &["--write-settle-ms", "50"]);
+    let addr = rig.server(false);
+    // key, the write up to its data block's first byte (the rest is `ew\r\n`), memcached's
+    // answer, the value after it.
+    let cases = [
+        (
+            "trickle-set",
+            "set trickle-set 0 0 3\r\nn",
+            "STORED\r\n",
+            "new",
+        ),
+        ("trickle-ms", "ms trickle-ms 3 T0\r\nn", "HD\r\n", "new"),
+        (
+            "trickle-cat",
+            "append trickle-cat 0 0 3\r\nn",
+            "STORED\r\n",
+            "oldnew",
+        ),
+    ];
+    for (key, head, stored, value) in cases {
+        rig.set(key, b"old", 0, 0);
+        rig.warm(key, WARM);
+        let mut conn = rig.bed.in_client(move || TcpStream::connect(addr).unwrap());
+        conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        conn.write_all(head.as_bytes()).unwrap();
+        // Past the settle time: memcached still holds the old value, and this GET's reply
+        // may be cached.
+        std::thread::sleep(Duration::from_millis(300));
+        rig.warm(key, WARM);
+        conn.write_all(b"ew\r\n").unwrap();
+        let mut buf = [0u8; 32];
+        let n = std::io::Read::read(&mut conn, &mut buf).unwrap();
+        assert_eq!(&buf[..n], stored.as_bytes(), "{key}: memcached's answer");
+        let new = item(key, 0, value.as_bytes());
+        for i in 0..20 {
+            let reply = rig.udp_get(&[key]);
+            assert_eq!(
+                reply.payload, new,
+                "{key}: stale reply #{i} after the value landed"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_connection_opened_before_the_agent_still_invalidates() {
     let mut rig = Rig::new("coearly", 37);
@@ -1112,7 +1162,8 @@ fn a_client_pipelining_hundreds_of_small_writes_is_followed_without_flushing() {
     // A retransmitted segment makes the scanner lose the stream and flush, by design (it
     // cannot tell what memcached kept): only a clean stream must be followed. Under the
     // suite's parallel load veth sometimes drops a segment.
-    if tcp_retransmits(rig.bed.client_netns()) == retransmitted {
+    let clean = tcp_retransmits(rig.bed.client_netns()) == retransmitted;
+    if clean {
         assert_eq!(rig.counter("flush_unsynced"), 0, "the stream was lost");
     }
     assert_fresh(
@@ -1123,11 +1174,14 @@ fn a_client_pipelining_hundreds_of_small_writes_is_followed_without_flushing() {
     );
     let before = rig.counter("hit_keys");
     assert_eq!(rig.udp_get(&["kept"]).payload, item("kept", 0, b"old"));
-    assert_eq!(
-        rig.counter("hit_keys"),
-        before + 1,
-        "a key nobody wrote stays cached"
-    );
+    // (After a retransmission the flush took every entry with it.)
+    if clean {
+        assert_eq!(
+            rig.counter("hit_keys"),
+            before + 1,
+            "a key nobody wrote stays cached"
+        );
+    }
 }
 
 /// A lease long enough that the agent's health check sits out a 1.5 s stall of memcached:
