@@ -1224,6 +1224,73 @@ fn malformed_headers_to_memcached_pass_unchanged_and_count_nothing() {
     );
 }
 
+/// A GET whose checksum is wrong never reaches memcached (the stack drops it), so the cache
+/// must not answer it either: it passes untouched. (Found by QA round 5: a wrong UDP or IPv4
+/// header checksum, and an IPv6 datagram without one, were answered.) A missing IPv4 UDP
+/// checksum and the pseudo-header seed a veth peer leaves for offload are answered.
+#[test]
+fn gets_with_a_wrong_checksum_pass_unchanged() {
+    let fx = Fixture::new();
+    let item = Item::new("k", 0, b"v");
+    let (v4, v6) = (Flow::v4(), Flow::v6());
+    // One entry: the cache is memcached's, whichever address family asks.
+    fx.fill(&v4, 1, &item, true);
+    // UDP checksum offset: IPv4 header at 14 (20 bytes), IPv6 header at 14 (40 bytes).
+    const V4_UDP_CSUM: usize = 14 + 20 + 6;
+    const V6_UDP_CSUM: usize = 14 + 40 + 6;
+    let set_csum = |frame: &mut Vec<u8>, at: usize, c: u16| {
+        frame[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    };
+    let wrong = |flow: &Flow, at: usize| {
+        let mut f = flow.get(3, b"get k\r\n");
+        let c = u16::from_be_bytes([f[at], f[at + 1]]);
+        set_csum(&mut f, at, if c == 0x1234 { 0x4321 } else { 0x1234 });
+        f
+    };
+    let mut v6_zero = v6.get(4, b"get k\r\n");
+    set_csum(&mut v6_zero, V6_UDP_CSUM, 0);
+    let counted_get: Counted = &[("get_requests", 1), ("get_keys", 1), ("pass_malformed", 1)];
+    let cases = [
+        ("IPv4, wrong UDP checksum", wrong(&v4, V4_UDP_CSUM)),
+        ("IPv6, wrong UDP checksum", wrong(&v6, V6_UDP_CSUM)),
+        ("IPv6, no UDP checksum", v6_zero),
+    ];
+    for (what, frame) in &cases {
+        fx.xdp_counted(frame, counted_get, what)
+            .assert_unchanged(XDP_PASS, frame, what);
+    }
+    // A wrong IPv4 header checksum: not a packet the stack takes at all.
+    let mut bad_ip = v4.get(5, b"get k\r\n");
+    bad_ip[24] ^= 0x5a;
+    fx.xdp_counted(&bad_ip, &[], "wrong IPv4 header checksum")
+        .assert_unchanged(XDP_PASS, &bad_ip, "wrong IPv4 header checksum");
+
+    // Answered: no checksum (IPv4), and the offload seed (the pseudo-header sum, folded).
+    let reply = |flow: &Flow, id: u16| flow.expected_reply(id, &reply_body(&[&item]));
+    let hit: Counted = &[
+        ("get_requests", 1),
+        ("get_keys", 1),
+        ("hit_requests", 1),
+        ("hit_keys", 1),
+    ];
+    let mut none = v4.get(6, b"get k\r\n");
+    set_csum(&mut none, V4_UDP_CSUM, 0);
+    fx.xdp_counted(&none, hit, "IPv4 without a UDP checksum")
+        .assert_reply(&reply(&v4, 6), "IPv4 without a UDP checksum");
+    for (flow, at, id) in [(&v4, V4_UDP_CSUM, 7), (&v6, V6_UDP_CSUM, 8)] {
+        let mut partial = flow.get(id, b"get k\r\n");
+        let udp_len = partial.len() - (at - 6);
+        let seed = !packet::csum_finish(
+            flow.net_to_server()
+                .pseudo_sum(packet::IPPROTO_UDP, udp_len),
+        );
+        set_csum(&mut partial, at, seed);
+        let what = format!("checksum left to offload (v6: {})", flow.v6);
+        fx.xdp_counted(&partial, hit, &what)
+            .assert_reply(&reply(flow, id), &what);
+    }
+}
+
 #[test]
 fn noncanonical_get_lines_pass_unchanged() {
     let fx = Fixture::new();

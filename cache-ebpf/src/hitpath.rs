@@ -216,6 +216,9 @@ pub fn serve<T: ReplyTarget>(
     let Some(saved) = saved else {
         return pass(c, Counter::PassMalformed);
     };
+    if T::FIRST_STAGE && !request_checksum_ok(&frame, h, head, s, req_len) {
+        return pass(c, Counter::PassMalformed);
+    }
     if !target.resize(s, new_len as i32 - old_len as i32, new_len as u32) {
         return Served::NoRoom;
     }
@@ -687,6 +690,68 @@ impl SavedHeaders {
     }
 }
 
+/// Whether the request's UDP checksum is right, or absent (IPv4), or the pseudo-header seed a
+/// sender leaves to be completed by offload (CHECKSUM_PARTIAL, seen on veth; on a wire the
+/// NIC has completed it). The stack drops a datagram whose checksum is wrong: memcached would
+/// never answer it, so neither may the cache. The payload is the frame header (`head`) and
+/// the request line in `s.req`.
+#[inline(always)]
+fn request_checksum_ok(
+    frame: &Frame,
+    h: &Headers,
+    head: &[u8; FRAME_HEADER_LEN + 4],
+    s: *mut Scratch,
+    req_len: usize,
+) -> bool {
+    let Some(udp) = frame.bytes::<{ UDP_LEN }>(h.l4_off) else {
+        return false;
+    };
+    let udp = udp as *const u8;
+    let field = unsafe { load_u16(udp.add(6)) };
+    if field == 0 {
+        return !h.is_v6;
+    }
+    let udp_len = (UDP_LEN + h.payload_len) as u32;
+    let pseudo = sum16(h.src.as_ptr())
+        + sum16(h.dst.as_ptr())
+        + sum_bytes(&udp_len.to_be_bytes())
+        + sum_bytes(&[0, 0, 0, crate::net::IPPROTO_UDP]);
+    if field == fold(pseudo) {
+        return true;
+    }
+    let header = unsafe { load_u32(udp) as u64 + load_u32(udp.add(4)) as u64 };
+    let frame_header =
+        unsafe { load_u32(head.as_ptr()) as u64 + load_u32(head.as_ptr().add(4)) as u64 };
+    let request = sum_request(s, req_len);
+    fold(pseudo + header + frame_header + request) == 0xffff
+}
+
+/// [`sum_buffer`] of the request line, by hand for a short one (a `get` of a key or two: the
+/// helper call costs more than the adds).
+#[inline(always)]
+fn sum_request(s: *mut Scratch, len: usize) -> u64 {
+    const SHORT: usize = 64;
+    let base = unsafe { (&raw mut (*s).req) as *mut u8 };
+    if len > SHORT {
+        return sum_buffer(base, 0, len) as u64;
+    }
+    let whole = len & !3;
+    let mut acc = 0u64;
+    for word in 0..SHORT / 4 {
+        if word * 4 >= whole {
+            break;
+        }
+        acc += unsafe { *(base.add(word * 4) as *const u32) } as u64;
+    }
+    let mut tail = [0u8; 4];
+    for (i, t) in tail.iter_mut().enumerate().take(3) {
+        if whole + i < len {
+            *t = unsafe { *base.add((whole + i) & BUF_MASK) };
+        }
+    }
+    acc + u32::from_ne_bytes(tail) as u64
+}
+
 /// Ones' complement running sum of 16 bytes at `p`, as native 32-bit words.
 #[inline(always)]
 fn sum16(p: *const u8) -> u64 {
@@ -698,12 +763,12 @@ fn sum16(p: *const u8) -> u64 {
     }
 }
 
-/// Ones' complement sum (native order) of `len` staged bytes at the aligned offset `at`: whole
-/// 4-byte words by bpf_csum_diff in 512-byte pieces, the last 1-3 bytes by hand (reading
-/// only, never padding in place: the next key's text may start right after this one).
+/// Ones' complement sum (native order) of `len` bytes at the aligned offset `at` of a scratch
+/// buffer (`base`): whole 4-byte words by bpf_csum_diff in 512-byte pieces, the last 1-3
+/// bytes by hand (reading only, never padding in place: the next key's text may start right
+/// after this one).
 #[inline(always)]
-fn sum_staged(s: *mut Scratch, at: usize, len: usize) -> u16 {
-    let base = unsafe { (&raw mut (*s).reply) as *mut u8 };
+fn sum_buffer(base: *mut u8, at: usize, len: usize) -> u16 {
     let whole = len & !3;
     let mut acc = 0u64;
     for piece in 0..3usize {
@@ -777,7 +842,7 @@ fn emit_text<T: ReplyTarget>(s: *mut Scratch, index: u64, ctx: *mut c_void) -> i
         return 1;
     }
     if e.sum != 0 {
-        let part = sum_staged(s, at, len);
+        let part = sum_buffer(unsafe { (&raw mut (*s).reply) as *mut u8 }, at, len);
         // A text starting at an odd payload offset lands byte-swapped in the sum.
         let odd = (pos - e.payload_off as usize) & 1 == 1;
         e.csum += if odd { part.swap_bytes() } else { part } as u64;

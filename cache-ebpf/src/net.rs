@@ -131,7 +131,7 @@ pub fn parse(frame: &Frame) -> Option<Headers> {
             return None;
         }
         let total = u16::from_be_bytes([total_hi, total_lo]) as usize;
-        if total < ihl {
+        if total < ihl || !ipv4_checksum_ok(frame, ip, l3_off, ihl) {
             return None;
         }
         h.proto = unsafe { *ip.add(9) };
@@ -198,6 +198,28 @@ pub fn parse(frame: &Frame) -> Option<Headers> {
         return None;
     }
     Some(forget(h))
+}
+
+/// Whether the IPv4 header of `ihl` bytes at `l3_off` sums to all ones (its checksum is right).
+/// The stack drops a header that does not, so memcached never sees the packet: neither may
+/// the cache answer it nor the scanner count its write.
+#[inline(always)]
+fn ipv4_checksum_ok(frame: &Frame, ip: *const u8, l3_off: usize, ihl: usize) -> bool {
+    // The fixed 20 bytes, already known to be in the frame; then any options.
+    let mut sum = 0u64;
+    for word in 0..IPV4_LEN / 4 {
+        sum += unsafe { load_u32(ip.add(word * 4)) } as u64;
+    }
+    for word in IPV4_LEN / 4..15 {
+        if word * 4 >= ihl {
+            break;
+        }
+        let Some(w) = frame.bytes::<4>(l3_off + word * 4) else {
+            return false;
+        };
+        sum += unsafe { load_u32(w as *const u8) } as u64;
+    }
+    crate::csum::fold(sum) == 0xffff
 }
 
 /// Passes the parsed offsets and flags through scratch memory so the verifier forgets their
