@@ -4,7 +4,9 @@
 //!   renewed only while memcached answers and the `watch` backstop is connected, so a hung
 //!   agent, a stopped memcached or a lost stream all stop serving within one lease.
 //! - The fill lease: the kernel fills only while `fill_lease_until_ns` is in the future. It is
-//!   extended only by health probes memcached answers promptly (see [`lease_loop`]).
+//!   extended only by health probes memcached answers promptly, and only while no memcached
+//!   connection is held up by a client that does not take its replies ([`crate::backlog`]; see
+//!   [`lease_loop`]).
 //! - Resync: after any doubt (memcached unreachable then back, restarted, a `skipped` watch
 //!   line, a lost stream) the agent bumps its epoch, which invalidates every entry, and holds
 //!   fills for the write-settle time plus a second, before it renews the lease again.
@@ -46,6 +48,8 @@ pub struct Shared {
     pub resyncs: AtomicU64,
     pub watch_invalidations: AtomicU64,
     pub lease_renewals: AtomicU64,
+    /// memcached connections whose send queue was at least half full at the last probe.
+    pub backlogged_connections: AtomicU64,
     /// What became of the TTL questions (see [`crate::ttl`]).
     pub ttl: crate::ttl::Outcomes,
     /// memcached's clock as the last health check read it.
@@ -73,6 +77,7 @@ impl Shared {
             resyncs: AtomicU64::new(0),
             watch_invalidations: AtomicU64::new(0),
             lease_renewals: AtomicU64::new(0),
+            backlogged_connections: AtomicU64::new(0),
             ttl: Default::default(),
             clock: Mutex::new(None),
             last_tick: Mutex::new(None),
@@ -358,14 +363,27 @@ pub async fn lease_loop(shared: Arc<Shared>) {
         })
     };
     let mut healthy = false;
+    let mut backlog = BacklogWatch::default();
+    // When the previous probe was sent, if no connection was backlogged at it.
+    let mut previous_clear: Option<u64> = None;
     loop {
         let asked_at = std::time::Instant::now();
         let asked_at_ns = kernel::coarse_now_ns();
+        // Looked at after asked_at_ns, so "clear at this probe" holds from before it.
+        let clear = !backlog.look(&shared, s.memcached.port());
         let id = probe.identity(s.memcached, limit).await;
         let answered_at = std::time::Instant::now();
         let ok = id.is_some();
-        let fill_until = (asked_at.elapsed() < fill_lease / 2)
-            .then(|| asked_at_ns + fill_lease.as_nanos() as u64);
+        // Counted from the previous probe, and only if both probes found no backlog: a write
+        // that reached memcached just before this look may not have stopped it yet, but one
+        // that arrived before the previous probe and is still held shows by now.
+        let fill_until = match (clear, previous_clear) {
+            (true, Some(since)) if asked_at.elapsed() < fill_lease / 2 => {
+                Some(since + fill_lease.as_nanos() as u64)
+            }
+            _ => None,
+        };
+        previous_clear = clear.then_some(asked_at_ns);
         if let Some(id) = id {
             let mut clock = shared.clock.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(before) = *clock
@@ -428,6 +446,62 @@ pub async fn lease_loop(shared: Arc<Shared>) {
             healthy = false;
         }
         sleep(interval).await;
+    }
+}
+
+/// Follows memcached's connections for [`crate::backlog`] from one probe to the next.
+#[derive(Default)]
+struct BacklogWatch {
+    /// What was last logged: that a backlog holds fills, that memcached cannot be seen.
+    logged_hold: bool,
+    logged_blind: bool,
+}
+
+impl BacklogWatch {
+    /// Whether a connection is backlogged now (false if that cannot be seen). The lease loop
+    /// extends fills only from two clear looks in a row, counted from the first: a write held
+    /// longer than the settle time shows at every look after the first one that follows it
+    /// (and a writer woken a moment ago, with a short queue, makes one look miss a hold, not
+    /// two in a row), so the fill lease given before it runs out before a GET after the
+    /// settle time can be filled.
+    fn look(&mut self, shared: &Shared, port: u16) -> bool {
+        let snapshot = match crate::backlog::snapshot(port) {
+            Ok(s) => s,
+            Err(e) => {
+                if !self.logged_blind {
+                    warn!(error = %e, "cannot list memcached's connections (sock_diag): a write held up by a client that does not read its replies is not detected");
+                    self.logged_blind = true;
+                }
+                return false;
+            }
+        };
+        if !snapshot.listening && !self.logged_blind {
+            warn!(
+                port,
+                "memcached does not listen in the agent's network namespace: a write held up by a client that does not read its replies is not detected"
+            );
+            self.logged_blind = true;
+        }
+        let now = !snapshot.backlogged.is_empty();
+        shared
+            .backlogged_connections
+            .store(snapshot.backlogged.len() as u64, Ordering::Relaxed);
+        if now && !self.logged_hold {
+            let first = &snapshot.backlogged[0];
+            warn!(
+                connections = snapshot.backlogged.len(),
+                peer = %first.peer,
+                peer_port = first.peer_port,
+                queued = first.queued,
+                sndbuf = first.sndbuf,
+                "a client is not taking memcached's replies: fills pause until it does (a write it sent after them may be applied late)"
+            );
+            self.logged_hold = true;
+        } else if !now && self.logged_hold {
+            info!("no memcached connection is backlogged: fills resume");
+            self.logged_hold = false;
+        }
+        now
     }
 }
 

@@ -394,6 +394,7 @@ mod tests {
                 resyncs: 0,
                 watch_invalidations: 0,
                 lease_renewals: 1,
+                backlogged_connections: 0,
                 ttl_answers: [0; 5],
                 interface: "lo".into(),
                 mode: "generic",

@@ -21,6 +21,7 @@
     reason = "errors are rare and carry aya's error values whole, for the message"
 )]
 
+pub mod backlog;
 pub mod coherence;
 pub mod config;
 pub mod error;

@@ -187,6 +187,11 @@ pub const LEASE_RENEWALS: Family = counter(
     &[],
     "Times the agent renewed its lease in the kernel.",
 );
+pub const MEMCACHED_BACKLOGGED: Family = gauge(
+    "memcache_accel_memcached_backlogged_connections",
+    &[],
+    "memcached connections whose send queue was at least half full at the last health check (a client not taking its replies). While any is, fills pause: a write that client sent may be applied late.",
+);
 pub const MEMCACHED_UP: Family = gauge(
     "memcache_accel_memcached_up",
     &[],
@@ -222,7 +227,7 @@ pub const MISS_SERVICE_DURATION: Family = histogram(
 );
 
 /// Every family the agent exports (the registry sorts them by name).
-pub const FAMILIES: [Family; 29] = [
+pub const FAMILIES: [Family; 30] = [
     GET_REQUESTS,
     GET_KEYS,
     HIT_REQUESTS,
@@ -245,6 +250,7 @@ pub const FAMILIES: [Family; 29] = [
     CACHE_CAPACITY_BYTES,
     LEASE_VALID,
     LEASE_RENEWALS,
+    MEMCACHED_BACKLOGGED,
     MEMCACHED_UP,
     WATCH_CONNECTED,
     ATTACHED,
@@ -350,6 +356,7 @@ pub struct View {
     pub resyncs: u64,
     pub watch_invalidations: u64,
     pub lease_renewals: u64,
+    pub backlogged_connections: u64,
     /// The agent's TTL answers: installed, gone, raced, failed, queue_full.
     pub ttl_answers: [u64; 5],
     pub interface: String,
@@ -493,6 +500,11 @@ pub fn families(view: &View) -> Vec<MetricFamily> {
     }
     b.gauge(&LEASE_VALID, &[], bool_gauge(view.lease_valid));
     b.counter(&LEASE_RENEWALS, &[], view.lease_renewals);
+    b.gauge(
+        &MEMCACHED_BACKLOGGED,
+        &[],
+        view.backlogged_connections as f64,
+    );
     b.gauge(&MEMCACHED_UP, &[], bool_gauge(view.memcached_up));
     b.gauge(&WATCH_CONNECTED, &[], bool_gauge(view.watch_connected));
     b.gauge(&ATTACHED, &[&view.interface, view.mode], 1.0);
@@ -566,6 +578,7 @@ impl AgentCollector {
             resyncs: s.resyncs.load(Ordering::Relaxed),
             watch_invalidations: s.watch_invalidations.load(Ordering::Relaxed),
             lease_renewals: s.lease_renewals.load(Ordering::Relaxed),
+            backlogged_connections: s.backlogged_connections.load(Ordering::Relaxed),
             ttl_answers: [
                 &s.ttl.installed,
                 &s.ttl.gone,
@@ -675,6 +688,7 @@ mod tests {
             resyncs: 3,
             watch_invalidations: 7,
             lease_renewals: 11,
+            backlogged_connections: 0,
             ttl_answers: [1, 2, 3, 4, 5],
             interface: "eth1".into(),
             mode: "native",

@@ -651,6 +651,119 @@ fn a_value_arriving_slower_than_the_settle_time_never_leaves_the_old_one_cached(
     }
 }
 
+/// Stores a 500 KB item and caches `key` (value `old`); returns a pipeline of 200 `get`s of
+/// the big item (100 MB of replies) followed by `delete key`.
+fn held_up_delete(rig: &Rig, key: &str) -> Vec<u8> {
+    let big = vec![b'x'; 500_000];
+    let mut set_big = format!("set {key}-big 0 0 {}\r\n", big.len()).into_bytes();
+    set_big.extend_from_slice(&big);
+    set_big.extend_from_slice(b"\r\n");
+    assert_eq!(rig.tcp(&set_big, &[b"\r\n"]), b"STORED\r\n");
+    rig.set(key, b"old", 0, 0);
+    rig.warm(key, WARM);
+    let mut pipeline = format!("get {key}-big\r\n").into_bytes().repeat(200);
+    pipeline.extend_from_slice(format!("delete {key}\r\n").as_bytes());
+    pipeline
+}
+
+/// Reads `conn` until `DELETED\r\n`, pausing `pause` after each read of up to 1 MB.
+fn read_until_deleted(conn: &mut TcpStream, pause: Duration) {
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut tail = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    while !tail.ends_with(b"DELETED\r\n") {
+        let n = std::io::Read::read(conn, &mut buf).unwrap();
+        assert!(n > 0, "memcached closed the connection");
+        tail.extend_from_slice(&buf[..n]);
+        let keep = tail.len().saturating_sub(16);
+        tail.drain(..keep);
+        std::thread::sleep(pause);
+    }
+}
+
+/// A client that does not take memcached's replies holds up the commands it sent after them:
+/// memcached applies its `delete` only once the client reads. A GET from another client in
+/// between must not be cached: the agent sees memcached's backlog of replies and lets the
+/// fill lease run out until the client reads.
+#[test]
+fn a_write_held_up_behind_replies_a_client_does_not_take_never_leaves_the_old_value_cached() {
+    let rig = Rig::with_agent("coheld", 87, &["--write-settle-ms", "100"]);
+    let addr = rig.server(false);
+    let pipeline = held_up_delete(&rig, "held");
+    let mut conn = rig.bed.in_client(move || TcpStream::connect(addr).unwrap());
+    conn.write_all(&pipeline).unwrap();
+    // memcached now waits for the client to read 100 MB of replies; the delete waits with it.
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(80));
+        assert_eq!(
+            rig.udp_get(&["held"]).payload,
+            item("held", 0, b"old"),
+            "memcached has not applied the delete yet"
+        );
+    }
+    read_until_deleted(&mut conn, Duration::ZERO);
+    assert_fresh(
+        &rig,
+        "held",
+        MISS,
+        "delete applied behind 100 MB of replies",
+    );
+    assert!(
+        rig.agent_log().contains("not taking memcached's replies"),
+        "the agent never said why fills paused: {}",
+        rig.agent_log()
+    );
+}
+
+/// The same with a client that reads all the while, at about 400 MB/s (QA round 4's case:
+/// `DELETED` came 0.25-0.40 s after the pipeline, past the default settle time, and every GET
+/// after it was answered with the deleted value). Another client polls the key over UDP
+/// throughout: once memcached has answered `DELETED`, no reply may carry the value.
+#[test]
+fn a_write_held_up_behind_replies_a_client_reads_slowly_never_leaves_the_old_value_cached() {
+    let rig = Rig::with_agent("coheldr", 88, &[]);
+    let addr = rig.server(false);
+    let pipeline = held_up_delete(&rig, "heldr");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let polled = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (stop_poll, log) = (stop.clone(), polled.clone());
+    let poller = rig.bed.in_client(move || {
+        std::thread::spawn(move || {
+            while !stop_poll.load(std::sync::atomic::Ordering::Relaxed) {
+                let sent = Instant::now();
+                let reply = tests::udp_exchange(addr, b"get heldr\r\n", next_id());
+                log.lock().unwrap().push((sent, reply.payload));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    });
+    let mut conn = rig.bed.in_client(move || TcpStream::connect(addr).unwrap());
+    conn.write_all(&pipeline).unwrap();
+    read_until_deleted(&mut conn, Duration::from_micros(2500));
+    let deleted = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    poller.join().unwrap();
+    let polled = polled.lock().unwrap();
+    let after: Vec<_> = polled.iter().filter(|(t, _)| *t > deleted).collect();
+    let stale = after
+        .iter()
+        .filter(|(_, p)| p.starts_with(b"VALUE"))
+        .count();
+    assert!(
+        after.len() > 50,
+        "too few GETs after DELETED: {}",
+        after.len()
+    );
+    assert_eq!(
+        stale,
+        0,
+        "{stale} of {} GETs after DELETED returned the deleted value",
+        after.len()
+    );
+}
+
 #[test]
 fn a_connection_opened_before_the_agent_still_invalidates() {
     let mut rig = Rig::new("coearly", 37);
