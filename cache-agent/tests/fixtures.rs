@@ -1226,8 +1226,9 @@ fn malformed_headers_to_memcached_pass_unchanged_and_count_nothing() {
 
 /// A GET whose checksum is wrong never reaches memcached (the stack drops it), so the cache
 /// must not answer it either: it passes untouched. (Found by QA round 5: a wrong UDP or IPv4
-/// header checksum, and an IPv6 datagram without one, were answered.) A missing IPv4 UDP
-/// checksum and the pseudo-header seed a veth peer leaves for offload are answered.
+/// header checksum, and an IPv6 datagram without one, were answered.) Nor is a write with a
+/// wrong checksum one. A missing IPv4 UDP checksum and the pseudo-header seed a veth peer
+/// leaves for offload are answered.
 #[test]
 fn gets_with_a_wrong_checksum_pass_unchanged() {
     let fx = Fixture::new();
@@ -1259,6 +1260,13 @@ fn gets_with_a_wrong_checksum_pass_unchanged() {
         fx.xdp_counted(frame, counted_get, what)
             .assert_unchanged(XDP_PASS, frame, what);
     }
+    // A write with a wrong checksum is not a write: the key stays cached (its TTL, had it
+    // one, would not be taken either).
+    let mut delete = v4.udp_to(PORT, &mc_frame(5, 0, 1, b"delete k\r\n"));
+    let c = u16::from_be_bytes([delete[V4_UDP_CSUM], delete[V4_UDP_CSUM + 1]]);
+    set_csum(&mut delete, V4_UDP_CSUM, c ^ 0x0f0f);
+    fx.xdp_counted(&delete, &[("udp_other", 1)], "UDP delete, wrong checksum")
+        .assert_unchanged(XDP_PASS, &delete, "UDP delete, wrong checksum");
     // A wrong IPv4 header checksum: not a packet the stack takes at all.
     let mut bad_ip = v4.get(5, b"get k\r\n");
     bad_ip[24] ^= 0x5a;
@@ -1490,6 +1498,52 @@ fn tcp_set_after_syn_clears_the_cached_key() {
     // The set emptied the key's way: the fill takes an empty way again.
     fx.fill(&udp_flow, 4, &new, true);
     fx.expect_hit(&udp_flow, 5, &[&new], "new value after the set settled");
+}
+
+/// TCP Fast Open: the client's first bytes ride in the SYN, and memcached reads them (found by
+/// QA round 5: a delete sent that way was never seen, and the old value stayed cached). The
+/// stream goes on after them.
+#[test]
+fn a_write_carried_in_the_syn_clears_the_cached_key() {
+    let fx = Fixture::new();
+    let flow = Flow::v4().with_client_port(50124);
+    let udp_flow = Flow::v4();
+    let old = Item::new("tfo:key", 0, b"old");
+    let other = Item::new("tfo:other", 0, b"old");
+    fx.fill(&udp_flow, 1, &old, true);
+    fx.fill(&udp_flow, 2, &other, true);
+    let isn = 0x2000_0000u32;
+    let delete = b"delete tfo:key\r\n";
+    let syn = flow.tcp_to(PORT, isn, TCP_SYN, delete);
+    fx.xdp_counted(
+        &syn,
+        &[
+            ("tcp_segments", 1),
+            ("invalidate_text", 1),
+            ("slots_cleared_0", 1),
+        ],
+        "delete in the SYN",
+    )
+    .assert_unchanged(XDP_PASS, &syn, "delete in the SYN");
+    fx.expect_miss(&udp_flow, 3, "tfo:key", "GET after the delete in the SYN");
+    // The next segment starts right after the SYN's data: followed, not a gap.
+    let next = flow.tcp_to(
+        PORT,
+        isn + 1 + delete.len() as u32,
+        TCP_ACK | TCP_PSH,
+        b"delete tfo:other\r\n",
+    );
+    fx.xdp_counted(
+        &next,
+        &[
+            ("tcp_segments", 1),
+            ("invalidate_text", 1),
+            ("slots_cleared_0", 1),
+        ],
+        "the segment after the SYN",
+    )
+    .assert_unchanged(XDP_PASS, &next, "the segment after the SYN");
+    fx.expect_miss(&udp_flow, 4, "tfo:other", "GET after the second delete");
 }
 
 #[test]

@@ -11,7 +11,7 @@
 use aya_ebpf::{
     bindings::xdp_action,
     cty::c_void,
-    helpers::generated::{bpf_csum_diff, bpf_loop, bpf_xdp_adjust_meta},
+    helpers::generated::{bpf_loop, bpf_xdp_adjust_meta},
     maps::lpm_trie::Key,
     programs::XdpContext,
 };
@@ -21,7 +21,7 @@ use cache_common::{
     hash::{finish, seed, step},
 };
 
-use crate::csum::{fold, sum_bytes};
+use crate::csum::{fold, sum_buffer, sum_bytes, sum16, udp_checksum_ok};
 use crate::maps::{
     ALLOW_V4, ALLOW_V6, CLASS0, CLASS1, CLASS2, CLASS3, CONFIG, HIT_LATENCY, SCRATCH, STATE,
 };
@@ -216,7 +216,10 @@ pub fn serve<T: ReplyTarget>(
     let Some(saved) = saved else {
         return pass(c, Counter::PassMalformed);
     };
-    if T::FIRST_STAGE && !request_checksum_ok(&frame, h, head, s, req_len) {
+    let frame_header =
+        unsafe { load_u32(head.as_ptr()) as u64 + load_u32(head.as_ptr().add(4)) as u64 };
+    let request = unsafe { (&raw mut (*s).req) as *mut u8 };
+    if T::FIRST_STAGE && !udp_checksum_ok(&frame, h, frame_header, request, req_len) {
         return pass(c, Counter::PassMalformed);
     }
     if !target.resize(s, new_len as i32 - old_len as i32, new_len as u32) {
@@ -688,111 +691,6 @@ impl SavedHeaders {
             })
         }
     }
-}
-
-/// Whether the request's UDP checksum is right, or absent (IPv4), or the pseudo-header seed a
-/// sender leaves to be completed by offload (CHECKSUM_PARTIAL, seen on veth; on a wire the
-/// NIC has completed it). The stack drops a datagram whose checksum is wrong: memcached would
-/// never answer it, so neither may the cache. The payload is the frame header (`head`) and
-/// the request line in `s.req`.
-#[inline(always)]
-fn request_checksum_ok(
-    frame: &Frame,
-    h: &Headers,
-    head: &[u8; FRAME_HEADER_LEN + 4],
-    s: *mut Scratch,
-    req_len: usize,
-) -> bool {
-    let Some(udp) = frame.bytes::<{ UDP_LEN }>(h.l4_off) else {
-        return false;
-    };
-    let udp = udp as *const u8;
-    let field = unsafe { load_u16(udp.add(6)) };
-    if field == 0 {
-        return !h.is_v6;
-    }
-    let udp_len = (UDP_LEN + h.payload_len) as u32;
-    let pseudo = sum16(h.src.as_ptr())
-        + sum16(h.dst.as_ptr())
-        + sum_bytes(&udp_len.to_be_bytes())
-        + sum_bytes(&[0, 0, 0, crate::net::IPPROTO_UDP]);
-    if field == fold(pseudo) {
-        return true;
-    }
-    let header = unsafe { load_u32(udp) as u64 + load_u32(udp.add(4)) as u64 };
-    let frame_header =
-        unsafe { load_u32(head.as_ptr()) as u64 + load_u32(head.as_ptr().add(4)) as u64 };
-    let request = sum_request(s, req_len);
-    fold(pseudo + header + frame_header + request) == 0xffff
-}
-
-/// [`sum_buffer`] of the request line, by hand for a short one (a `get` of a key or two: the
-/// helper call costs more than the adds).
-#[inline(always)]
-fn sum_request(s: *mut Scratch, len: usize) -> u64 {
-    const SHORT: usize = 64;
-    let base = unsafe { (&raw mut (*s).req) as *mut u8 };
-    if len > SHORT {
-        return sum_buffer(base, 0, len) as u64;
-    }
-    let whole = len & !3;
-    let mut acc = 0u64;
-    for word in 0..SHORT / 4 {
-        if word * 4 >= whole {
-            break;
-        }
-        acc += unsafe { *(base.add(word * 4) as *const u32) } as u64;
-    }
-    let mut tail = [0u8; 4];
-    for (i, t) in tail.iter_mut().enumerate().take(3) {
-        if whole + i < len {
-            *t = unsafe { *base.add((whole + i) & BUF_MASK) };
-        }
-    }
-    acc + u32::from_ne_bytes(tail) as u64
-}
-
-/// Ones' complement running sum of 16 bytes at `p`, as native 32-bit words.
-#[inline(always)]
-fn sum16(p: *const u8) -> u64 {
-    unsafe {
-        load_u32(p) as u64
-            + load_u32(p.add(4)) as u64
-            + load_u32(p.add(8)) as u64
-            + load_u32(p.add(12)) as u64
-    }
-}
-
-/// Ones' complement sum (native order) of `len` bytes at the aligned offset `at` of a scratch
-/// buffer (`base`): whole 4-byte words by bpf_csum_diff in 512-byte pieces, the last 1-3
-/// bytes by hand (reading only, never padding in place: the next key's text may start right
-/// after this one).
-#[inline(always)]
-fn sum_buffer(base: *mut u8, at: usize, len: usize) -> u16 {
-    let whole = len & !3;
-    let mut acc = 0u64;
-    for piece in 0..3usize {
-        let off = piece * 512;
-        if off >= whole {
-            break;
-        }
-        let rest = whole - off;
-        let size = (if rest > 512 { 512 } else { rest }) & 0x3fc;
-        let src = unsafe { base.add(at + off) };
-        let sum = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, src.cast(), size as u32, 0) };
-        acc += sum as u32 as u64;
-    }
-    let rem = len - whole;
-    if rem > 0 {
-        let mut tail = [0u8; 4];
-        for (i, t) in tail.iter_mut().enumerate().take(3) {
-            if i < rem {
-                *t = unsafe { *base.add((at + whole + i) & BUF_MASK) };
-            }
-        }
-        acc += u32::from_ne_bytes(tail) as u64;
-    }
-    fold(acc)
 }
 
 /// bpf_loop context of the per-key payload writes.

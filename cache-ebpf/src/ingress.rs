@@ -11,6 +11,7 @@ use aya_ebpf::{
 use cache_common::{Config, Counter, Counters, FRAME_HEADER_LEN, FlowKey, GET, MAX_INSTANCES};
 
 use crate::coherence::{Ttl, flush, write_key};
+use crate::csum::udp_checksum_ok;
 use crate::maps::{CONFIG, JUMP, JUMP_GET, JUMP_SCAN, SCRATCH, TCP_FLOWS};
 use crate::net::{
     Frame, Headers, IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN, TCP_URG,
@@ -177,9 +178,16 @@ pub fn run_scan(ctx: &XdpContext) -> u32 {
         )
     };
     let chunk = if len > BUF_SIZE { BUF_SIZE } else { len };
-    let mut followed = scan(ctx, s, off, chunk, instance);
-    apply_pending(s);
     let rest = len - chunk;
+    // A datagram whose checksum is wrong never reaches memcached: its writes are not writes
+    // (a TTL taken from one would outlive memcached's item; a `flush_all <delay>` would hold
+    // fills for nothing). Checked when the datagram is scanned whole (up to 2 KiB: any on an
+    // MTU-sized link; a bigger one on `lo` is left unchecked).
+    let check = (!is_tcp && rest == 0).then_some(&h);
+    let Some(mut followed) = scan(ctx, s, off, chunk, instance, check) else {
+        return xdp_action::XDP_PASS;
+    };
+    apply_pending(s);
     let key = flow_key(&h);
     if is_tcp && let Some(flow) = TCP_FLOWS.get_ptr_mut(&key) {
         unsafe {
@@ -211,6 +219,28 @@ pub fn run_scan(ctx: &XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// [`udp_checksum_ok`] for a datagram whose payload after the frame header (`len` bytes) the
+/// scanner has loaded into `s.req`.
+#[inline(always)]
+fn datagram_checksum_ok(ctx: &XdpContext, s: *mut Scratch, h: &Headers, len: usize) -> bool {
+    let frame = Frame {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
+    let Some(fh) = frame.bytes::<FRAME_HEADER_LEN>(h.payload_off) else {
+        return false;
+    };
+    let fh = fh as *const u8;
+    let frame_header = unsafe { load_u32(fh) as u64 + load_u32(fh.add(4)) as u64 };
+    udp_checksum_ok(
+        &frame,
+        h,
+        frame_header,
+        unsafe { (&raw mut (*s).req).cast() },
+        len,
+    )
+}
+
 /// Which configured memcached instance listens on `port`.
 #[inline(always)]
 pub fn instance_for(cfg: &Config, port: u16, tcp: bool) -> Option<u8> {
@@ -226,24 +256,37 @@ pub fn instance_for(cfg: &Config, port: u16, tcp: bool) -> Option<u8> {
 }
 
 /// Loads `len` (at most one buffer) payload bytes at `off` into scratch and scans them. False
-/// if the stream was lost.
+/// if the stream was lost; None, with nothing scanned, if `datagram` (the whole datagram's
+/// headers) is given and its checksum is wrong.
 #[inline(always)]
-fn scan(ctx: &XdpContext, s: *mut Scratch, off: usize, len: usize, instance: u8) -> bool {
+fn scan(
+    ctx: &XdpContext,
+    s: *mut Scratch,
+    off: usize,
+    len: usize,
+    instance: u8,
+    datagram: Option<&Headers>,
+) -> Option<bool> {
     unsafe {
         (*s).pending_len = 0;
         (*s).pending_overflow = 0;
     }
     if len == 0 {
-        return true;
+        return Some(true);
     }
     if len > BUF_SIZE {
-        return false;
+        return Some(false);
     }
     let n = helper_len(len);
     if unsafe { bpf_xdp_load_bytes(ctx.ctx, off as u32, (&raw mut (*s).req).cast(), n) } != 0 {
-        return false;
+        return Some(false);
     }
-    scan_chunk(n, instance) && unsafe { (*s).pending_overflow == 0 }
+    if let Some(h) = datagram
+        && !datagram_checksum_ok(ctx, s, h, n as usize)
+    {
+        return None;
+    }
+    Some(scan_chunk(n, instance) && unsafe { (*s).pending_overflow == 0 })
 }
 
 /// Applies the writes the scanner queued, in order (a bpf_loop, so the verifier checks one
@@ -315,13 +358,22 @@ fn flow_key(h: &Headers) -> FlowKey {
 #[inline(always)]
 fn tcp_segment(h: &Headers, s: *mut Scratch, c: Option<*mut Counters>) -> Option<(usize, usize)> {
     let key = flow_key(h);
+    // The sequence number of the segment's first data byte: a SYN takes one itself.
+    let mut data_seq = h.tcp_seq;
     if h.tcp_flags & TCP_SYN != 0 {
         // A new connection: we see it from its first byte, so we can follow it exactly.
+        data_seq = h.tcp_seq.wrapping_add(1);
         unsafe {
-            (*s).flow.start(h.tcp_seq.wrapping_add(1));
+            (*s).flow.start(data_seq);
             let _ = TCP_FLOWS.insert(&key, &(*s).flow, 0);
         }
-        return None;
+        // Data in the SYN (TCP Fast Open) is the stream's first bytes: memcached reads them
+        // once the server accepts the cookie (found by QA round 5: a delete sent that way was
+        // never seen). If it refuses it, the client sends them again and the scanner, which
+        // has seen them, flushes as for any retransmission.
+        if h.payload_len == 0 {
+            return None;
+        }
     }
     if h.payload_len == 0 {
         if h.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
@@ -347,7 +399,7 @@ fn tcp_segment(h: &Headers, s: *mut Scratch, c: Option<*mut Counters>) -> Option
     }
     let len = h.payload_len as u32;
     let expected = state.next_seq;
-    let behind = expected.wrapping_sub(h.tcp_seq);
+    let behind = expected.wrapping_sub(data_seq);
     let mut skip = 0u32;
     if behind != 0 {
         if (behind as i32) > 0 {
@@ -367,7 +419,7 @@ fn tcp_segment(h: &Headers, s: *mut Scratch, c: Option<*mut Counters>) -> Option
     unsafe {
         copy_words(&raw mut (*s).flow, flow);
         // next_seq is advanced by the caller from the segment start it expects.
-        (*flow).next_seq = h.tcp_seq.wrapping_add(skip);
+        (*flow).next_seq = data_seq.wrapping_add(skip);
     }
     Some((h.payload_off + skip as usize, (len - skip) as usize))
 }
