@@ -234,12 +234,25 @@ impl Drop for SignalsElsewhere {
 struct PidFile(PathBuf);
 
 impl PidFile {
+    /// Holds the pid and the process's start time: together they name this process, whatever
+    /// its binary is called, and never a later one given the same pid.
     fn create(iface: &str) -> PidFile {
         let path = pid_file(iface);
         let _ = std::fs::create_dir_all("/run/cache-agent");
-        let _ = std::fs::write(&path, std::process::id().to_string());
+        let pid = std::process::id() as i32;
+        let started = process_start_time(pid).unwrap_or(0);
+        let _ = std::fs::write(&path, format!("{pid} {started}\n"));
         PidFile(path)
     }
+}
+
+/// When process `pid` started (clock ticks since boot: `/proc/PID/stat` field 22), if it
+/// exists.
+fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces or parentheses itself.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
 }
 
 impl Drop for PidFile {
@@ -249,15 +262,23 @@ impl Drop for PidFile {
 }
 
 /// The pid of the cache-agent running for `iface`, per its pid file: None if there is no
-/// pid file, or its process is gone or is not a cache-agent (a pid used again).
+/// pid file, or its process is gone or is another one (a pid used again: its start time
+/// differs). By start time, not by name: an agent run from a renamed binary is found too
+/// (found by QA round 5: a second `run` took its pins, and `detach` said it had stopped it).
+/// A pid file without a start time (written by an older agent) falls back to the name.
 fn running_agent(iface: &str) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(pid_file(iface))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    (comm.trim() == "cache-agent" && pid != std::process::id() as i32).then_some(pid)
+    let text = std::fs::read_to_string(pid_file(iface)).ok()?;
+    let mut fields = text.split_whitespace();
+    let pid: i32 = fields.next()?.parse().ok()?;
+    if pid == std::process::id() as i32 {
+        return None;
+    }
+    let alive = match fields.next().and_then(|f| f.parse::<u64>().ok()) {
+        Some(started) if started != 0 => process_start_time(pid) == Some(started),
+        _ => std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|comm| comm.trim().starts_with("cache-agent")),
+    };
+    alive.then_some(pid)
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {

@@ -140,6 +140,89 @@ fn a_second_agent_for_the_same_interface_is_refused_and_the_first_keeps_serving(
     );
 }
 
+/// A child process killed when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An agent run from a binary under another name (a versioned copy, a wrapper) is still the
+/// agent of its interface: a second `run` is refused, and `detach` stops it. Found by QA
+/// round 5: both looked for a process named `cache-agent`, so the second run took the first
+/// one's pins, and `detach` said it had detached while the agent kept serving.
+#[test]
+fn an_agent_run_from_a_renamed_binary_is_refused_a_twin_and_stopped_by_detach() {
+    let rig = Rig::new("lcrename", 89);
+    let dir = std::env::temp_dir().join(format!("lcrename-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let renamed = dir.join("memcache-accel-agent-v2");
+    std::fs::copy(loadgen::agent_bin(), &renamed).expect("copy the agent binary");
+    let ns = format!("--net=/run/netns/{}", rig.bed.server_netns());
+    let iface = rig.bed.server_iface().to_string();
+    let memcached = rig.bed.memcached_addr().to_string();
+    let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+    let mut first = KillOnDrop(
+        std::process::Command::new("nsenter")
+            .arg(&ns)
+            .arg(&renamed)
+            .args(["run", "--iface", &iface, "--memcached", &memcached])
+            .args(["--metrics-addr", "127.0.0.1:19479"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start the renamed agent"),
+    );
+    let started = std::time::Instant::now();
+    while !rig
+        .bed
+        .agent_cmd(&["status", "--iface", &iface, "--json"])
+        .is_ok_and(|s| s.contains("\"serving\":true"))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the renamed agent never served: {}",
+            std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let twin = std::process::Command::new("nsenter")
+        .arg(&ns)
+        .arg(loadgen::agent_bin())
+        .args(["run", "--iface", &iface, "--memcached", &memcached])
+        .args(["--metrics-addr", "127.0.0.1:19480"])
+        .output()
+        .expect("run a second cache-agent");
+    let err = String::from_utf8_lossy(&twin.stderr);
+    assert!(
+        !twin.status.success() && err.contains("already runs"),
+        "a second agent was not refused: {err}"
+    );
+    let status = rig
+        .bed
+        .agent_cmd(&["status", "--iface", &iface, "--json"])
+        .expect("status of the renamed agent");
+    assert!(
+        status.contains(&format!("\"pid\":{}", first.0.id())),
+        "status does not name the renamed agent (pid {}): {status}",
+        first.0.id()
+    );
+    let detached = rig
+        .bed
+        .agent_cmd(&["detach", "--iface", &iface])
+        .expect("detach");
+    assert!(detached.contains("asked agent"), "{detached}");
+    let exited = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        first.0.try_wait().ok().flatten().is_some()
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(exited, "detach did not stop the renamed agent");
+}
+
 #[test]
 fn a_restart_in_upgrade_mode_keeps_the_cache_warm() {
     let mut rig = Rig::with_agent("lcup", 51, &["--keep-on-exit", "true"]);
