@@ -43,14 +43,13 @@ pub fn ipv4_header(ip: &[u8; 20]) -> [u8; 2] {
 /// veth; on a wire the NIC has completed it). The stack drops a datagram whose checksum is
 /// wrong: memcached never sees it, so the cache may neither answer it nor take its writes.
 /// The payload is the memcached frame header (`frame_header`: the sum of its two words) and
-/// `body_len` bytes at `body`, an aligned scratch buffer.
+/// a body whose sum `body_sum` gives ([`sum_body`]), asked only if it is needed.
 #[inline(always)]
 pub fn udp_checksum_ok(
     frame: &Frame,
     h: &Headers,
     frame_header: u64,
-    body: *mut u8,
-    body_len: usize,
+    body_sum: impl FnOnce() -> u64,
 ) -> bool {
     let Some(udp) = frame.bytes::<{ UDP_LEN }>(h.l4_off) else {
         return false;
@@ -69,13 +68,13 @@ pub fn udp_checksum_ok(
         return true;
     }
     let header = unsafe { load_u32(udp) as u64 + load_u32(udp.add(4)) as u64 };
-    fold(pseudo + header + frame_header + sum_body(body, body_len)) == 0xffff
+    fold(pseudo + header + frame_header + body_sum()) == 0xffff
 }
 
-/// [`sum_buffer`] from the start of `base`, by hand for a short one (a `get` of a key or two:
-/// the helper call costs more than the adds).
+/// [`sum_buffer`] of `len` bytes from the start of the aligned scratch buffer `base`, by hand
+/// for a short one (a `get` of a key or two: the helper call costs more than the adds).
 #[inline(always)]
-fn sum_body(base: *mut u8, len: usize) -> u64 {
+pub fn sum_body(base: *mut u8, len: usize) -> u64 {
     const SHORT: usize = 64;
     if len > SHORT {
         return sum_buffer(base, 0, len) as u64;

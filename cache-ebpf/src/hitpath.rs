@@ -21,7 +21,7 @@ use cache_common::{
     hash::{finish, seed, step},
 };
 
-use crate::csum::{fold, sum_buffer, sum_bytes, sum16, udp_checksum_ok};
+use crate::csum::{fold, sum_body, sum_buffer, sum_bytes, sum16, udp_checksum_ok};
 use crate::maps::{
     ALLOW_V4, ALLOW_V6, CLASS0, CLASS1, CLASS2, CLASS3, CONFIG, HIT_LATENCY, SCRATCH, STATE,
 };
@@ -219,7 +219,7 @@ pub fn serve<T: ReplyTarget>(
     let frame_header =
         unsafe { load_u32(head.as_ptr()) as u64 + load_u32(head.as_ptr().add(4)) as u64 };
     let request = unsafe { (&raw mut (*s).req) as *mut u8 };
-    if T::FIRST_STAGE && !udp_checksum_ok(&frame, h, frame_header, request, req_len) {
+    if T::FIRST_STAGE && !udp_checksum_ok(&frame, h, frame_header, || sum_body(request, req_len)) {
         return pass(c, Counter::PassMalformed);
     }
     if !target.resize(s, new_len as i32 - old_len as i32, new_len as u32) {

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use cache_common::{Config, Counter, Counters, FRAME_HEADER_LEN, FlowKey, GET, MAX_INSTANCES};
 
 use crate::coherence::{Ttl, flush, write_key};
-use crate::csum::udp_checksum_ok;
+use crate::csum::{sum_body, udp_checksum_ok};
 use crate::maps::{CONFIG, JUMP, JUMP_GET, JUMP_SCAN, SCRATCH, TCP_FLOWS};
 use crate::net::{
     Frame, Headers, IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN, TCP_URG,
@@ -179,14 +179,15 @@ pub fn run_scan(ctx: &XdpContext) -> u32 {
     };
     let chunk = if len > BUF_SIZE { BUF_SIZE } else { len };
     let rest = len - chunk;
-    // A datagram whose checksum is wrong never reaches memcached: its writes are not writes
-    // (a TTL taken from one would outlive memcached's item; a `flush_all <delay>` would hold
-    // fills for nothing). Checked when the datagram is scanned whole (up to 2 KiB: any on an
-    // MTU-sized link; a bigger one on `lo` is left unchecked).
-    let check = (!is_tcp && rest == 0).then_some(&h);
-    let Some(mut followed) = scan(ctx, s, off, chunk, instance, check) else {
+    let mut followed = scan(ctx, s, off, chunk, instance);
+    // A datagram whose checksum is wrong never reaches memcached: its writes are not writes (a
+    // TTL taken from one would outlive memcached's item). Checked when the datagram is scanned
+    // whole (up to 2 KiB: any on an MTU-sized link; a bigger one on `lo` is left unchecked),
+    // after the scan: checked before it, xdp_scan verified in 364k instructions instead of
+    // 156k. What the scan did at once stays done: flushes, which only cost hits.
+    if !is_tcp && rest == 0 && !datagram_checksum_ok(ctx, s, &h, chunk) {
         return xdp_action::XDP_PASS;
-    };
+    }
     apply_pending(s);
     let key = flow_key(&h);
     if is_tcp && let Some(flow) = TCP_FLOWS.get_ptr_mut(&key) {
@@ -232,13 +233,8 @@ fn datagram_checksum_ok(ctx: &XdpContext, s: *mut Scratch, h: &Headers, len: usi
     };
     let fh = fh as *const u8;
     let frame_header = unsafe { load_u32(fh) as u64 + load_u32(fh.add(4)) as u64 };
-    udp_checksum_ok(
-        &frame,
-        h,
-        frame_header,
-        unsafe { (&raw mut (*s).req).cast() },
-        len,
-    )
+    let body = unsafe { (&raw mut (*s).req).cast() };
+    udp_checksum_ok(&frame, h, frame_header, || sum_body(body, len))
 }
 
 /// Which configured memcached instance listens on `port`.
@@ -256,37 +252,24 @@ pub fn instance_for(cfg: &Config, port: u16, tcp: bool) -> Option<u8> {
 }
 
 /// Loads `len` (at most one buffer) payload bytes at `off` into scratch and scans them. False
-/// if the stream was lost; None, with nothing scanned, if `datagram` (the whole datagram's
-/// headers) is given and its checksum is wrong.
+/// if the stream was lost.
 #[inline(always)]
-fn scan(
-    ctx: &XdpContext,
-    s: *mut Scratch,
-    off: usize,
-    len: usize,
-    instance: u8,
-    datagram: Option<&Headers>,
-) -> Option<bool> {
+fn scan(ctx: &XdpContext, s: *mut Scratch, off: usize, len: usize, instance: u8) -> bool {
     unsafe {
         (*s).pending_len = 0;
         (*s).pending_overflow = 0;
     }
     if len == 0 {
-        return Some(true);
+        return true;
     }
     if len > BUF_SIZE {
-        return Some(false);
+        return false;
     }
     let n = helper_len(len);
     if unsafe { bpf_xdp_load_bytes(ctx.ctx, off as u32, (&raw mut (*s).req).cast(), n) } != 0 {
-        return Some(false);
+        return false;
     }
-    if let Some(h) = datagram
-        && !datagram_checksum_ok(ctx, s, h, n as usize)
-    {
-        return None;
-    }
-    Some(scan_chunk(n, instance) && unsafe { (*s).pending_overflow == 0 })
+    scan_chunk(n, instance) && unsafe { (*s).pending_overflow == 0 }
 }
 
 /// Applies the writes the scanner queued, in order (a bpf_loop, so the verifier checks one
