@@ -9,7 +9,7 @@ use cache_agent::{
     coherence::{self, Shared},
     config::{DEFAULT_PIN_ROOT, RunArgs, Settings, other_layout_pin_dirs, pin_dir},
     error::AgentError,
-    kernel, loader, stats,
+    interface, kernel, loader, stats,
 };
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
@@ -105,6 +105,14 @@ fn check_config(args: RunArgs) -> anyhow::Result<()> {
     let s = Settings::resolve(&args)?;
     println!("{s:#?}");
     println!("map memory: {} bytes", s.map_bytes());
+    // The file may be checked on another host than the one it is for: a note, not an error.
+    if interface::index(&s.iface) == 0 {
+        eprintln!(
+            "note: no interface named `{}` in this network namespace: `run` here would refuse \
+             it",
+            s.iface
+        );
+    }
     Ok(())
 }
 

@@ -299,6 +299,20 @@ fn bad_configuration_and_missing_interfaces_fail_with_a_clear_message() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("`capacity`") && err.contains("Fix:"), "{err}");
+    // check-config validates a file that may be meant for another host: a missing interface is
+    // a note there, not a failure (found by QA round 5: it said nothing).
+    let out = run(&[
+        "check-config",
+        "--iface",
+        "nosuchif0",
+        "--memcached",
+        "127.0.0.1:11211",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.contains("no interface named `nosuchif0`"),
+        "{err}"
+    );
     // Refused at config resolution, each naming its field: a settle time too short to cover a
     // write queued in memcached, maps larger than the machine (which would otherwise fail to
     // load with a misleading "Cannot allocate memory"), and port 0 (not blamed on udp-port).
