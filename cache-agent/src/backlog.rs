@@ -9,6 +9,7 @@
 //! the lease loop asks the kernel (sock_diag) about every connection to memcached's TCP port at
 //! each probe, and extends the fill lease only while no connection has a backlog of replies.
 
+use std::collections::HashSet;
 use std::io;
 use std::net::IpAddr;
 
@@ -29,6 +30,8 @@ pub struct Snapshot {
     /// be seen from here).
     pub listening: bool,
     pub backlogged: Vec<Backlogged>,
+    /// Connections to memcached's port from this side (any process): address, port, inode.
+    clients: Vec<(IpAddr, u16, u32)>,
 }
 
 const NETLINK_SOCK_DIAG: i32 = 4;
@@ -46,13 +49,38 @@ const TCP_ESTABLISHED: u8 = 1;
 const TCP_CLOSE_WAIT: u8 = 8;
 const TCP_LISTEN: u8 = 10;
 
-/// Looks at every TCP socket on local port `port` (IPv4 and IPv6).
-pub fn snapshot(port: u16) -> io::Result<Snapshot> {
+/// Looks at every TCP socket on local port `port` (IPv4 and IPv6). Connections whose client
+/// end is one of the sockets in `ignored` (inodes: see [`own_sockets`]) are left out.
+pub fn snapshot(port: u16, ignored: &HashSet<u32>) -> io::Result<Snapshot> {
     let mut found = Snapshot::default();
     for family in [libc::AF_INET, libc::AF_INET6] {
         dump(family as u8, port, &mut found)?;
     }
+    let ignored_ends: HashSet<(IpAddr, u16)> = found
+        .clients
+        .iter()
+        .filter(|(_, _, inode)| ignored.contains(inode))
+        .map(|(addr, port, _)| (*addr, *port))
+        .collect();
+    found
+        .backlogged
+        .retain(|b| !ignored_ends.contains(&(b.peer, b.peer_port)));
     Ok(found)
+}
+
+/// The inodes of this process's sockets. The agent's own connections to memcached carry no
+/// writes (`stats`, `watch`, `me`, warm start's listing and `get`s), so a backlog on them
+/// holds nothing back; warm start's listing of 100k items showed as one for a moment.
+pub fn own_sockets() -> HashSet<u32> {
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        return HashSet::new();
+    };
+    fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_str()?;
+            t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .collect()
 }
 
 /// A netlink socket, closed on drop.
@@ -157,19 +185,26 @@ fn read_socket(msg: &[u8], port: u16, found: &mut Snapshot) {
     }
     let (family, state) = (msg[0], msg[1]);
     let local_port = u16::from_be_bytes([msg[4], msg[5]]);
+    let peer_port = u16::from_be_bytes([msg[6], msg[7]]);
+    let address = |at: usize| -> IpAddr {
+        if family == libc::AF_INET as u8 {
+            IpAddr::from(<[u8; 4]>::try_from(&msg[at..at + 4]).unwrap())
+        } else {
+            IpAddr::from(<[u8; 16]>::try_from(&msg[at..at + 16]).unwrap())
+        }
+    };
     if local_port != port {
+        if peer_port == port && state != TCP_LISTEN {
+            let inode = u32::from_ne_bytes(msg[68..72].try_into().unwrap());
+            found.clients.push((address(8), local_port, inode));
+        }
         return;
     }
     if state == TCP_LISTEN {
         found.listening = true;
         return;
     }
-    let peer_port = u16::from_be_bytes([msg[6], msg[7]]);
-    let peer: IpAddr = if family == libc::AF_INET as u8 {
-        IpAddr::from(<[u8; 4]>::try_from(&msg[24..28]).unwrap())
-    } else {
-        IpAddr::from(<[u8; 16]>::try_from(&msg[24..40]).unwrap())
-    };
+    let peer = address(24);
     let mut attrs = &msg[INET_DIAG_MSG_LEN..];
     while attrs.len() >= 4 {
         let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
@@ -233,7 +268,7 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         let (_served, _) = listener.accept().unwrap();
-        let seen = snapshot(port).expect("sock_diag");
+        let seen = snapshot(port, &HashSet::new()).expect("sock_diag");
         assert!(seen.listening, "the listening socket");
         assert!(seen.backlogged.is_empty(), "{:?}", seen.backlogged);
         drop(client);
@@ -257,11 +292,16 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         }
-        let seen = snapshot(port).expect("sock_diag");
-        let mine = seen
-            .backlogged
-            .iter()
-            .find(|b| b.peer_port == client.local_addr().unwrap().port());
+        let client_port = client.local_addr().unwrap().port();
+        let seen = snapshot(port, &HashSet::new()).expect("sock_diag");
+        let mine = seen.backlogged.iter().find(|b| b.peer_port == client_port);
         assert!(mine.is_some(), "not seen backlogged: {:?}", seen.backlogged);
+        // The same connection, its client end one of the sockets to leave out.
+        let seen = snapshot(port, &own_sockets()).expect("sock_diag");
+        assert!(
+            !seen.backlogged.iter().any(|b| b.peer_port == client_port),
+            "a connection of this process was not left out: {:?}",
+            seen.backlogged
+        );
     }
 }

@@ -465,7 +465,7 @@ impl BacklogWatch {
     /// two in a row), so the fill lease given before it runs out before a GET after the
     /// settle time can be filled.
     fn look(&mut self, shared: &Shared, port: u16) -> bool {
-        let snapshot = match crate::backlog::snapshot(port) {
+        let snapshot = match crate::backlog::snapshot(port, &crate::backlog::own_sockets()) {
             Ok(s) => s,
             Err(e) => {
                 if !self.logged_blind {
