@@ -42,14 +42,15 @@ pub fn ipv4_header(ip: &[u8; 20]) -> [u8; 2] {
 /// pseudo-header seed a sender leaves to be completed by offload (CHECKSUM_PARTIAL, seen on
 /// veth; on a wire the NIC has completed it). The stack drops a datagram whose checksum is
 /// wrong: memcached never sees it, so the cache may neither answer it nor take its writes.
-/// The payload is the memcached frame header (`frame_header`: the sum of its two words) and
-/// a body whose sum `body_sum` gives ([`sum_body`]), asked only if it is needed.
+/// The payload is the memcached frame header (8 bytes at `frame_header`) and `body_len` bytes
+/// at the aligned scratch buffer `body`, summed only if the checksum is a full one.
 #[inline(always)]
 pub fn udp_checksum_ok(
     frame: &Frame,
     h: &Headers,
-    frame_header: u64,
-    body_sum: impl FnOnce() -> u64,
+    frame_header: *const u8,
+    body: *mut u8,
+    body_len: usize,
 ) -> bool {
     let Some(udp) = frame.bytes::<{ UDP_LEN }>(h.l4_off) else {
         return false;
@@ -59,16 +60,25 @@ pub fn udp_checksum_ok(
     if field == 0 {
         return !h.is_v6;
     }
-    let udp_len = (UDP_LEN + h.payload_len) as u32;
-    let pseudo = sum16(h.src.as_ptr())
-        + sum16(h.dst.as_ptr())
-        + sum_bytes(&udp_len.to_be_bytes())
-        + sum_bytes(&[0, 0, 0, IPPROTO_UDP]);
+    let pseudo = udp_pseudo_sum(h, (UDP_LEN + h.payload_len) as u32);
     if field == fold(pseudo) {
         return true;
     }
     let header = unsafe { load_u32(udp) as u64 + load_u32(udp.add(4)) as u64 };
-    fold(pseudo + header + frame_header + body_sum()) == 0xffff
+    let frame_header =
+        unsafe { load_u32(frame_header) as u64 + load_u32(frame_header.add(4)) as u64 };
+    fold(pseudo + header + frame_header + sum_body(body, body_len)) == 0xffff
+}
+
+/// The running sum of the UDP pseudo-header of a datagram of `udp_len` bytes between the
+/// addresses in `h` (IPv4 addresses fill the first four bytes; the zeros after them add
+/// nothing).
+#[inline(always)]
+pub fn udp_pseudo_sum(h: &Headers, udp_len: u32) -> u64 {
+    sum16(h.src.as_ptr())
+        + sum16(h.dst.as_ptr())
+        + sum_bytes(&udp_len.to_be_bytes())
+        + sum_bytes(&[0, 0, 0, IPPROTO_UDP])
 }
 
 /// [`sum_buffer`] of `len` bytes from the start of the aligned scratch buffer `base`, by hand
@@ -87,13 +97,20 @@ pub fn sum_body(base: *mut u8, len: usize) -> u64 {
         }
         acc += unsafe { *(base.add(word * 4) as *const u32) } as u64;
     }
+    acc + sum_tail(base, whole, len - whole)
+}
+
+/// The last `rem` (0-3) bytes at `base + at`, as one zero-padded native word (read only, never
+/// padded in place: another text may start right after them).
+#[inline(always)]
+fn sum_tail(base: *mut u8, at: usize, rem: usize) -> u64 {
     let mut tail = [0u8; 4];
     for (i, t) in tail.iter_mut().enumerate().take(3) {
-        if whole + i < len {
-            *t = unsafe { *base.add((whole + i) & BUF_MASK) };
+        if i < rem {
+            *t = unsafe { *base.add((at + i) & BUF_MASK) };
         }
     }
-    acc + u32::from_ne_bytes(tail) as u64
+    u32::from_ne_bytes(tail) as u64
 }
 
 /// Ones' complement running sum of 16 bytes at `p`, as native 32-bit words.
@@ -108,9 +125,8 @@ pub fn sum16(p: *const u8) -> u64 {
 }
 
 /// Ones' complement sum (native order) of `len` bytes at the aligned offset `at` of a scratch
-/// buffer (`base`, up to 2 KiB): whole 4-byte words by bpf_csum_diff in 512-byte pieces, the last 1-3
-/// bytes by hand (reading only, never padding in place: the next key's text may start right
-/// after this one).
+/// buffer (`base`, up to 2 KiB): whole 4-byte words by bpf_csum_diff in 512-byte pieces, the
+/// last 1-3 bytes by hand ([`sum_tail`]).
 #[inline(always)]
 pub fn sum_buffer(base: *mut u8, at: usize, len: usize) -> u16 {
     let whole = len & !3;
@@ -128,13 +144,7 @@ pub fn sum_buffer(base: *mut u8, at: usize, len: usize) -> u16 {
     }
     let rem = len - whole;
     if rem > 0 {
-        let mut tail = [0u8; 4];
-        for (i, t) in tail.iter_mut().enumerate().take(3) {
-            if i < rem {
-                *t = unsafe { *base.add((at + whole + i) & BUF_MASK) };
-            }
-        }
-        acc += u32::from_ne_bytes(tail) as u64;
+        acc += sum_tail(base, at + whole, rem);
     }
     fold(acc)
 }

@@ -21,7 +21,7 @@ use cache_common::{
     hash::{finish, seed, step},
 };
 
-use crate::csum::{fold, sum_body, sum_buffer, sum_bytes, sum16, udp_checksum_ok};
+use crate::csum::{fold, sum_buffer, udp_checksum_ok, udp_pseudo_sum};
 use crate::maps::{
     ALLOW_V4, ALLOW_V6, CLASS0, CLASS1, CLASS2, CLASS3, CONFIG, HIT_LATENCY, SCRATCH, STATE,
 };
@@ -216,10 +216,8 @@ pub fn serve<T: ReplyTarget>(
     let Some(saved) = saved else {
         return pass(c, Counter::PassMalformed);
     };
-    let frame_header =
-        unsafe { load_u32(head.as_ptr()) as u64 + load_u32(head.as_ptr().add(4)) as u64 };
     let request = unsafe { (&raw mut (*s).req) as *mut u8 };
-    if T::FIRST_STAGE && !udp_checksum_ok(&frame, h, frame_header, || sum_body(request, req_len)) {
+    if T::FIRST_STAGE && !udp_checksum_ok(&frame, h, head.as_ptr(), request, req_len) {
         return pass(c, Counter::PassMalformed);
     }
     if !target.resize(s, new_len as i32 - old_len as i32, new_len as u32) {
@@ -852,11 +850,7 @@ fn write_reply<T: ReplyTarget>(
     }
     let summed = h.is_v6 || T::SUM_IPV4;
     let (pseudo, mut datagram) = if summed {
-        // IPv4 addresses fill the first four bytes; the zeros after them add nothing.
-        let pseudo = sum16(h.src.as_ptr())
-            + sum16(h.dst.as_ptr())
-            + sum_bytes(&(udp_len as u32).to_be_bytes())
-            + sum_bytes(&[0, 0, 0, crate::net::IPPROTO_UDP]);
+        let pseudo = udp_pseudo_sum(h, udp_len as u32);
         let header =
             ports as u64 + length as u64 + (frame_header & 0xffff_ffff) + (frame_header >> 32);
         (fold(pseudo), header)

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use cache_common::{Config, Counter, Counters, FRAME_HEADER_LEN, FlowKey, GET, MAX_INSTANCES};
 
 use crate::coherence::{Ttl, flush, write_key};
-use crate::csum::{sum_body, udp_checksum_ok};
+use crate::csum::udp_checksum_ok;
 use crate::maps::{CONFIG, JUMP, JUMP_GET, JUMP_SCAN, SCRATCH, TCP_FLOWS};
 use crate::net::{
     Frame, Headers, IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN, TCP_URG,
@@ -231,10 +231,8 @@ fn datagram_checksum_ok(ctx: &XdpContext, s: *mut Scratch, h: &Headers, len: usi
     let Some(fh) = frame.bytes::<FRAME_HEADER_LEN>(h.payload_off) else {
         return false;
     };
-    let fh = fh as *const u8;
-    let frame_header = unsafe { load_u32(fh) as u64 + load_u32(fh.add(4)) as u64 };
     let body = unsafe { (&raw mut (*s).req).cast() };
-    udp_checksum_ok(&frame, h, frame_header, || sum_body(body, len))
+    udp_checksum_ok(&frame, h, fh as *const u8, body, len)
 }
 
 /// Which configured memcached instance listens on `port`.
