@@ -7,6 +7,8 @@
 //! - [`kernel`]: typed access to the maps (configuration, counters, histograms, invalidation).
 //! - [`coherence`]: the lease and fill lease, memcached's health and restarts, and the `watch`
 //!   backstop.
+//! - [`backlog`]: memcached connections whose client is not taking its replies (sock_diag): a
+//!   write behind them may be applied late, so the fill lease is not extended meanwhile.
 //! - [`warm`]: fills the kernel cache from memcached's contents when the agent starts.
 //! - [`interface`]: the served interface's index and MTU, followed while the agent runs.
 //! - [`requests`]: keeps the agent's own requests to memcached within one scanner buffer.
