@@ -1266,6 +1266,7 @@ fn a_client_pipelining_hundreds_of_small_writes_is_followed_without_flushing() {
     }
     batch.extend_from_slice(b"set hit 0 0 3 noreply\r\nnew\r\nversion\r\n");
     let retransmitted = tcp_retransmits(rig.bed.client_netns());
+    let epoch = rig.counter("agent_epoch");
     let reply = rig.tcp(&batch, &[b"\r\n"]);
     assert!(
         reply.starts_with(b"VERSION"),
@@ -1287,12 +1288,15 @@ fn a_client_pipelining_hundreds_of_small_writes_is_followed_without_flushing() {
     );
     let before = rig.counter("hit_keys");
     assert_eq!(rig.udp_get(&["kept"]).payload, item("kept", 0, b"old"));
-    // (After a retransmission the flush took every entry with it.)
-    if clean {
+    // After a retransmission the scanner's flush takes every entry with it, and so does the
+    // agent's when memcached's logger drops watch entries under the burst (by design: a
+    // dropped entry may have been an eviction).
+    if clean && rig.counter("agent_epoch") == epoch {
         assert_eq!(
             rig.counter("hit_keys"),
             before + 1,
-            "a key nobody wrote stays cached"
+            "a key nobody wrote stays cached; stats: {:?}",
+            rig.agent_stats()
         );
     }
 }
