@@ -238,47 +238,48 @@ fn writes_over_udp_and_ipv6_invalidate() {
 
 #[test]
 fn writes_memcached_refuses_never_extend_a_cached_items_life() {
+    const TOUCHW_TTL_S: u64 = 5; // 4294967301 - 2^32
     // Each key is cached with a TTL; then a write memcached refuses (or one that keeps the
     // TTL) is sent. The kernel must not take that write's exptime for the item's: after
     // memcached expires the item, nobody may answer it.
     let rig = Rig::with_agent("corefuse", 68, &[]);
     let cases: [(&str, i64, &[u8], &str); 10] = [
-        ("r-add", 6, b"add r-add 0 0 2\r\nxx\r\n", "NOT_STORED\r\n"),
+        ("r-add", 8, b"add r-add 0 0 2\r\nxx\r\n", "NOT_STORED\r\n"),
         (
             "r-cas",
-            6,
+            8,
             b"cas r-cas 0 0 2 999999\r\nxx\r\n",
             "EXISTS\r\n",
         ),
-        ("r-mse", 6, b"ms r-mse 2 ME\r\nxx\r\n", "NS\r\n"),
-        ("r-msc", 6, b"ms r-msc 2 C999999\r\nxx\r\n", "EX\r\n"),
+        ("r-mse", 8, b"ms r-mse 2 ME\r\nxx\r\n", "NS\r\n"),
+        ("r-msc", 8, b"ms r-msc 2 C999999\r\nxx\r\n", "EX\r\n"),
         // memcached reads 2 + 2 bytes as the block, then the CRLF as an empty command line.
         (
             "r-chunk",
-            6,
+            8,
             b"set r-chunk 0 0 2\r\nxxxx\r\n",
             "CLIENT_ERROR bad data chunk\r\nERROR\r\n",
         ),
-        ("r-msa", 6, b"ms r-msa 2 MA\r\nzz\r\n", "HD\r\n"),
-        // Found by QA: memcached keeps the exptime in an int32, so this is a TTL of 3 s, not a
-        // unix time in 2106.
+        ("r-msa", 8, b"ms r-msa 2 MA\r\nzz\r\n", "HD\r\n"),
+        // Found by QA: memcached keeps the exptime in an int32, so this is a TTL of
+        // TOUCHW_TTL_S, not a unix time in 2106.
         (
             "r-touchw",
-            6,
-            b"touch r-touchw 4294967299\r\n",
+            8,
+            b"touch r-touchw 4294967301\r\n",
             "TOUCHED\r\n",
         ),
         // A token too many: memcached refuses the touch.
         (
             "r-touchx",
-            6,
+            8,
             b"touch r-touchx 1000 noreply x\r\n",
             "ERROR\r\n",
         ),
         // A flag memcached does not take: it refuses the whole command, T included.
         (
             "r-mgbad",
-            6,
+            8,
             b"mg r-mgbad T1000 v !\r\n",
             "CLIENT_ERROR invalid flag\r\n",
         ),
@@ -291,26 +292,27 @@ fn writes_memcached_refuses_never_extend_a_cached_items_life() {
             "NOT_STORED\r\n",
         ),
     ];
+    // One case at a time, so that under load no key's TTL runs out while the others warm.
     let mut deadlines = Vec::new();
-    for (key, exptime, _, _) in cases {
+    for (key, exptime, write, reply) in cases {
         rig.set(key, b"v1", 0, exptime);
         // memcached's one-second clock: gone by exptime + 1 s at the latest.
-        deadlines.push(Instant::now() + Duration::from_millis(exptime as u64 * 1000 + 1200));
-    }
-    for (key, _, _, _) in cases {
+        let mut deadline = Instant::now() + Duration::from_millis(exptime as u64 * 1000 + 1200);
         rig.warm(key, WARM);
-    }
-    for (key, _, write, reply) in cases {
         let got = rig.tcp(write, &[reply.as_bytes()]);
         assert_eq!(String::from_utf8_lossy(&got), reply, "{key}");
-    }
-    // Served again by the kernel, with what memcached holds, before the expiry (not r-short:
-    // with a second or less left, memcached's `me` cannot tell it from "never expires", so
-    // the kernel may well not serve it again).
-    for (key, _, _, _) in cases.iter().filter(|c| c.0 != "r-short") {
-        let value: &[u8] = if *key == "r-msa" { b"v1zz" } else { b"v1" };
-        let reply = rig.warm(key, WARM);
-        assert_eq!(reply.payload, item(key, 0, value), "{key} after the write");
+        if key == "r-touchw" {
+            deadline = Instant::now() + Duration::from_millis(TOUCHW_TTL_S * 1000 + 1200);
+        }
+        deadlines.push(deadline);
+        // Served again by the kernel, with what memcached holds, before the expiry (not
+        // r-short: with a second or less left, memcached's `me` cannot tell it from "never
+        // expires", so the kernel may well not serve it again).
+        if key != "r-short" {
+            let value: &[u8] = if key == "r-msa" { b"v1zz" } else { b"v1" };
+            let reply = rig.warm(key, WARM);
+            assert_eq!(reply.payload, item(key, 0, value), "{key} after the write");
+        }
     }
     // GETs keep refilling the entries until well past every expiry.
     let end = *deadlines.iter().max().unwrap() + Duration::from_secs(2);
