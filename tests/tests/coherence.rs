@@ -518,10 +518,14 @@ fn a_write_after_a_get_in_one_udp_datagram_invalidates() {
 #[test]
 fn ttl_expiry_touch_gat_and_flush_all_are_honoured() {
     let rig = Rig::with_agent("cottl", 35, &[]);
-    rig.set("ttl", b"short", 0, 3);
+    // Long enough to be warmed on a loaded machine: with a second or less left the kernel
+    // does not fill an item.
+    let stored = Instant::now();
+    rig.set("ttl", b"short", 0, 5);
     rig.warm("ttl", WARM);
-    std::thread::sleep(Duration::from_millis(3200));
-    assert_fresh(&rig, "ttl", MISS, "exptime 3");
+    let expired = stored + Duration::from_millis(5_300);
+    std::thread::sleep(expired.saturating_duration_since(Instant::now()));
+    assert_fresh(&rig, "ttl", MISS, "exptime 5");
 
     rig.set("touch", b"v", 0, 0);
     rig.warm("touch", WARM);
@@ -957,7 +961,8 @@ fn an_item_stored_before_the_agent_expires_when_memcached_says_not_after_max_age
     // The kernel never saw this TTL; --max-age alone would serve the item for 30 s.
     let mut rig = Rig::new("cottlold", 56);
     let stored = Instant::now();
-    rig.set("old:ttl", b"short-lived", 0, 8);
+    // Long enough for a loaded machine to start the agent and warm the key in time.
+    rig.set("old:ttl", b"short-lived", 0, 12);
     // Warm start off: the item must reach the cache through a GET and its TTL be learned.
     rig.start_agent(&["--max-age", "30", "--warm-start", "false"]);
     rig.warm("old:ttl", WARM);
@@ -967,13 +972,13 @@ fn an_item_stored_before_the_agent_expires_when_memcached_says_not_after_max_age
         item("old:ttl", 0, b"short-lived"),
         "before it expires"
     );
-    let expired = stored + Duration::from_millis(8_300);
+    let expired = stored + Duration::from_millis(12_300);
     std::thread::sleep(expired.saturating_duration_since(Instant::now()));
     assert_fresh(
         &rig,
         "old:ttl",
         MISS,
-        "exptime 8, set before the agent started",
+        "exptime 12, set before the agent started",
     );
 }
 
