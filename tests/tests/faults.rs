@@ -112,7 +112,7 @@ fn killing_the_agent_under_load_fails_open() {
     assert_eq!(rig.mc_stat("get_hits"), before + 5);
     // A new agent starts cleanly over the leftovers.
     rig.start_agent(&[]);
-    rig.warm("after", Duration::from_secs(5));
+    rig.warm("after", Duration::from_secs(10));
 }
 
 #[test]
@@ -171,7 +171,7 @@ fn stopping_memcached_under_load_serves_nothing_stale() {
 fn a_hung_agent_stops_serving_within_its_lease() {
     let rig = Rig::with_agent("fahang", 45, &["--lease-ms", "1000"]);
     rig.set("lease", b"v", 0, 0);
-    rig.warm("lease", Duration::from_secs(5));
+    rig.warm("lease", Duration::from_secs(10));
     let pid = rig.bed.agent_pid().unwrap() as i32;
     unsafe { signal(pid, 19) };
     std::thread::sleep(Duration::from_millis(1500));

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use tests::{Rig, value_text};
 
-const WARM: Duration = Duration::from_secs(5);
+// Generous: a loaded CI machine can take seconds to start an agent and fill a key.
+const WARM: Duration = Duration::from_secs(10);
 
 #[test]
 fn an_adopted_cache_is_flushed_when_memcached_evicted_between_agents() {
