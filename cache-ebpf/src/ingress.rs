@@ -17,7 +17,7 @@ use crate::net::{
     Frame, Headers, IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN, TCP_URG,
     carried_destination, parse,
 };
-use crate::scanner::scan_chunk;
+use crate::scanner::{HoleFill, scan_chunk};
 use crate::scratch::{BUF_SIZE, MAX_PENDING, Scratch, helper_len};
 use crate::stats::{count, counters};
 use crate::store::copy_words;
@@ -379,6 +379,28 @@ fn tcp_segment(h: &Headers, s: *mut Scratch, c: Option<*mut Counters>) -> Option
         return None;
     }
     let len = h.payload_len as u32;
+    if state.holes_open() {
+        match state.fill_hole(data_seq, len) {
+            HoleFill::Elsewhere => {}
+            HoleFill::Filled { closed, past } => {
+                // memcached reads on past the hole from now on, and applies the writes the
+                // scan saw there (maybe later than the write-settle time after it saw them).
+                if closed {
+                    flush(c, Counter::FlushUnsynced);
+                }
+                // Block bytes only: nothing to scan. Past the hole, the bytes were seen (a
+                // retransmission, below) and some may be new.
+                if !past {
+                    return None;
+                }
+            }
+            HoleFill::Lost => {
+                state.mode_lost();
+                flush(c, Counter::FlushUnsynced);
+                return None;
+            }
+        }
+    }
     let expected = state.next_seq;
     let behind = expected.wrapping_sub(data_seq);
     let mut skip = 0u32;
@@ -391,10 +413,14 @@ fn tcp_segment(h: &Headers, s: *mut Scratch, c: Option<*mut Counters>) -> Option
             }
             skip = behind;
         } else {
-            // A gap: bytes we never saw. The stream is lost for good.
-            state.mode_lost();
-            flush(c, Counter::FlushUnsynced);
-            return None;
+            // A gap: bytes we have not seen yet. Inside a data block memcached only counts
+            // them: the scan goes on from this segment, and the gap is one of the flow's holes.
+            // Anywhere else the stream is lost for good.
+            if !state.jump_gap(behind.wrapping_neg()) {
+                state.mode_lost();
+                flush(c, Counter::FlushUnsynced);
+                return None;
+            }
         }
     }
     unsafe {

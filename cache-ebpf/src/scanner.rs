@@ -8,9 +8,14 @@
 //! lives in [`FlowState`], so a command split across segments, or a value spanning many, is
 //! followed exactly.
 //!
+//! A TCP segment lost inside a data block (the client sends it again later) is stepped over:
+//! memcached only counts a block's bytes, so the scan goes on from the segment that arrived
+//! and the gap is kept as one of the flow's holes; memcached reads past a hole only once it
+//! is filled, so the cache is flushed then ([`FlowState::jump_gap`]).
+//!
 //! The conservative rule: whenever the scanner cannot be sure where it is in a stream (a TCP
-//! flow first seen mid-stream, for example opened before the agent started; a gap; a
-//! retransmission; a line longer than memcached accepts; a key it cannot hash such as a
+//! flow first seen mid-stream, for example opened before the agent started; a gap outside a
+//! block, or more holes than a flow keeps; a retransmission; a line longer than memcached accepts; a key it cannot hash such as a
 //! base64 meta key; a storage line with a number memcached's strtol may read otherwise, so
 //! that whether memcached takes a data block is not certain; a CR inside a line, which
 //! memcached reads as a key byte; a NUL, which ends memcached's line early), it flushes the
@@ -20,7 +25,7 @@
 
 use aya_ebpf::{cty::c_void, helpers::generated::bpf_loop};
 use cache_common::{
-    BINARY_REQUEST_MAGIC, Config, Counter, Counters, MAX_KEY_LEN,
+    BINARY_REQUEST_MAGIC, Config, Counter, Counters, MAX_HOLES, MAX_KEY_LEN,
     hash::{check_seed, check_step, finish, seed, step},
 };
 
@@ -88,6 +93,19 @@ const FLOW_ASCII: u8 = 1 << 2;
 /// only when its last byte arrives, which may be long after the line (a slow client).
 const DATA_SPLIT: u8 = 1 << 3;
 
+/// What a segment did to a flow's open holes ([`FlowState::fill_hole`]).
+pub enum HoleFill {
+    /// In no hole (a segment past them, or a retransmission of bytes the scan has seen).
+    Elsewhere,
+    /// Bytes of one hole. `closed`: the hole is closed, and memcached reads on to the next one
+    /// (the caller flushes: the writes the scan saw in those bytes land now). `past`: the
+    /// segment goes on past the hole's end, into bytes the scan has seen (and maybe new ones).
+    Filled { closed: bool, past: bool },
+    /// More holes than the flow can keep, or a segment reaching into a hole from outside it
+    /// or into a second one.
+    Lost,
+}
+
 /// Scanner state of one stream.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -128,6 +146,11 @@ pub struct FlowState {
     pub ms_effect: u8,
     pub bin_ext: [u8; 8],
     pub bin_header: [u8; 32],
+    /// TCP only: bytes of data blocks lost on the way, `[start, end)` in sequence numbers
+    /// (empty when equal). The scan went on past them (a block's bytes are only counted) and
+    /// the client will send them again (see [`FlowState::jump_gap`]). Not cleared by
+    /// [`FlowState::reset`].
+    pub holes: [[u32; 2]; MAX_HOLES],
 }
 
 impl FlowState {
@@ -136,6 +159,7 @@ impl FlowState {
     pub fn start(&mut self, next_seq: u32) {
         self.reset(next_seq);
         self.line_bits = 0;
+        self.holes = [[0; 2]; MAX_HOLES];
     }
 
     /// Back to the start of a command line, in place (no stack temporaries: the BPF stack
@@ -167,6 +191,109 @@ impl FlowState {
         self.bin_key_len = 0;
         self.bin_ext_len = 0;
         self.ms_effect = 0;
+    }
+
+    /// Bytes from `next_seq` to the end of the data block (or binary value) being skipped,
+    /// less its last bytes, which must be scanned in order (the CRLF memcached checks; the
+    /// body's end, where a binary write is applied). 0 outside a block.
+    #[inline(always)]
+    fn block_interior(&self) -> u32 {
+        match self.mode {
+            MODE_DATA => self.skip.saturating_sub(2),
+            MODE_BIN_BODY if self.bin_pos >= self.bin_ext_len as u32 + self.bin_key_len as u32 => {
+                (self.bin_body_len - self.bin_pos).saturating_sub(1)
+            }
+            _ => 0,
+        }
+    }
+
+    /// A segment that starts `ahead` bytes past `next_seq`: a gap, bytes lost on the way that
+    /// the client will send again. Inside a data block those bytes are only counted, never
+    /// parsed, so the scan can go on from the segment as if it had seen them, and the gap is
+    /// kept as one of the flow's holes. False if the gap is not all block bytes, or the flow
+    /// has no room for another hole: the stream is lost.
+    ///
+    /// What the scan sees past a hole, memcached reads only once the hole is filled, maybe
+    /// later than the write-settle time: the cache is flushed whenever a hole closes
+    /// ([`FlowState::fill_hole`]).
+    #[inline(always)]
+    pub fn jump_gap(&mut self, ahead: u32) -> bool {
+        if ahead > self.block_interior() {
+            return false;
+        }
+        let Some(free) = self.free_hole() else {
+            return false;
+        };
+        if self.mode == MODE_DATA {
+            self.skip -= ahead;
+        } else {
+            self.bin_pos += ahead;
+        }
+        let start = self.next_seq;
+        self.next_seq = start.wrapping_add(ahead);
+        self.holes[free] = [start, self.next_seq];
+        true
+    }
+
+    #[inline(always)]
+    fn free_hole(&self) -> Option<usize> {
+        (0..MAX_HOLES).find(|&i| self.holes[i][0] == self.holes[i][1])
+    }
+
+    #[inline(always)]
+    pub fn holes_open(&self) -> bool {
+        self.holes.iter().any(|h| h[0] != h[1])
+    }
+
+    /// A segment of `len` bytes starting at `seq` while holes are open: the bytes of a hole,
+    /// sent again (from its start or from its middle), fill it.
+    #[inline(always)]
+    pub fn fill_hole(&mut self, seq: u32, len: u32) -> HoleFill {
+        let end = seq.wrapping_add(len);
+        let mut filled = false;
+        let mut closed = false;
+        let mut past = false;
+        for i in 0..MAX_HOLES {
+            let [start, stop] = self.holes[i];
+            let size = stop.wrapping_sub(start);
+            if size == 0 {
+                continue;
+            }
+            let into = seq.wrapping_sub(start);
+            if into >= size {
+                // Starts outside this hole: it must not reach into it.
+                let before = start.wrapping_sub(seq);
+                if before < len {
+                    return HoleFill::Lost;
+                }
+                continue;
+            }
+            if filled {
+                return HoleFill::Lost;
+            }
+            filled = true;
+            let rest = size - into;
+            past = len > rest;
+            closed = into == 0 && len >= rest;
+            if into == 0 {
+                // From the hole's start: it shrinks from the front (or closes).
+                self.holes[i][0] = if past { stop } else { end };
+            } else if len >= rest {
+                // To (or past) its end: it shrinks from the back.
+                self.holes[i][1] = seq;
+            } else {
+                // From its middle: split in two.
+                let Some(free) = self.free_hole() else {
+                    return HoleFill::Lost;
+                };
+                self.holes[i][1] = seq;
+                self.holes[free] = [end, stop];
+            }
+        }
+        if !filled {
+            return HoleFill::Elsewhere;
+        }
+        HoleFill::Filled { closed, past }
     }
 
     #[inline(always)]

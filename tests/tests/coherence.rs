@@ -3,7 +3,7 @@
 //! and then reads: the reply must be what memcached itself returns now.
 
 use std::{
-    io::Write,
+    io::{Read, Write},
     net::TcpStream,
     time::{Duration, Instant},
 };
@@ -1254,6 +1254,85 @@ fn writes_during_warm_start_never_leave_an_old_value_cached() {
         "the kernel answered none of the reads: {:?}",
         rig.agent_stats()
     );
+}
+
+/// Found by QA round 6: on veth, writers of large values lose segments under load (veth's
+/// queue to an XDP-enabled peer overflows), and the scanner lost each such connection for
+/// good: every later segment of it flushed the whole cache, so a connection pool writing
+/// small keys kept the cache empty (0 of 4,700 GETs answered by the kernel) until it
+/// reconnected. Gaps inside values are now stepped over. Needs root (veth, XDP).
+#[test]
+fn connections_that_lost_segments_inside_values_are_still_followed() {
+    let rig = Rig::with_agent("cogap", 90, &[]);
+    for k in ["gap:hot", "gap:gone"] {
+        rig.set(k, b"old", 0, 0);
+        rig.warm(k, WARM);
+    }
+    let addr = rig.server(false);
+    let retransmitted = tcp_retransmits(rig.bed.client_netns());
+    // Two persistent connections write 1 MB values together for 3 s.
+    let conns: Vec<TcpStream> = rig.bed.in_client(move || {
+        let writers: Vec<_> = (0..2)
+            .map(|w| {
+                std::thread::spawn(move || {
+                    let mut conn = TcpStream::connect(addr).expect("connect memcached");
+                    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    let value = vec![b'y'; 1_000_000 - 2_000];
+                    let mut request =
+                        format!("set gap:big{w} 0 0 {}\r\n", value.len()).into_bytes();
+                    request.extend_from_slice(&value);
+                    request.extend_from_slice(b"\r\n");
+                    let end = Instant::now() + Duration::from_secs(3);
+                    while Instant::now() < end {
+                        conn.write_all(&request).unwrap();
+                        assert_eq!(read_line(&mut conn), "STORED\r\n");
+                    }
+                    conn
+                })
+            })
+            .collect();
+        writers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let lost = tcp_retransmits(rig.bed.client_netns()) - retransmitted;
+    eprintln!("segments sent again during the burst: {lost}");
+    // Every byte sent has reached memcached (each set was answered): no gap is left open.
+    let flushes = rig.counter("flush_unsynced");
+    let mut conns = conns;
+    // The same connections go on writing small items: followed, not flushed.
+    for i in 0..20 {
+        for conn in conns.iter_mut() {
+            conn.write_all(format!("set gap:small{i} 0 0 1\r\nx\r\n").as_bytes())
+                .unwrap();
+            assert_eq!(read_line(conn), "STORED\r\n");
+        }
+    }
+    conns[0].write_all(b"delete gap:gone\r\n").unwrap();
+    assert_eq!(read_line(&mut conns[0]), "DELETED\r\n");
+    assert_fresh(&rig, "gap:gone", MISS, "delete after the burst");
+    if lost > 0 {
+        assert_eq!(
+            rig.counter("flush_unsynced"),
+            flushes,
+            "connections that lost segments were not followed: {:?}",
+            rig.agent_stats()
+        );
+    }
+    // And the kernel still answers.
+    let reply = rig.warm("gap:hot", WARM);
+    assert_eq!(reply.payload, item("gap:hot", 0, b"old"));
+}
+
+/// One reply line from a blocking stream, byte by byte (replies here are short).
+fn read_line(conn: &mut TcpStream) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\r\n") {
+        match conn.read(&mut byte) {
+            Ok(1) => line.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&line).into_owned()
 }
 
 #[test]
