@@ -220,7 +220,7 @@ pub fn synthetic_udp_frame(port: u16, payload: &[u8]) -> Vec<u8> {
     f.extend_from_slice(&[127, 0, 0, 1, 127, 0, 0, 1]);
     let sum = ipv4_checksum(&f[14..34]);
     f[24..26].copy_from_slice(&sum.to_be_bytes());
-    f.extend_from_slice(&40000u16.to_be_bytes());
+    f.extend_from_slice(&cache_common::AGENT_SOURCE_PORT.to_be_bytes());
     f.extend_from_slice(&port.to_be_bytes());
     f.extend_from_slice(&(udp_len as u16).to_be_bytes());
     f.extend_from_slice(&[0, 0]);

@@ -63,6 +63,14 @@ pub mod flags {
 /// XDP metadata (4 bytes in front of the frame) marking a request `tc_serve` should answer.
 pub const TC_HANDOFF: u32 = 0x6d63_7463; // "mctc"
 pub const TC_HANDOFF_LEN: usize = 4;
+/// Source port of the `delete` frames the agent runs through `xdp_cache` for the keys
+/// memcached's watch stream reports: the kernel leaves them out of its per-protocol
+/// invalidation counts (the agent counts them as `watch`). No client sends from port 0.
+pub const AGENT_SOURCE_PORT: u16 = 0;
+/// `skb->mark` of a reply `tc_serve` sends out: `tc_fill` (on the same interface's egress)
+/// lets it pass unlooked-at and clears the mark. Without it every such hit counted as a fill
+/// refused for want of a ticket (found by QA round 6).
+pub const TC_SERVED_MARK: u32 = 0x6d63_7273; // "mcrs"
 
 /// One memcached instance: the ports it listens on (host byte order, 0 = none).
 #[repr(C)]

@@ -57,7 +57,7 @@ pub fn write_key(
     key_check: u32,
     ttl: Ttl,
     counters: Option<*mut Counters>,
-    source: Counter,
+    source: Option<Counter>,
 ) {
     let now = coarse_ns();
     // Record the write time first, then clear under each bucket lock (see store::insert).
@@ -97,7 +97,9 @@ pub fn write_key(
     invalidate(&CLASS1, b[1], key_hash, counters, 1);
     invalidate(&CLASS2, b[2], key_hash, counters, 2);
     invalidate(&CLASS3, b[3], key_hash, counters, 3);
-    count(counters, source);
+    if let Some(source) = source {
+        count(counters, source);
+    }
 }
 
 /// Invalidates the whole cache: every entry remembers the epoch it was filled in. Like a

@@ -8,7 +8,9 @@ use aya_ebpf::{
     helpers::generated::{bpf_loop, bpf_xdp_load_bytes},
     programs::XdpContext,
 };
-use cache_common::{Config, Counter, Counters, FRAME_HEADER_LEN, FlowKey, GET, MAX_INSTANCES};
+use cache_common::{
+    AGENT_SOURCE_PORT, Config, Counter, Counters, FRAME_HEADER_LEN, FlowKey, GET, MAX_INSTANCES,
+};
 
 use crate::coherence::{Ttl, flush, write_key};
 use crate::csum::udp_checksum_ok;
@@ -319,6 +321,9 @@ extern "C" fn apply_step(index: u64, _ctx: *mut c_void) -> i64 {
         x if x == Counter::InvalidateBinary as u32 => Counter::InvalidateBinary,
         _ => Counter::InvalidateText,
     };
+    // The agent's own deletes (keys watch reported) are counted by the agent, as `watch`.
+    let from_agent = unsafe { (*s).pkt.hdr.src_port } == AGENT_SOURCE_PORT;
+    let source = if from_agent { None } else { Some(source) };
     write_key(cfg, key_hash, key_check, ttl, counters(), source);
     0
 }
