@@ -7,7 +7,8 @@
 
 use aya_ebpf::{helpers::generated::bpf_skb_load_bytes, programs::TcContext};
 use cache_common::{
-    Config, Counter, Counters, END, FRAME_HEADER_LEN, MAX_KEY_LEN, Ticket, TicketKey, VALUE, flags,
+    Config, Counter, Counters, END, FRAME_HEADER_LEN, MAX_KEY_LEN, TC_SERVED_MARK, Ticket,
+    TicketKey, VALUE, flags,
     hash::{check_seed, check_step, finish, seed, step},
 };
 
@@ -25,6 +26,13 @@ use crate::time::{coarse_ns, precise_ns};
 pub const TC_NEXT: i32 = -1;
 
 pub fn run(ctx: &TcContext) -> i32 {
+    // A reply tc_serve answered from the cache: nothing to fill.
+    unsafe {
+        if (*ctx.skb.skb).mark == TC_SERVED_MARK {
+            (*ctx.skb.skb).mark = 0;
+            return TC_NEXT;
+        }
+    }
     let frame = Frame {
         start: ctx.data(),
         end: ctx.data_end(),

@@ -12,7 +12,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_redirect, bpf_skb_pull_data},
     programs::TcContext,
 };
-use cache_common::{Counter, FRAME_HEADER_LEN, TC_HANDOFF, TC_HANDOFF_LEN};
+use cache_common::{Counter, FRAME_HEADER_LEN, TC_HANDOFF, TC_HANDOFF_LEN, TC_SERVED_MARK};
 
 use crate::fill::TC_NEXT;
 use crate::hitpath::{Served, pass, serve};
@@ -74,6 +74,8 @@ pub fn run(ctx: &TcContext) -> i32 {
         Served::Reply => {
             count(c, Counter::HitRequestsTc);
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+            // The reply passes tc_fill on its way out: it is ours, not memcached's.
+            unsafe { (*ctx.skb.skb).mark = TC_SERVED_MARK };
             unsafe { bpf_redirect(ifindex, 0) as i32 }
         }
         Served::Pass => TC_NEXT,
