@@ -551,6 +551,8 @@ fn show_status(t: Target) -> anyhow::Result<()> {
         "fill_lease_remaining_ms": snap.config.fill_lease_until_ns.saturating_sub(kernel::coarse_now_ns()) / 1_000_000,
         "agent_epoch": snap.config.agent_epoch,
         "kernel_epoch": snap.state.kernel_epoch,
+        // Slots in use: a flush (an epoch bump) makes entries dead without emptying their
+        // slots, so they count until a fill reuses them.
         "entries": entries.max(0),
         "class_buckets": snap.config.class_buckets,
         "hit_ratio": stats::hit_ratio(&snap),

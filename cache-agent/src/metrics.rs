@@ -165,12 +165,12 @@ pub const WARM_FILLS: Family = counter(
 pub const CACHE_ENTRIES: Family = gauge(
     "memcache_accel_cache_entries",
     &["class"],
-    "Entries in the kernel cache, by size class (0..3: 128, 384, 768 and 1536-byte slots).",
+    "Slots holding an entry in the kernel cache, by size class (0..3: 128, 384, 768 and 1536-byte slots). A flush makes every entry dead at once without emptying slots: they count until a fill reuses them.",
 );
 pub const CACHE_BYTES: Family = gauge(
     "memcache_accel_cache_bytes",
     &["class"],
-    "Slot bytes in use in the kernel cache, by size class (entries times slot size).",
+    "Slot bytes in use in the kernel cache, by size class (slots holding an entry, live or flushed, times slot size).",
 );
 pub const CACHE_CAPACITY_BYTES: Family = gauge(
     "memcache_accel_cache_capacity_bytes",
