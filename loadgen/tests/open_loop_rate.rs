@@ -16,12 +16,29 @@ use loadgen::workload::{Arrivals, LoadMode, Workload};
 /// Both tests keep CPUs busy (spinning waits, a busy-polling responder); run them one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// Real time on a shared machine: a run the scheduler starved of the CPU falls short through
+/// no fault of the code. Up to three tries; a pacer that is wrong fails all of them.
+fn in_one_of_three_tries(what: &str, attempt: impl Fn() -> Result<(), String>) {
+    let mut failures = Vec::new();
+    for _ in 0..3 {
+        match attempt() {
+            Ok(()) => return,
+            Err(e) => failures.push(e),
+        }
+    }
+    panic!("{what}: every try failed: {failures:?}");
+}
+
 /// A paced loop that waits with `Clock::wait_until` achieves the target rate (sends / wall time)
 /// within 2 % (fixed gaps) or 5 % (Poisson, whose count itself varies by about 1 %), and the
 /// median start is within 100 µs of its intended time.
 #[test]
 fn paced_loop_rate_accuracy_in_real_time() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    in_one_of_three_tries("paced loop", paced_loop_within_tolerance);
+}
+
+fn paced_loop_within_tolerance() -> Result<(), String> {
     for arrivals in [Arrivals::Fixed, Arrivals::Poisson] {
         let clock = Clock::start();
         let mut rng = Rng::new(5, 0);
@@ -45,14 +62,18 @@ fn paced_loop_rate_accuracy_in_real_time() {
         } else {
             0.05
         };
-        assert!(
-            (achieved - rate).abs() < rate * tol,
-            "{arrivals:?}: achieved {achieved:.0}/s, target {rate}"
-        );
+        if (achieved - rate).abs() >= rate * tol {
+            return Err(format!(
+                "{arrivals:?}: achieved {achieved:.0}/s, target {rate}"
+            ));
+        }
         lags.sort_unstable();
         let median_us = lags[lags.len() / 2] as f64 / 1e3;
-        assert!(median_us < 100.0, "{arrivals:?}: median lag {median_us} µs");
+        if median_us >= 100.0 {
+            return Err(format!("{arrivals:?}: median lag {median_us} µs"));
+        }
     }
+    Ok(())
 }
 
 fn responder() -> (
@@ -92,16 +113,22 @@ fn udp_open_loop_hits_target_rate_and_reports_shortfall() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (addr, stop, h) = responder();
     for arrivals in [Arrivals::Poisson, Arrivals::Fixed] {
-        let r = open_loop(addr, 20_000.0, arrivals);
-        let achieved = r.send_rps;
-        assert!(
-            (achieved - 20_000.0).abs() < 600.0,
-            "{arrivals:?}: sent {achieved:.0}/s for a 20000/s target"
-        );
-        assert!(r.shortfall.is_none(), "{:?}", r.warnings);
-        assert_eq!(r.counters.completed + r.counters.timeouts, r.counters.sent);
-        assert!(r.counters.timeouts * 100 <= r.counters.sent);
-        assert_eq!(r.counters.get_hits, r.counters.completed);
+        in_one_of_three_tries("open loop at 20000/s", || {
+            let r = open_loop(addr, 20_000.0, arrivals);
+            let achieved = r.send_rps;
+            if (achieved - 20_000.0).abs() >= 600.0 || r.shortfall.is_some() {
+                return Err(format!(
+                    "{arrivals:?}: sent {achieved:.0}/s for a 20000/s target; {:?}",
+                    r.warnings
+                ));
+            }
+            assert_eq!(r.counters.completed + r.counters.timeouts, r.counters.sent);
+            if r.counters.timeouts * 100 > r.counters.sent {
+                return Err(format!("{arrivals:?}: {:?}", r.counters));
+            }
+            assert_eq!(r.counters.get_hits, r.counters.completed);
+            Ok(())
+        });
     }
     // One worker cannot send 50 million requests per second.
     let r = open_loop(addr, 50_000_000.0, Arrivals::Fixed);
