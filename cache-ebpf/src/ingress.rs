@@ -19,10 +19,10 @@ use crate::net::{
     Frame, Headers, IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN, TCP_URG,
     carried_destination, parse,
 };
-use crate::scanner::{HoleFill, scan_chunk};
+use crate::scanner::{FLOW_SCANNED_BYTES, HoleFill, scan_chunk};
 use crate::scratch::{BUF_SIZE, MAX_PENDING, Scratch, helper_len};
 use crate::stats::{count, counters};
-use crate::store::copy_words;
+use crate::store::{copy_leading_words, copy_words};
 use crate::unaligned::{load_u32, load_u64, store_u32, store_u64};
 
 pub fn run(ctx: &XdpContext) -> u32 {
@@ -195,7 +195,7 @@ pub fn run_scan(ctx: &XdpContext) -> u32 {
     if is_tcp && let Some(flow) = TCP_FLOWS.get_ptr_mut(&key) {
         unsafe {
             let seq = (*flow).next_seq;
-            copy_words(flow, &raw const (*s).flow);
+            copy_leading_words(flow, &raw const (*s).flow, FLOW_SCANNED_BYTES);
             (*flow).next_seq = seq.wrapping_add(chunk as u32);
         }
     }

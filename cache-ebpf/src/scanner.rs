@@ -153,6 +153,13 @@ pub struct FlowState {
     pub holes: [[u32; 2]; MAX_HOLES],
 }
 
+/// The part of [`FlowState`] the scan changes, which it writes back to the flow map: all but
+/// the holes. Only the segment's own entry point changes those, on the map itself, and a
+/// segment of the same flow on another CPU (a multi-queue NIC or veth) may have filled one
+/// meanwhile: a stale copy written back would keep that hole open, and miss its flush.
+pub const FLOW_SCANNED_BYTES: usize = core::mem::offset_of!(FlowState, holes);
+const _: () = assert!(FLOW_SCANNED_BYTES % 8 == 0);
+
 impl FlowState {
     /// A new stream (a connection's first byte, or a datagram).
     #[inline(always)]

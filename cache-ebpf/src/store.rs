@@ -383,9 +383,15 @@ pub fn invalidate<const TEXT: usize, const N: usize>(
 #[inline(always)]
 pub fn copy_words<T>(dst: *mut T, src: *const T) {
     const { assert!(core::mem::size_of::<T>() % 8 == 0) };
+    copy_leading_words(dst, src, core::mem::size_of::<T>());
+}
+
+/// [`copy_words`] of the struct's first `bytes` (a multiple of 8) only.
+#[inline(always)]
+pub fn copy_leading_words<T>(dst: *mut T, src: *const T, bytes: usize) {
     let (d, s) = (dst as *mut u64, src as *const u64);
     let mut i = 0;
-    while i < core::mem::size_of::<T>() / 8 {
+    while i < bytes / 8 && i < core::mem::size_of::<T>() / 8 {
         unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
         i += 1;
     }
