@@ -384,26 +384,24 @@ fn tcp_segment(h: &Headers, s: *mut Scratch, c: Option<*mut Counters>) -> Option
         return None;
     }
     let len = h.payload_len as u32;
-    if state.holes_open() {
-        match state.fill_hole(data_seq, len) {
-            HoleFill::Elsewhere => {}
-            HoleFill::Filled { closed, past } => {
-                // memcached reads on past the hole from now on, and applies the writes the
-                // scan saw there (maybe later than the write-settle time after it saw them).
-                if closed {
-                    flush(c, Counter::FlushUnsynced);
-                }
-                // Block bytes only: nothing to scan. Past the hole, the bytes were seen (a
-                // retransmission, below) and some may be new.
-                if !past {
-                    return None;
-                }
-            }
-            HoleFill::Lost => {
-                state.mode_lost();
+    match state.fill_hole(data_seq, len) {
+        HoleFill::Elsewhere => {}
+        HoleFill::Filled { closed, past } => {
+            // memcached reads on past the hole from now on, and applies the writes the
+            // scan saw there (maybe later than the write-settle time after it saw them).
+            if closed {
                 flush(c, Counter::FlushUnsynced);
+            }
+            // Block bytes only: nothing to scan. Past the hole, the bytes were seen (a
+            // retransmission, below) and some may be new.
+            if !past {
                 return None;
             }
+        }
+        HoleFill::Lost => {
+            state.mode_lost();
+            flush(c, Counter::FlushUnsynced);
+            return None;
         }
     }
     let expected = state.next_seq;

@@ -15,13 +15,13 @@
 //!
 //! The conservative rule: whenever the scanner cannot be sure where it is in a stream (a TCP
 //! flow first seen mid-stream, for example opened before the agent started; a gap outside a
-//! block, or more holes than a flow keeps; a retransmission; a line longer than memcached accepts; a key it cannot hash such as a
-//! base64 meta key; a storage line with a number memcached's strtol may read otherwise, so
-//! that whether memcached takes a data block is not certain; a CR inside a line, which
-//! memcached reads as a key byte; a NUL, which ends memcached's line early), it flushes the
-//! whole cache. A flow it lost stays unsynced, and every later
-//! segment of it flushes again, until the connection closes. Correctness never depends on
-//! guessing where a command starts.
+//! block, or more holes than a flow keeps; a retransmission; a line longer than memcached
+//! accepts; a key it cannot hash such as a base64 meta key; a storage line with a number
+//! memcached's strtol may read otherwise, so that whether memcached takes a data block is not
+//! certain; a CR inside a line, which memcached reads as a key byte; a NUL, which ends
+//! memcached's line early), it flushes the whole cache. A flow it lost stays unsynced, and
+//! every later segment of it flushes again, until the connection closes. Correctness never
+//! depends on guessing where a command starts.
 
 use aya_ebpf::{cty::c_void, helpers::generated::bpf_loop};
 use cache_common::{
@@ -247,13 +247,8 @@ impl FlowState {
         (0..MAX_HOLES).find(|&i| self.holes[i][0] == self.holes[i][1])
     }
 
-    #[inline(always)]
-    pub fn holes_open(&self) -> bool {
-        self.holes.iter().any(|h| h[0] != h[1])
-    }
-
-    /// A segment of `len` bytes starting at `seq` while holes are open: the bytes of a hole,
-    /// sent again (from its start or from its middle), fill it.
+    /// A segment of `len` bytes starting at `seq`: the bytes of an open hole, sent again (from
+    /// its start or from its middle), fill it. Elsewhere when the flow has no hole open.
     #[inline(always)]
     pub fn fill_hole(&mut self, seq: u32, len: u32) -> HoleFill {
         let end = seq.wrapping_add(len);

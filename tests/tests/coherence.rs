@@ -1301,7 +1301,7 @@ fn connections_that_lost_segments_inside_values_are_still_followed() {
     let addr = rig.server(false);
     let retransmitted = tcp_retransmits(rig.bed.client_netns());
     // Two persistent connections write 1 MB values together for 3 s.
-    let conns: Vec<TcpStream> = rig.bed.in_client(move || {
+    let mut conns: Vec<TcpStream> = rig.bed.in_client(move || {
         let writers: Vec<_> = (0..2)
             .map(|w| {
                 std::thread::spawn(move || {
@@ -1327,7 +1327,6 @@ fn connections_that_lost_segments_inside_values_are_still_followed() {
     eprintln!("segments sent again during the burst: {lost}");
     // Every byte sent has reached memcached (each set was answered): no gap is left open.
     let flushes = rig.counter("flush_unsynced");
-    let mut conns = conns;
     // The same connections go on writing small items: followed, not flushed.
     for i in 0..20 {
         for conn in conns.iter_mut() {
