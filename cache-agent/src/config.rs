@@ -573,6 +573,7 @@ mod tests {
         let mut a = args("from-flag", "127.0.0.1:11211");
         a.config = Some(path);
         let s = Settings::resolve(&a).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(s.iface, "from-flag");
         assert_eq!(s.capacity_bytes, 2 << 20);
     }
