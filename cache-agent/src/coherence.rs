@@ -23,7 +23,7 @@ use std::{
 };
 
 use aya::Ebpf;
-use cache_common::{Config, flags};
+use cache_common::{Config, HANDOVER_UNKNOWN, HEARTBEAT_NS, flags};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::TcpStream,
@@ -116,8 +116,11 @@ impl Shared {
         });
     }
 
+    /// Writes the configuration to the kernel after `change`; every write stamps the
+    /// heartbeat.
     fn publish(&self, change: impl FnOnce(&mut Config)) {
         let mut config = self.config.lock().expect("config lock");
+        config.agent_heartbeat_ns = kernel::coarse_now_ns();
         change(&mut config);
         let mut ebpf = self.ebpf.lock().expect("ebpf lock");
         if let Err(e) = kernel::write_config(&mut ebpf, &config) {
@@ -173,6 +176,30 @@ impl Shared {
 
     /// Records which memcached process the cache holds items of (kept with the pinned
     /// config, for the next agent in upgrade mode).
+    /// Stamps the heartbeat unless a write did lately (see [`Config::agent_heartbeat_ns`]).
+    pub fn heartbeat(&self) {
+        let last = self.config.lock().expect("config lock").agent_heartbeat_ns;
+        if kernel::coarse_now_ns().saturating_sub(last) >= HEARTBEAT_NS {
+            self.publish(|_| {});
+        }
+    }
+
+    /// Marks this agent stopped in the kept configuration (upgrade mode), so the next one
+    /// need not wait for the heartbeat to go stale.
+    pub fn stop_heartbeat(&self) {
+        self.publish(|c| c.agent_heartbeat_ns = 0);
+    }
+
+    /// Keeps memcached's loss counters with the pinned configuration for the next agent
+    /// (upgrade mode; see [`handover_counters`]).
+    pub fn record_handover(&self, counters: Option<(u64, u64)>) {
+        let (evictions, dropped) = counters.unwrap_or((HANDOVER_UNKNOWN, HANDOVER_UNKNOWN));
+        self.publish(|c| {
+            c.handover_evictions = evictions;
+            c.handover_dropped = dropped;
+        });
+    }
+
     fn record_memcached(&self, id: &Identity) {
         let known = {
             let c = self.config.lock().expect("config lock");
@@ -532,7 +559,8 @@ fn stat_number(lines: &[String], name: &str) -> Option<u64> {
 }
 
 /// Whether memcached's `stats` count no eviction and no dropped log entry since it started.
-async fn never_evicted(addr: std::net::SocketAddr) -> std::io::Result<bool> {
+/// memcached's `evictions` and the sum of its [`UNREPORTED_DROPS`] counters.
+async fn loss_counters(addr: std::net::SocketAddr) -> std::io::Result<(u64, u64)> {
     let lines = request_once(addr, "stats\r\n", "END", Duration::from_secs(1))
         .await
         .ok_or_else(|| std::io::Error::other("stats"))?;
@@ -542,7 +570,56 @@ async fn never_evicted(addr: std::net::SocketAddr) -> std::io::Result<bool> {
         .iter()
         .map(|name| count(name).unwrap_or(0))
         .sum();
-    Ok(evictions == 0 && dropped == 0)
+    Ok((evictions, dropped))
+}
+
+/// How long memcached may hold a log entry before its watch streams get it: the logger thread
+/// sleeps up to a second when idle (memcached 1.6 `MAX_LOGGER_SLEEP`).
+const WATCH_DELIVERY: Duration = Duration::from_millis(1500);
+
+/// Reads memcached's loss counters for the next agent (upgrade mode), then keeps following
+/// `watch` for [`WATCH_DELIVERY`], so every eviction they count has been invalidated when
+/// this agent stops. None if the counters could not be read or the stream was lost meanwhile.
+pub async fn handover_counters(shared: &Shared) -> Option<(u64, u64)> {
+    let counters = loss_counters(shared.settings.memcached).await.ok()?;
+    if shared.settings.watch {
+        sleep(WATCH_DELIVERY).await;
+        if !shared.watch_ok.load(Ordering::Relaxed) {
+            return None;
+        }
+    }
+    Some(counters)
+}
+
+/// Why an adopted cache cannot be kept, given memcached's loss counters now and as the
+/// previous agent handed them over; None if nothing was lost since.
+fn adoption_doubt(now: (u64, u64), handed_over: (u64, u64)) -> Option<String> {
+    let (evictions, dropped) = now;
+    let (evictions_then, dropped_then) = handed_over;
+    if evictions_then == HANDOVER_UNKNOWN || dropped_then == HANDOVER_UNKNOWN {
+        Some("the previous agent did not hand over memcached's eviction counters".into())
+    } else if evictions != evictions_then {
+        Some(format!(
+            "memcached's evictions went from {evictions_then} to {evictions} between the two \
+             agents (no watch stream saw them)"
+        ))
+    } else if dropped != dropped_then {
+        Some(
+            "memcached dropped items or log entries between the two agents \
+             (log_worker_dropped, log_watcher_skipped, slab mover)"
+                .into(),
+        )
+    } else {
+        None
+    }
+}
+
+/// Stamps the heartbeat every [`HEARTBEAT_NS`] until dropped, whatever memcached does.
+pub async fn heartbeat_loop(shared: Arc<Shared>) {
+    loop {
+        shared.heartbeat();
+        sleep(Duration::from_nanos(HEARTBEAT_NS / 2)).await;
+    }
 }
 
 /// Follows `watch mutations evictions` and invalidates every key it reports.
@@ -588,11 +665,15 @@ async fn follow_watch(shared: &Shared, addr: std::net::SocketAddr) -> std::io::R
     {
         shared.resync("watch stream (re)connected");
     } else {
-        match never_evicted(addr).await {
-            Ok(true) => {}
-            Ok(false) => {
-                shared.resync("adopted cache: memcached has evicted items since it started")
-            }
+        let handed_over = {
+            let c = shared.config.lock().expect("config lock");
+            (c.handover_evictions, c.handover_dropped)
+        };
+        match loss_counters(addr).await {
+            Ok(now) => match adoption_doubt(now, handed_over) {
+                None => info!("adopted cache kept: memcached lost nothing between the two agents"),
+                Some(why) => shared.resync(&format!("adopted cache: {why}")),
+            },
             Err(_) => shared.resync("adopted cache: memcached's stats could not be read"),
         }
     }
@@ -649,7 +730,22 @@ pub fn watch_key(line: &str) -> Option<Vec<u8>> {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::{TickWindow, memcached_realtime_offset_ns, watch_key};
+    use super::{TickWindow, adoption_doubt, memcached_realtime_offset_ns, watch_key};
+    use cache_common::HANDOVER_UNKNOWN;
+
+    #[test]
+    fn an_adopted_cache_is_kept_only_if_nothing_was_lost_since_the_handover() {
+        // Evictions and drops from before the handover were reported to the previous agent.
+        assert_eq!(adoption_doubt((5000, 18919), (5000, 18919)), None);
+        let e = adoption_doubt((5001, 18919), (5000, 18919)).unwrap();
+        assert!(e.contains("evictions went from 5000 to 5001"), "{e}");
+        let e = adoption_doubt((5000, 18920), (5000, 18919)).unwrap();
+        assert!(e.contains("dropped") && !e.contains("evictions"), "{e}");
+        for unknown in [(HANDOVER_UNKNOWN, 0), (0, HANDOVER_UNKNOWN)] {
+            let e = adoption_doubt((0, 0), unknown).unwrap();
+            assert!(e.contains("did not hand over"), "{e}");
+        }
+    }
 
     /// memcached's clock: `unix = started_unix + floor((mono - mono_at_start) / 1 s)`, read
     /// up to a second late (its clock event runs once a second). Whenever the `stats` is

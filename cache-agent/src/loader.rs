@@ -244,6 +244,9 @@ pub fn initial_config(settings: &Settings) -> Config {
         memcached_pid: 0,
         _pad: 0,
         memcached_started_s: 0,
+        handover_evictions: cache_common::HANDOVER_UNKNOWN,
+        handover_dropped: cache_common::HANDOVER_UNKNOWN,
+        agent_heartbeat_ns: kernel::coarse_now_ns(),
     }
 }
 

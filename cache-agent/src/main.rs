@@ -64,12 +64,23 @@ struct Target {
     pin_root: PathBuf,
 }
 
+/// Set once the logs are JSON: the error that ends the agent is then logged as JSON too.
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn init_logging(json: bool) {
+    use std::io::IsTerminal as _;
     use tracing_subscriber::{EnvFilter, fmt};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Under journald the journal stamps each line; do not add a second timestamp.
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a person at a terminal: in a file, a pipe or the journal (which shows
+    // such lines as "[blob data]") they are noise. NO_COLOR is the convention to turn them off.
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    JSON_LOGS.store(json, std::sync::atomic::Ordering::Relaxed);
     match (json, journald) {
         (true, _) => builder.json().init(),
         (false, true) => builder.without_time().init(),
@@ -95,7 +106,11 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("cache-agent: {e:#}");
+            if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+                error!(error = format!("{e:#}"), "cache-agent stopped");
+            } else {
+                eprintln!("cache-agent: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -160,6 +175,8 @@ fn load_and_attach(
         }
         config.memcached_pid = kept.memcached_pid;
         config.memcached_started_s = kept.memcached_started_s;
+        config.handover_evictions = kept.handover_evictions;
+        config.handover_dropped = kept.handover_dropped;
     }
     kernel::write_config(&mut ebpf, &config)?;
     kernel::write_allowlist(&mut ebpf, &settings.allow)?;
@@ -263,6 +280,19 @@ fn process_start_time(pid: i32) -> Option<u64> {
     after_name.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Whether process `pid` exists and has not exited (an exited child its parent has not
+/// reaped yet is a zombie: its agent is gone).
+fn process_running(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state (field 3) follows the parenthesised command name.
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next());
+    state.is_some_and(|s| s != "Z" && s != "X")
+}
+
 impl Drop for PidFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
@@ -289,6 +319,37 @@ fn running_agent(iface: &str) -> Option<i32> {
     alive.then_some(pid)
 }
 
+/// How long an agent's heartbeat ([`cache_common::Config::agent_heartbeat_ns`]) stays recent
+/// after its last stamp: a few stamps, since a busy agent may stamp late.
+const HEARTBEAT_STALE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// How long ago the agent whose pins are under `dir` stamped its heartbeat, if lately: an
+/// agent runs there, seen by its pid file or not (in a container, its pid is in another PID
+/// namespace; found by QA round 7: `detach` on the node removed a pod's live pins).
+fn recent_heartbeat(dir: &std::path::Path) -> Option<std::time::Duration> {
+    let stamped = kernel::pinned_config(dir).ok()?.agent_heartbeat_ns;
+    let age = std::time::Duration::from_nanos(kernel::coarse_now_ns().saturating_sub(stamped));
+    (stamped != 0 && age < HEARTBEAT_STALE).then_some(age)
+}
+
+/// Waits for a heartbeat under `dir` to go stale (an agent that just crashed); an error if
+/// an agent this process cannot see still stamps it.
+fn wait_out_hidden_agent(dir: &std::path::Path, iface: &str) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + HEARTBEAT_STALE;
+    while recent_heartbeat(dir).is_some() {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "a cache-agent this process cannot see (another PID namespace: a container?) \
+                 still serves `{iface}`: its pins under {} are alive. Fix: stop that agent \
+                 where it runs (its pod or container), or serve another interface",
+                dir.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Ok(())
+}
+
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = Settings::resolve(&args)?;
     init_logging(settings.json_logs);
@@ -309,6 +370,7 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
             iface = settings.iface
         );
     }
+    wait_out_hidden_agent(&settings.pin_dir(), &settings.iface)?;
     let _pid_file = PidFile::create(&settings.iface);
     // From here on SIGTERM and SIGINT are handled: one that arrives while the programs load
     // is acted on once they are attached, by the same clean detach as any other.
@@ -434,6 +496,7 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
         .skip_first_watch_resync
         .store(adopting, std::sync::atomic::Ordering::Relaxed);
     let lease = tokio::spawn(coherence::lease_loop(Arc::clone(&shared)));
+    let heartbeat = tokio::spawn(coherence::heartbeat_loop(Arc::clone(&shared)));
     let watch = settings
         .watch
         .then(|| tokio::spawn(coherence::watch_loop(Arc::clone(&shared))));
@@ -460,18 +523,26 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
     let watchdog = tokio::spawn(cache_agent::notify::watchdog_loop());
 
     let failure = tokio::select! {
-        _ = term.recv() => { info!("SIGTERM: detaching"); None }
-        _ = int.recv() => { info!("SIGINT: detaching"); None }
+        _ = term.recv() => { info!("SIGTERM: stopping"); None }
+        _ = int.recv() => { info!("SIGINT: stopping"); None }
         gone = &mut interface => {
             let why = gone.unwrap_or_else(|e| format!("interface watch failed: {e}"));
             error!(reason = %why, "stopping: the programs are no longer attached where they serve");
             Some(why)
         }
     };
-    interface.abort();
     cache_agent::notify::stopping();
+    // Upgrade mode: memcached's loss counters for the next agent, read while this one still
+    // serves and follows watch.
+    let handover = if failure.is_none() && settings.keep_on_exit {
+        cache_agent::coherence::handover_counters(&shared).await
+    } else {
+        None
+    };
+    interface.abort();
     watchdog.abort();
     lease.abort();
+    heartbeat.abort();
     if let Some(w) = watch {
         w.abort();
     }
@@ -493,6 +564,8 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
         ));
     }
     if settings.keep_on_exit {
+        shared.record_handover(handover);
+        shared.stop_heartbeat();
         let mut ebpf = shared.ebpf.lock().expect("ebpf lock");
         match loader::keep_attached(&mut ebpf, &dir, links) {
             Ok(()) => {
@@ -545,6 +618,9 @@ fn show_status(t: Target) -> anyhow::Result<()> {
         "iface": t.iface,
         // null when no agent runs (crashed: the kernel serves until its lease runs out).
         "pid": agent,
+        // How long ago an agent last wrote the configuration (null once it stopped): an
+        // agent in another PID namespace has no pid here but a recent heartbeat.
+        "heartbeat_age_ms": (snap.config.agent_heartbeat_ns != 0).then(|| kernel::coarse_now_ns().saturating_sub(snap.config.agent_heartbeat_ns) / 1_000_000),
         "serving": stats::serving(&snap),
         "lease_remaining_ms": snap.config.lease_until_ns.saturating_sub(kernel::coarse_now_ns()) / 1_000_000,
         // 0 while memcached answers the agent's probes late: the kernel fills nothing then.
@@ -567,20 +643,40 @@ fn show_status(t: Target) -> anyhow::Result<()> {
 
 fn detach(t: Target) -> anyhow::Result<()> {
     let pid_path = pid_file(&t.iface);
+    let dir = pin_dir(&t.pin_root, &t.iface);
     if let Some(pid) = running_agent(&t.iface) {
         // SAFETY: sending a signal to the cache-agent the pid file names.
         if unsafe { libc::kill(pid, libc::SIGTERM) } == 0 {
             println!("asked agent {pid} to detach from {}", t.iface);
+            let mut gone = false;
             for _ in 0..50 {
-                if unsafe { libc::kill(pid, 0) } != 0 {
+                if !process_running(pid) {
+                    gone = true;
                     break;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
+            // Its links live as long as its file descriptors: removing its pins would stop
+            // nothing, and would take the next agent's guard away.
+            if !gone {
+                anyhow::bail!(
+                    "agent {pid} did not stop within 5 s (stopped or hung?); its programs stay \
+                     attached and its pins are left in place. Fix: `kill -KILL {pid}`, then run \
+                     `cache-agent detach --iface {}` again",
+                    t.iface
+                );
+            }
         }
+    } else if let Some(age) = recent_heartbeat(&dir) {
+        anyhow::bail!(
+            "a cache-agent this process cannot see (another PID namespace: a container?) \
+             serves `{}` (heartbeat {} ms ago); its pins are left in place. Fix: stop it where \
+             it runs (delete its pod, or run `cache-agent detach` inside its container)",
+            t.iface,
+            age.as_millis()
+        );
     }
     let _ = std::fs::remove_file(&pid_path);
-    let dir = pin_dir(&t.pin_root, &t.iface);
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
         println!("removed pins under {}", dir.display());

@@ -122,8 +122,26 @@ pub struct Config {
     pub memcached_pid: u32,
     pub _pad: u32,
     pub memcached_started_s: u64,
+    /// memcached's `evictions`, and the sum of its counters of drops no `watch` stream hears
+    /// of, as an agent in upgrade mode read them when it stopped (then it followed `watch`
+    /// long enough for every eviction they count to reach it); [`HANDOVER_UNKNOWN`] if it
+    /// could not. Only the agent reads them: the next agent keeps the cache only if they have
+    /// not moved since.
+    pub handover_evictions: u64,
+    pub handover_dropped: u64,
+    /// `bpf_ktime_get_coarse_ns` when the running agent last wrote this (at least every
+    /// [`HEARTBEAT_NS`]); 0 once it stopped. Only agents read it: an agent another PID
+    /// namespace hides (a container's) is alive while this is recent, so no one else takes
+    /// or removes its pins.
+    pub agent_heartbeat_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 120);
+const _: () = assert!(core::mem::size_of::<Config>() == 144);
+
+/// How often a running agent stamps [`Config::agent_heartbeat_ns`].
+pub const HEARTBEAT_NS: u64 = 500_000_000;
+
+/// [`Config::handover_evictions`] and [`Config::handover_dropped`] when not known.
+pub const HANDOVER_UNKNOWN: u64 = u64::MAX;
 
 /// Written only by the kernel (one element).
 #[repr(C)]

@@ -35,6 +35,51 @@ fn an_adopted_cache_is_flushed_when_memcached_evicted_between_agents() {
     rig.start_agent(&[]);
 }
 
+#[test]
+fn an_adopted_cache_is_kept_when_memcached_evicted_only_before_the_handover() {
+    // Every production memcached has evicted at some point: evictions (and dropped log
+    // entries) from before the first agent stopped were reported to it, and must not make
+    // every later upgrade start cold. Found by QA round 7: the kept cache was flushed
+    // whenever memcached's lifetime counters were not zero.
+    let mut rig = Rig::with_memcached(
+        "lcevold",
+        92,
+        &["-m", "2", "-t", "2", "-o", "no_lru_maintainer"],
+    );
+    for round in 0.. {
+        rig.set_burst("before", 30_000);
+        if rig.mc_stat("evictions") > 0 {
+            break;
+        }
+        assert!(round < 3, "memcached never evicted");
+    }
+    rig.start_agent(&["--keep-on-exit", "true"]);
+    rig.set("kept", b"warm", 0, 0);
+    rig.warm("kept", WARM);
+    rig.bed.stop_agent();
+    rig.start_agent(&["--keep-on-exit", "true"]);
+    let log = rig.agent_log();
+    assert!(
+        log.contains("adopted cache kept"),
+        "the kept cache was not kept: {log}"
+    );
+    // Written to a file, the log carries no terminal colour codes (found by QA round 7:
+    // journald shows such lines as "[blob data]").
+    assert!(!log.contains('\u{1b}'), "colour codes in a log file: {log}");
+    let hits = rig.counter("hit_keys");
+    assert_eq!(
+        rig.udp_get(&["kept"]).payload,
+        [value_text("kept", 0, b"warm"), b"END\r\n".to_vec()].concat()
+    );
+    assert_eq!(
+        rig.counter("hit_keys"),
+        hits + 1,
+        "the first GET after the upgrade was not a kernel hit"
+    );
+    rig.bed.stop_agent();
+    rig.start_agent(&[]);
+}
+
 /// Starts an agent in upgrade mode that must adopt the kept cache, and checks it never
 /// serves `key` (`what` says why it must not).
 fn adopt_and_expect_a_miss(rig: &mut Rig, key: &str, what: &str) {
@@ -224,6 +269,82 @@ fn an_agent_run_from_a_renamed_binary_is_refused_a_twin_and_stopped_by_detach() 
     assert!(exited, "detach did not stop the renamed agent");
 }
 
+/// An agent in a PID namespace of its own (a container without hostPID, as the DaemonSet
+/// runs it) has a pid file whose pid means nothing on the node. Found by QA round 7: `detach`
+/// from the node took it for a dead agent and removed its live pins (while it kept serving),
+/// and a second `run` did the same. Its heartbeat in the pinned configuration tells it is
+/// alive: both are refused and leave it serving.
+#[test]
+fn an_agent_in_another_pid_namespace_is_neither_detached_nor_replaced_from_outside() {
+    let rig = Rig::new("lcpidns", 93);
+    let ns = format!("--net=/run/netns/{}", rig.bed.server_netns());
+    let iface = rig.bed.server_iface().to_string();
+    let memcached = rig.bed.memcached_addr().to_string();
+    let log_path = std::env::temp_dir().join(format!("lcpidns-{}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let log_text = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    // unshare passes SIGTERM on to the agent when it is killed (--kill-child).
+    let _hidden = KillOnDrop(
+        std::process::Command::new("nsenter")
+            .arg(&ns)
+            .args([
+                "unshare",
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "--kill-child=SIGTERM",
+            ])
+            .arg(loadgen::agent_bin())
+            .args(["run", "--iface", &iface, "--memcached", &memcached])
+            .args(["--metrics-addr", "127.0.0.1:19481"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start an agent in its own PID namespace"),
+    );
+    let serving = || {
+        rig.bed
+            .agent_cmd(&["status", "--iface", &iface, "--json"])
+            .is_ok_and(|s| s.contains("\"serving\":true"))
+    };
+    let started = std::time::Instant::now();
+    while !serving() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the agent never served: {}",
+            log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let outside = |args: &[&str]| {
+        std::process::Command::new("nsenter")
+            .arg(&ns)
+            .arg(loadgen::agent_bin())
+            .args(args)
+            .output()
+            .expect("run cache-agent")
+    };
+    let detach = outside(&["detach", "--iface", &iface]);
+    let err = String::from_utf8_lossy(&detach.stderr);
+    assert!(
+        !detach.status.success() && err.contains("cannot see"),
+        "detach from outside did not refuse: {err}"
+    );
+    let twin = outside(&["run", "--iface", &iface, "--memcached", &memcached]);
+    let err = String::from_utf8_lossy(&twin.stderr);
+    assert!(
+        !twin.status.success() && err.contains("cannot see"),
+        "a second agent was not refused: {err}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        serving(),
+        "the hidden agent stopped serving: {}",
+        log_text()
+    );
+    let _ = std::fs::remove_file(&log_path);
+}
+
 #[test]
 fn a_restart_in_upgrade_mode_keeps_the_cache_warm() {
     let mut rig = Rig::with_agent("lcup", 51, &["--keep-on-exit", "true"]);
@@ -391,6 +512,28 @@ fn bad_configuration_and_missing_interfaces_fail_with_a_clear_message() {
         err.contains("BPF filesystem") && err.contains("nsenter"),
         "{err}"
     );
+}
+
+/// With JSON logs, the error that ends the agent is a JSON line too: a log shipper parsing
+/// the agent's output must not lose the one line that says why it stopped.
+#[test]
+fn the_error_that_stops_the_agent_is_logged_as_json_in_json_mode() {
+    let out = std::process::Command::new(loadgen::agent_bin())
+        .args(["run", "--iface", "nosuchif0", "--memcached", "127.0.0.1:1"])
+        .args(["--log-format", "json"])
+        .output()
+        .expect("run cache-agent");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "no error at all");
+    for line in &lines {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not a JSON line: {line}"
+        );
+    }
+    assert!(err.contains("\"error\"") && err.contains("Fix:"), "{err}");
 }
 
 #[test]
