@@ -206,6 +206,18 @@ fn systemd_unit_is_hardened_and_runs_the_agent() {
     assert_eq!(one("PrivateTmp"), "yes");
     assert_eq!(one("LimitMEMLOCK"), "infinity");
     assert_eq!(one("SystemCallArchitectures"), "native");
+    // Plain text in the journal: no ANSI colour codes.
+    let environment: Vec<String> = unit_values(&e, "Service", "Environment")
+        .iter()
+        .flat_map(|v| {
+            v.split_whitespace()
+                .map(|w| w.trim_matches('"').to_string())
+        })
+        .collect();
+    assert!(
+        environment.iter().any(|w| w == "NO_COLOR=1"),
+        "Environment=NO_COLOR=1 missing: {environment:?}"
+    );
     let families: BTreeSet<String> = ["AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"]
         .map(String::from)
         .into();
@@ -382,27 +394,73 @@ fn promtool_accepts_config_and_rules() {
     assert_eq!(targets[0].as_str(), Some("127.0.0.1:9477"));
 }
 
-/// Every alert named in the brief is there.
-#[test]
-fn alerts_cover_the_failure_modes() {
+/// The names of the alerts in alerts.yml.
+fn alert_names() -> BTreeSet<String> {
     let rules = &yaml_docs(&deploy("prometheus/alerts.yml"))[0];
-    let names: BTreeSet<&str> = rules["groups"]
+    rules["groups"]
         .as_sequence()
         .unwrap()
         .iter()
         .flat_map(|g| g["rules"].as_sequence().unwrap())
-        .filter_map(|r| r["alert"].as_str())
-        .collect();
+        .filter_map(|r| r["alert"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Every alert named in the brief is there.
+#[test]
+fn alerts_cover_the_failure_modes() {
+    let names = alert_names();
     for want in [
         "CacheAgentDown",
         "CacheAgentNotServing",
+        "CacheAgentMemcachedUnreachable",
         "CacheAgentLowHitRatio",
         "CacheAgentHighFillRefusals",
         "CacheAgentWatchDisconnected",
         "CacheAgentFrequentFlushes",
+        "CacheAgentKernelReadErrors",
+        "CacheAgentCacheFull",
     ] {
         assert!(names.contains(want), "no {want} in alerts.yml: {names:?}");
     }
+}
+
+/// Every alert in alerts.yml has a promtool unit test in alerts_test.yml that makes it fire
+/// (and the tests name no alert that does not exist); `promtool test rules` runs them in
+/// promtool_accepts_config_and_rules.
+#[test]
+fn every_alert_has_a_unit_test() {
+    let names = alert_names();
+    let tests = &yaml_docs(&deploy("prometheus/alerts_test.yml"))[0];
+    assert_eq!(
+        str_list(&tests["rule_files"]),
+        ["alerts.yml"],
+        "alerts_test.yml tests alerts.yml"
+    );
+    let mut fired = BTreeSet::new();
+    let mut named = BTreeSet::new();
+    for test in tests["tests"].as_sequence().unwrap() {
+        for case in test["alert_rule_test"].as_sequence().into_iter().flatten() {
+            let name = case["alertname"].as_str().unwrap().to_string();
+            if case["exp_alerts"]
+                .as_sequence()
+                .is_some_and(|a| !a.is_empty())
+            {
+                fired.insert(name.clone());
+            }
+            named.insert(name);
+        }
+    }
+    let unknown: Vec<&String> = named.difference(&names).collect();
+    assert!(
+        unknown.is_empty(),
+        "alerts_test.yml tests alerts alerts.yml lacks: {unknown:?}"
+    );
+    let untested: Vec<&String> = names.difference(&fired).collect();
+    assert!(
+        untested.is_empty(),
+        "no test in alerts_test.yml makes these alerts fire: {untested:?}"
+    );
 }
 
 /// PromQL modifiers followed by a label list in parentheses.
@@ -666,16 +724,115 @@ fn str_list(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[test]
-fn kubernetes_manifests() {
-    let dir = deploy("kubernetes");
-    let mut docs = Vec::new();
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
-            docs.extend(yaml_docs(&path));
+/// Every document of every manifest in deploy/kubernetes.
+fn kube_docs() -> Vec<Value> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(deploy("kubernetes"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    paths.sort();
+    paths.iter().flat_map(|p| yaml_docs(p)).collect()
+}
+
+/// A pod's containers, init containers (and native sidecars) included.
+fn pod_containers(pod: &Value) -> Vec<&Value> {
+    ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| {
+            pod[*k]
+                .as_sequence()
+                .map(|s| s.iter().collect::<Vec<_>>())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// The DaemonSet whose pod runs a container named `container`, and that container.
+fn daemonset_running<'a>(docs: &'a [Value], container: &str) -> (&'a Value, &'a Value) {
+    let found: Vec<(&Value, &Value)> = docs
+        .iter()
+        .filter(|d| d["kind"] == "DaemonSet")
+        .flat_map(|ds| {
+            pod_containers(&ds["spec"]["template"]["spec"])
+                .into_iter()
+                .filter(|c| c["name"] == container)
+                .map(move |c| (ds, c))
+        })
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "exactly one DaemonSet container named {container}"
+    );
+    found[0]
+}
+
+/// The agent container's environment as the kubelet would set it (ConfigMap keys resolved,
+/// `$(VAR)` references expanded, field references given a node address), and the same
+/// settings as `cache-agent` flags (each CACHE_AGENT_X is the variable of --x).
+fn agent_env(docs: &[Value], agent: &Value) -> (BTreeMap<String, String>, Vec<String>) {
+    let config_maps: BTreeMap<&str, &Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ConfigMap")
+        .map(|d| (d["metadata"]["name"].as_str().unwrap(), &d["data"]))
+        .collect();
+    let config_rs = config_source();
+    let mut env = BTreeMap::new();
+    let mut cli = vec!["cache-agent".to_string()];
+    for var in agent["env"].as_sequence().unwrap() {
+        let name = var["name"].as_str().unwrap();
+        let value = if let Some(v) = var["value"].as_str() {
+            // $(NAME) expands variables defined earlier in the list, as the kubelet does.
+            env.iter()
+                .fold(v.to_string(), |v, (k, x): (&String, &String)| {
+                    v.replace(&format!("$({k})"), x)
+                })
+        } else if let Some(r) = var["valueFrom"]["configMapKeyRef"].as_mapping() {
+            let cm = r[&Value::from("name")].as_str().unwrap();
+            let key = r[&Value::from("key")].as_str().unwrap();
+            let data = config_maps
+                .get(cm)
+                .unwrap_or_else(|| panic!("{name}: no ConfigMap {cm}"));
+            data[key]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: ConfigMap {cm} has no key {key}"))
+                .to_string()
+        } else {
+            assert!(
+                var["valueFrom"]["fieldRef"].is_mapping(),
+                "{name}: unexpected valueFrom"
+            );
+            "10.1.2.3".to_string()
+        };
+        assert!(
+            !value.contains("$("),
+            "{name}={value}: refers to a variable not defined before it"
+        );
+        env.insert(name.to_string(), value.clone());
+        if let Some(option) = name.strip_prefix("CACHE_AGENT_") {
+            assert_env_exists(name, &config_rs, "daemonset env");
+            cli.push(format!(
+                "--{}",
+                option.to_ascii_lowercase().replace('_', "-")
+            ));
+            cli.push(value);
         }
     }
+    (env, cli)
+}
+
+/// The memcached argument after `flag`.
+fn arg_after<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
+#[test]
+fn kubernetes_manifests() {
+    let docs = kube_docs();
     let kinds: BTreeSet<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
     assert_eq!(
         kinds,
@@ -692,49 +849,103 @@ fn kubernetes_manifests() {
             d["metadata"]["name"]
         );
     }
-    let config_maps: BTreeMap<&str, &Value> = docs
-        .iter()
-        .filter(|d| d["kind"] == "ConfigMap")
-        .map(|d| (d["metadata"]["name"].as_str().unwrap(), &d["data"]))
-        .collect();
 
-    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
-    let pod = &ds["spec"]["template"]["spec"];
+    // Two DaemonSets: the agent's and memcached's, so an agent rollout never restarts
+    // memcached (and empties the cache).
+    let daemonsets: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "DaemonSet").collect();
     assert_eq!(
-        pod["hostNetwork"].as_bool(),
-        Some(true),
-        "XDP sees only the host's NIC traffic"
+        daemonsets.len(),
+        2,
+        "the agent's and memcached's DaemonSets"
     );
-    let selector = &ds["spec"]["selector"]["matchLabels"];
-    for (k, v) in selector.as_mapping().unwrap() {
+    let (ds, agent) = daemonset_running(&docs, "cache-agent");
+    let (mc_ds, memcached) = daemonset_running(&docs, "memcached");
+    assert_ne!(
+        ds["metadata"]["name"], mc_ds["metadata"]["name"],
+        "memcached must not run in the agent's pod"
+    );
+    let pod = &ds["spec"]["template"]["spec"];
+    let mc_pod = &mc_ds["spec"]["template"]["spec"];
+    let agent_pod_containers: Vec<&str> = pod_containers(pod)
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(
+        agent_pod_containers,
+        ["cache-agent"],
+        "the agent's pod runs the agent only"
+    );
+    assert!(
+        pod_containers(pod)
+            .iter()
+            .all(|c| !c["image"].as_str().unwrap_or("").contains("memcached")),
+        "no memcached image in the agent's pod"
+    );
+    for (what, ds) in [("agent", ds), ("memcached", mc_ds)] {
+        let pod = &ds["spec"]["template"]["spec"];
+        // The agent: XDP sees only the host's NIC traffic, and it must see memcached's sockets
+        // and reach it on 127.0.0.1; memcached: clients reach it on the node's address.
         assert_eq!(
-            &ds["spec"]["template"]["metadata"]["labels"][k], v,
-            "selector does not match the pod labels"
+            pod["hostNetwork"].as_bool(),
+            Some(true),
+            "{what}: hostNetwork"
+        );
+        let selector = ds["spec"]["selector"]["matchLabels"].as_mapping().unwrap();
+        for (k, v) in selector {
+            assert_eq!(
+                &ds["spec"]["template"]["metadata"]["labels"][k], v,
+                "{what}: selector does not match the pod labels"
+            );
+        }
+    }
+    // Neither DaemonSet's selector matches the other's pods.
+    for (a, b) in [(ds, mc_ds), (mc_ds, ds)] {
+        let labels = &b["spec"]["template"]["metadata"]["labels"];
+        let selector = a["spec"]["selector"]["matchLabels"].as_mapping().unwrap();
+        assert!(
+            selector.iter().any(|(k, v)| &labels[k] != v),
+            "{:?}'s selector matches {:?}'s pods",
+            a["metadata"]["name"],
+            b["metadata"]["name"]
         );
     }
-    let containers: Vec<&Value> = ["initContainers", "containers"]
-        .iter()
-        .flat_map(|k| {
-            pod[*k]
-                .as_sequence()
-                .map(|s| s.iter().collect::<Vec<_>>())
-                .unwrap_or_default()
-        })
-        .collect();
-    let memcached = containers
-        .iter()
-        .find(|c| c["name"] == "memcached")
-        .expect("a memcached container");
+    // Same nodes.
+    assert_eq!(pod["nodeSelector"], mc_pod["nodeSelector"], "nodeSelector");
+    assert!(pod["nodeSelector"].is_mapping(), "cache nodes are labelled");
+    assert_eq!(pod["tolerations"], mc_pod["tolerations"], "tolerations");
+    // memcached is restarted only deliberately; the agent rolls.
+    assert_eq!(
+        mc_ds["spec"]["updateStrategy"]["type"].as_str(),
+        Some("OnDelete"),
+        "memcached's pods restart only when deleted on purpose"
+    );
+    assert_ne!(
+        ds["spec"]["updateStrategy"]["type"].as_str(),
+        Some("OnDelete")
+    );
+
+    // memcached: the exact version the coherence rules follow, with UDP on.
+    let image = memcached["image"].as_str().unwrap();
+    let (repo, tag) = image
+        .rsplit_once(':')
+        .unwrap_or_else(|| panic!("memcached image {image} has no tag"));
+    assert!(repo.ends_with("memcached"), "{image}");
+    let version = tag.split('-').next().unwrap();
+    assert_eq!(
+        version, "1.6.18",
+        "memcached image {image}: pin the exact version the coherence rules follow (1.6.18)"
+    );
     assert!(
-        str_list(&memcached["args"]).contains(&"-U".to_string()),
+        version.split('.').count() == 3 && version.split('.').all(|p| p.parse::<u32>().is_ok()),
+        "{image}: not an exact version"
+    );
+    let mc_args = str_list(&memcached["args"]);
+    assert!(
+        mc_args.contains(&"-U".to_string()),
         "memcached needs -U for UDP"
     );
-    let agent = *containers
-        .iter()
-        .find(|c| c["name"] == "cache-agent")
-        .expect("a cache-agent container");
 
-    // Privileges: exactly three capabilities, not privileged.
+    // Agent privileges: exactly three capabilities, not privileged.
     let sc = &agent["securityContext"];
     assert_ne!(sc["privileged"].as_bool(), Some(true));
     assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
@@ -783,39 +994,7 @@ fn kubernetes_manifests() {
     for flag in args.iter().filter(|a| a.starts_with("--")) {
         assert_flag_exists(flag, &config_rs, "daemonset args");
     }
-    let mut env = BTreeMap::new();
-    let mut cli = vec!["cache-agent".to_string()];
-    for var in agent["env"].as_sequence().unwrap() {
-        let name = var["name"].as_str().unwrap();
-        let value = if let Some(v) = var["value"].as_str() {
-            v.to_string()
-        } else if let Some(r) = var["valueFrom"]["configMapKeyRef"].as_mapping() {
-            let cm = r[&Value::from("name")].as_str().unwrap();
-            let key = r[&Value::from("key")].as_str().unwrap();
-            let data = config_maps
-                .get(cm)
-                .unwrap_or_else(|| panic!("{name}: no ConfigMap {cm}"));
-            data[key]
-                .as_str()
-                .unwrap_or_else(|| panic!("{name}: ConfigMap {cm} has no key {key}"))
-                .to_string()
-        } else {
-            assert!(
-                var["valueFrom"]["fieldRef"].is_mapping(),
-                "{name}: unexpected valueFrom"
-            );
-            "10.1.2.3".to_string()
-        };
-        env.insert(name.to_string(), value.clone());
-        if let Some(option) = name.strip_prefix("CACHE_AGENT_") {
-            assert_env_exists(name, &config_rs, "daemonset env");
-            cli.push(format!(
-                "--{}",
-                option.to_ascii_lowercase().replace('_', "-")
-            ));
-            cli.push(value);
-        }
-    }
+    let (env, cli) = agent_env(&docs, agent);
     assert!(
         agent["env"]
             .as_sequence()
@@ -825,13 +1004,50 @@ fn kubernetes_manifests() {
                 && v["valueFrom"]["configMapKeyRef"].is_mapping()),
         "CACHE_AGENT_IFACE comes from the ConfigMap"
     );
-    // The same settings, as flags (each CACHE_AGENT_X is the variable of --x), resolve.
-    let cli: Vec<String> = cli
-        .iter()
-        .map(|a| a.replace("$(POD_IP)", &env["POD_IP"]))
-        .collect();
+    assert_eq!(
+        env.get("NO_COLOR").map(String::as_str),
+        Some("1"),
+        "no ANSI colour codes in the agent's logs"
+    );
+    // The same settings, as flags, resolve.
     let parsed = RunCli::try_parse_from(&cli).unwrap_or_else(|e| panic!("{cli:?}: {e}"));
     let settings = Settings::resolve(&parsed.args).unwrap_or_else(|e| panic!("{cli:?}: {e}"));
+
+    // The agent finds memcached where its DaemonSet listens: on loopback (same host network),
+    // TCP and UDP on the ports the agent uses.
+    assert!(
+        settings.memcached.ip().is_loopback(),
+        "the agent reaches memcached on the node's loopback: {}",
+        settings.memcached
+    );
+    assert_eq!(
+        arg_after(&mc_args, "-p"),
+        Some(settings.tcp_port.to_string().as_str()),
+        "memcached's TCP port (-p) is the agent's"
+    );
+    assert_eq!(
+        arg_after(&mc_args, "-U"),
+        Some(settings.udp_port.to_string().as_str()),
+        "memcached's UDP port (-U) is the agent's"
+    );
+    let listen = arg_after(&mc_args, "-l").expect("memcached -l");
+    assert!(
+        listen.split(',').any(|a| a == "127.0.0.1"),
+        "memcached listens on loopback for the agent: -l {listen}"
+    );
+    let mc_ports: BTreeSet<(u64, &str)> = memcached["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["containerPort"].as_u64().unwrap(),
+                p["protocol"].as_str().unwrap_or("TCP"),
+            )
+        })
+        .collect();
+    assert!(mc_ports.contains(&(u64::from(settings.tcp_port), "TCP")));
+    assert!(mc_ports.contains(&(u64::from(settings.udp_port), "UDP")));
 
     // Metrics port, probes and the scrape annotation agree with the agent's address.
     let port = agent["ports"]
@@ -867,4 +1083,184 @@ fn kubernetes_manifests() {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------- memory sizing
+
+/// What the agent needs beyond its maps: its own RSS (~25 MB) and the small fixed maps.
+const AGENT_HEADROOM: u64 = 64 << 20;
+
+/// A Kubernetes memory quantity in bytes ("448Mi", "1Gi", "500M", "1e9", "1048576").
+fn quantity_bytes(q: &str) -> u64 {
+    const SUFFIXES: &[(&str, f64)] = &[
+        ("Ki", 1024.0),
+        ("Mi", 1048576.0),
+        ("Gi", 1073741824.0),
+        ("Ti", 1099511627776.0),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+    ];
+    let (num, mult) = SUFFIXES
+        .iter()
+        .find_map(|(s, m)| q.strip_suffix(s).map(|n| (n, *m)))
+        .unwrap_or((q, 1.0));
+    let n: f64 = num
+        .parse()
+        .unwrap_or_else(|e| panic!("memory quantity {q:?}: {e}"));
+    (n * mult) as u64
+}
+
+/// The map memory `cache-agent check-config` reports: its `map memory: N bytes` line (without
+/// an exact byte count there, the largest figure with a KiB/MiB/GiB unit on that line).
+fn parse_map_memory(stdout: &str) -> Option<u64> {
+    let line = stdout
+        .lines()
+        .find(|l| l.to_ascii_lowercase().contains("map memory"))?;
+    let tokens: Vec<&str> = line
+        .split(|c: char| c.is_whitespace() || "():,=".contains(c))
+        .filter(|t| !t.is_empty())
+        .collect();
+    let figures: Vec<(bool, u64)> = tokens
+        .windows(2)
+        .filter_map(|w| {
+            let n: f64 = w[0].parse().ok()?;
+            let mult = match w[1] {
+                "bytes" | "byte" | "B" => 1.0,
+                "KiB" => 1024.0,
+                "MiB" => 1048576.0,
+                "GiB" => 1073741824.0,
+                _ => return None,
+            };
+            Some((mult == 1.0, (n * mult) as u64))
+        })
+        .collect();
+    let exact = figures.iter().filter(|f| f.0).map(|f| f.1).max();
+    exact.or_else(|| figures.iter().map(|f| f.1).max())
+}
+
+#[test]
+fn map_memory_line_parses() {
+    assert_eq!(
+        parse_map_memory("Settings {}\nmap memory: 369093040 bytes\n"),
+        Some(369093040)
+    );
+    assert_eq!(
+        parse_map_memory("map memory: 352.0 MiB (369093040 bytes)"),
+        Some(369093040)
+    );
+    assert_eq!(parse_map_memory("map memory: 352 MiB"), Some(352 << 20));
+    assert_eq!(parse_map_memory("Settings {}"), None);
+    assert_eq!(quantity_bytes("448Mi"), 448 << 20);
+    assert_eq!(quantity_bytes("1Gi"), 1 << 30);
+    assert_eq!(quantity_bytes("500M"), 500_000_000);
+    assert_eq!(quantity_bytes("1048576"), 1 << 20);
+}
+
+/// `CACHE_AGENT_BIN`; else the newest `cache-agent` of the target directory this test was
+/// built in, `target/debug` and `target/release`.
+fn agent_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("CACHE_AGENT_BIN") {
+        return Some(p.into());
+    }
+    let exe = std::env::current_exe().ok()?;
+    // target/debug/deps/deploy-<hash> -> target/debug/cache-agent
+    let beside = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("cache-agent"));
+    [
+        beside,
+        Some(root().join("target/debug/cache-agent")),
+        Some(root().join("target/release/cache-agent")),
+    ]
+    .into_iter()
+    .flatten()
+    .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+    .max_by_key(|(t, _)| *t)
+    .map(|(_, p)| p)
+}
+
+/// The agent container's memory request and limit cover the map memory that `cache-agent
+/// check-config` reports for the pod's settings (the ConfigMap's capacity), plus the agent's
+/// own: BPF maps are charged to the container's memory cgroup, and more than `capacity`.
+#[test]
+fn kubernetes_memory_covers_the_agents_maps() {
+    let docs = kube_docs();
+    let (_, agent) = daemonset_running(&docs, "cache-agent");
+    let (env, cli) = agent_env(&docs, agent);
+    let capacity = &env["CACHE_AGENT_CAPACITY"];
+
+    // The function check-config prints, in this build.
+    let parsed = RunCli::try_parse_from(&cli).unwrap_or_else(|e| panic!("{cli:?}: {e}"));
+    let settings = Settings::resolve(&parsed.args).unwrap_or_else(|e| panic!("{cli:?}: {e}"));
+    let in_process = settings.map_bytes();
+
+    // check-config itself, with exactly the pod's CACHE_AGENT_* environment.
+    let maps = match agent_bin() {
+        Some(bin) => {
+            let mut cmd = Command::new(&bin);
+            cmd.arg("check-config");
+            for (k, _) in std::env::vars_os() {
+                if k.to_string_lossy().starts_with("CACHE_AGENT_") {
+                    cmd.env_remove(k);
+                }
+            }
+            cmd.envs(env.iter().filter(|(k, _)| k.starts_with("CACHE_AGENT_")));
+            let (ok, stdout, stderr) = run(&mut cmd);
+            assert!(ok, "{} check-config:\n{stdout}\n{stderr}", bin.display());
+            let reported = parse_map_memory(&stdout).unwrap_or_else(|| {
+                panic!(
+                    "{} check-config printed no map memory:\n{stdout}",
+                    bin.display()
+                )
+            });
+            if reported != in_process {
+                eprintln!(
+                    "note: {} reports {reported} bytes of map memory, this source {in_process}: \
+                     a stale binary? Checking against the larger.",
+                    bin.display()
+                );
+            }
+            reported.max(in_process)
+        }
+        None => {
+            eprintln!(
+                "note: no cache-agent binary (cargo build -p cache-agent, or CACHE_AGENT_BIN): \
+                 checking against Settings::map_bytes(), the figure check-config prints"
+            );
+            in_process
+        }
+    };
+    assert!(
+        maps > settings.capacity_bytes,
+        "map memory {maps} for capacity {capacity}: expected more than the capacity"
+    );
+
+    let need = maps + AGENT_HEADROOM;
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let resources = &agent["resources"];
+    let request = resources["requests"]["memory"]
+        .as_str()
+        .expect("the agent's memory request");
+    let limit = resources["limits"]["memory"]
+        .as_str()
+        .expect("the agent's memory limit");
+    for (what, q) in [("request", request), ("limit", limit)] {
+        assert!(
+            quantity_bytes(q) >= need,
+            "the agent's memory {what} {q} ({:.0} MiB) is below the map memory of capacity \
+             {capacity} ({:.0} MiB, cache-agent check-config) plus {:.0} MiB for the agent: \
+             at least {:.0} MiB",
+            mib(quantity_bytes(q)),
+            mib(maps),
+            mib(AGENT_HEADROOM),
+            mib(need)
+        );
+    }
+    assert!(
+        quantity_bytes(limit) >= quantity_bytes(request),
+        "limit {limit} below request {request}"
+    );
 }
