@@ -138,6 +138,8 @@ const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(20);
 /// it and stale values get cached (QA measured hundreds of stale reads in 15 s at 0 ms, none
 /// at the default 250 ms).
 pub const MIN_WRITE_SETTLE_MS: u64 = 50;
+/// Longest `--write-settle-ms`: a minute, like the longest lease.
+pub const MAX_WRITE_SETTLE_MS: u64 = 60_000;
 
 impl Settings {
     /// How often the agent asks memcached for its health (and renews the leases): a quarter of
@@ -272,6 +274,17 @@ impl Settings {
                     "{write_settle_ms} ms is too short: a write still queued in memcached when a GET's reply is filled would leave the old value cached"
                 ),
                 "use at least 50 ms (the default, 250, is safe under load)",
+            ));
+        }
+        if write_settle_ms > MAX_WRITE_SETTLE_MS {
+            // Found by QA round 7: 2^64-1 was taken, overflowed the kernel's times and
+            // refused every fill as a stall while `status` said serving.
+            return Err(bad(
+                "write-settle-ms",
+                format!(
+                    "{write_settle_ms} ms is too long: every write would keep its key out of the cache for that long"
+                ),
+                "use 50 to 60000 (the default, 250, is safe under load)",
             ));
         }
         let write_settle = Duration::from_millis(write_settle_ms);
@@ -583,7 +596,7 @@ mod tests {
     }
 
     #[test]
-    fn write_settle_below_the_minimum_is_refused() {
+    fn write_settle_outside_50_ms_to_a_minute_is_refused() {
         for ms in [0, 1, 49] {
             let mut a = args("eth1", "127.0.0.1:11211");
             a.write_settle_ms = Some(ms);
@@ -595,10 +608,21 @@ mod tests {
                 "{e}"
             );
         }
-        let mut a = args("eth1", "127.0.0.1:11211");
-        a.write_settle_ms = Some(50);
-        let s = Settings::resolve(&a).unwrap();
-        assert_eq!(s.write_settle, Duration::from_millis(50));
+        for ms in [60_001, u64::MAX] {
+            let mut a = args("eth1", "127.0.0.1:11211");
+            a.write_settle_ms = Some(ms);
+            let e = resolve_err(&a);
+            assert!(
+                e.contains("`write-settle-ms`") && e.contains("too long") && e.contains("60000"),
+                "{e}"
+            );
+        }
+        for ms in [50, 60_000] {
+            let mut a = args("eth1", "127.0.0.1:11211");
+            a.write_settle_ms = Some(ms);
+            let s = Settings::resolve(&a).unwrap();
+            assert_eq!(s.write_settle, Duration::from_millis(ms));
+        }
     }
 
     #[test]

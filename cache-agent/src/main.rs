@@ -105,7 +105,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(mut e) => {
+            if let Some(fix) = privilege_fix(&e) {
+                e = e.context(fix);
+            }
             if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
                 error!(error = format!("{e:#}"), "cache-agent stopped");
             } else {
@@ -114,6 +117,25 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The fix for an error that only says "permission denied" when this process is not root
+/// (found by QA round 7: `run`, `status`, `stats` and `detach` said nothing more).
+fn privilege_fix(e: &anyhow::Error) -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let denied = e.chain().any(|cause| {
+        cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            io.kind() == std::io::ErrorKind::PermissionDenied
+                || matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+        }) || cause.to_string().contains("Permission denied")
+            || cause.to_string().contains("Operation not permitted")
+    });
+    (denied && !root).then(|| {
+        "permission denied, and cache-agent is not running as root. Fix: run it as root, or \
+         with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (as the systemd unit does)"
+            .to_string()
+    })
 }
 
 fn check_config(args: RunArgs) -> anyhow::Result<()> {
@@ -263,10 +285,20 @@ impl PidFile {
     /// its binary is called, and never a later one given the same pid.
     fn create(iface: &str) -> PidFile {
         let path = pid_file(iface);
-        let _ = std::fs::create_dir_all("/run/cache-agent");
         let pid = std::process::id() as i32;
         let started = process_start_time(pid).unwrap_or(0);
-        let _ = std::fs::write(&path, format!("{pid} {started}\n"));
+        let written = std::fs::create_dir_all("/run/cache-agent")
+            .and_then(|()| std::fs::write(&path, format!("{pid} {started}\n")));
+        if let Err(e) = written {
+            // Found by QA round 7: a read-only /run went unnoticed.
+            warn!(
+                path = %path.display(),
+                error = %e,
+                "could not write the pid file: `cache-agent detach` will not find this agent \
+                 (stop it with SIGTERM). Fix: make /run/cache-agent writable (a tmpfs or a \
+                 hostPath volume)"
+            );
+        }
         PidFile(path)
     }
 }

@@ -177,6 +177,30 @@ fn a_second_agent_for_the_same_interface_is_refused_and_the_first_keeps_serving(
         .agent_cmd(&["status", "--iface", rig.bed.server_iface(), "--json"])
         .expect("status of the first agent");
     assert!(status.contains("\"serving\":true"), "{status}");
+    // Without privileges, each command says what it needs (found by QA round 7: only
+    // "Permission denied").
+    for args in [
+        vec!["status", "--iface", rig.bed.server_iface()],
+        vec!["detach", "--iface", rig.bed.server_iface()],
+    ] {
+        let out = std::process::Command::new("nsenter")
+            .arg(&ns)
+            .args([
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+            ])
+            .arg(loadgen::agent_bin())
+            .args(&args)
+            .output()
+            .expect("run cache-agent unprivileged");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("not running as root") && err.contains("Fix:"),
+            "{args:?} unprivileged: {err}"
+        );
+    }
     let hits = rig.counter("hit_keys");
     rig.udp_get(&["k"]);
     assert_eq!(
