@@ -14,13 +14,13 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::cpu;
 use crate::error::LoadgenError;
 use crate::report::{micros, rate};
 use crate::runner::{self, RunConfig};
 use crate::stats::{Counters, LatencySummary, Recorder, cdf_points};
 use crate::testbed::{Testbed, TestbedConfig};
 use crate::units::HumanDuration;
+use crate::{cpu, interrupt};
 
 /// One configuration of the server side.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -147,6 +147,8 @@ pub struct CompareReport {
     pub ratios: Vec<Ratios>,
     /// What the CPU figure measures.
     pub cpu_note: String,
+    /// memcached's address in the testbed.
+    pub server: String,
 }
 
 struct ArmState {
@@ -181,6 +183,9 @@ const SERVING_TIMEOUT: Duration = Duration::from_secs(15);
 fn wait_serving(tb: &Testbed) {
     let start = std::time::Instant::now();
     while start.elapsed() < SERVING_TIMEOUT {
+        if interrupt::received().is_some() {
+            return;
+        }
         let out = tb.agent_cmd(&["stats", "--json", "--iface", tb.server_iface()]);
         let serving = out
             .ok()
@@ -229,6 +234,16 @@ pub fn run(cfg: &CompareConfig) -> Result<CompareReport, LoadgenError> {
     let result = run_on(cfg, &mut tb);
     tb.stop_agent();
     tb.stop_reflector();
+    // A failed run keeps the testbed's logs (and says where); an interrupted one was not a
+    // failure of the testbed.
+    let failed = match &result {
+        Ok(r) => !r.failures().is_empty(),
+        Err(LoadgenError::Interrupted { .. }) => false,
+        Err(_) => true,
+    };
+    if failed {
+        tb.keep_logs();
+    }
     if cfg.keep_testbed && matches!(cfg.testbed, TestbedChoice::New(_)) {
         tb.persist();
     }
@@ -268,6 +283,7 @@ fn run_on(cfg: &CompareConfig, tb: &mut Testbed) -> Result<CompareReport, Loadge
     let mut rounds = Vec::new();
     for round in 0..cfg.rounds.max(1) {
         for st in arms.iter_mut() {
+            interrupt::check()?;
             if st.error.is_some() {
                 continue;
             }
@@ -280,6 +296,8 @@ fn run_on(cfg: &CompareConfig, tb: &mut Testbed) -> Result<CompareReport, Loadge
                 Arm::Reflector => tb.start_reflector(),
             };
             if let Err(e) = setup {
+                // Not the arm's fault: the run is being stopped.
+                interrupt::check()?;
                 tracing::warn!(arm = st.arm.name(), error = %e, "arm unavailable");
                 st.error = Some(e.to_string());
                 continue;
@@ -393,6 +411,7 @@ fn run_on(cfg: &CompareConfig, tb: &mut Testbed) -> Result<CompareReport, Loadge
         })
         .collect();
     Ok(CompareReport {
+        server: base.servers[0].to_string(),
         arms: summaries,
         rounds,
         ratios,
@@ -401,6 +420,29 @@ fn run_on(cfg: &CompareConfig, tb: &mut Testbed) -> Result<CompareReport, Loadge
                    one-host veth testbed softirq also includes the client's packet path"
             .into(),
     })
+}
+
+impl CompareReport {
+    /// What makes this comparison incomplete: arms that could not run (and why), arms that got
+    /// no reply at all. Empty for a complete comparison.
+    pub fn failures(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        for a in &self.arms {
+            if let Some(e) = &a.error {
+                v.push(format!("{} arm unavailable: {e}", a.arm.name()));
+            } else if a.counters.completed == 0 {
+                v.push(format!(
+                    "{} arm got no replies ({} requests sent, {} timed out): is memcached \
+                     reachable at {}?",
+                    a.arm.name(),
+                    a.counters.sent,
+                    a.counters.timeouts,
+                    self.server
+                ));
+            }
+        }
+        v
+    }
 }
 
 /// The final compare table.
@@ -457,6 +499,46 @@ mod tests {
         assert_eq!(parse_agent_stats(nested), Some((1, 4)));
         assert_eq!(parse_agent_stats("not json"), None);
         assert_eq!(parse_agent_stats("{}"), None);
+    }
+
+    fn summary(arm: Arm, completed: u64, error: Option<&str>) -> ArmSummary {
+        ArmSummary {
+            arm,
+            rounds: usize::from(error.is_none()),
+            error: error.map(str::to_owned),
+            throughput_rps: None,
+            latency: None,
+            server_cpu_us_per_req: None,
+            kernel_share: None,
+            counters: Counters {
+                sent: 10,
+                completed,
+                timeouts: 10 - completed,
+                ..Counters::default()
+            },
+            cdf: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn unavailable_or_silent_arms_make_the_comparison_incomplete() {
+        let mut r = CompareReport {
+            arms: vec![summary(Arm::Plain, 10, None), summary(Arm::Accel, 10, None)],
+            rounds: Vec::new(),
+            ratios: Vec::new(),
+            cpu_note: String::new(),
+            server: "198.18.9.1:11211".into(),
+        };
+        assert!(r.failures().is_empty());
+        r.arms[1] = summary(Arm::Accel, 0, Some("agent on x9s not ready"));
+        r.arms.push(summary(Arm::Reflector, 0, None));
+        let f = r.failures();
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert_eq!(f[0], "accel arm unavailable: agent on x9s not ready");
+        assert!(
+            f[1].starts_with("reflector arm got no replies") && f[1].contains("198.18.9.1:11211"),
+            "{f:?}"
+        );
     }
 
     #[test]

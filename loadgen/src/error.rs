@@ -85,6 +85,27 @@ pub enum LoadgenError {
         /// What went wrong.
         reason: String,
     },
+    /// SIGINT or SIGTERM arrived; the run stopped early (see [`crate::interrupt`]).
+    #[error("interrupted by {}", crate::interrupt::signal_name(*signal))]
+    Interrupted {
+        /// The signal number.
+        signal: i32,
+    },
+    /// Not one request was answered.
+    #[error(
+        "no replies: is memcached reachable at {servers}? ({sent} requests sent, {timeouts} timed \
+         out after --timeout {timeout})"
+    )]
+    NoReplies {
+        /// The servers, comma-separated.
+        servers: String,
+        /// Requests sent in the measurement window.
+        sent: u64,
+        /// Of those, timed out.
+        timeouts: u64,
+        /// The loss deadline, as written on the command line.
+        timeout: String,
+    },
     /// A testbed operation failed (boxed: testbed errors carry log excerpts).
     #[error(transparent)]
     Testbed(Box<TestbedError>),
@@ -92,6 +113,10 @@ pub enum LoadgenError {
 
 impl From<TestbedError> for LoadgenError {
     fn from(e: TestbedError) -> Self {
-        Self::Testbed(Box::new(e))
+        match e {
+            // One kind of interruption, whichever layer noticed it.
+            TestbedError::Interrupted { signal } => Self::Interrupted { signal },
+            e => Self::Testbed(Box::new(e)),
+        }
     }
 }

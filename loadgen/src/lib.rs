@@ -12,11 +12,13 @@
 //! - output and modes: [`report`] (table, JSON), [`plot`] (SVG), [`progress`] (live bar),
 //!   [`sweep`] (find the saturation rate), [`compare`] (plain vs accelerated memcached),
 //!   [`reflect`] (a zero-work UDP responder to measure generators against);
-//! - [`testbed`]: two network namespaces joined by a veth pair, memcached and the agent.
+//! - [`testbed`]: two network namespaces joined by a veth pair, memcached and the agent;
+//!   [`interrupt`]: SIGINT/SIGTERM turned into an orderly stop that tears the testbed down.
 
 pub mod compare;
 pub mod cpu;
 pub mod error;
+pub mod interrupt;
 pub mod ketama;
 pub mod md5;
 pub mod mmsg;

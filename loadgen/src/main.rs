@@ -4,6 +4,7 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -16,8 +17,8 @@ use loadgen::runner::{self, RunConfig, RunReport, Transport};
 use loadgen::sweep::{self, SweepConfig};
 use loadgen::testbed::{self, Testbed, TestbedConfig};
 use loadgen::units::{HumanDuration, SizeRange, count_arg, duration_arg, size_arg};
-use loadgen::workload::{Arrivals, Distribution, LoadMode, Workload};
-use loadgen::{cpu, netns, plot, reflect, report};
+use loadgen::workload::{Arrivals, Distribution, LoadMode, MAX_KEYS, Workload};
+use loadgen::{cpu, interrupt, netns, plot, reflect, report};
 
 /// memcached load generator with a veth testbed and a plain-vs-accelerated compare mode.
 #[derive(Parser, Debug)]
@@ -174,11 +175,14 @@ enum TestbedCmd {
         #[arg(long = "agent-arg", allow_hyphen_values = true)]
         agent_args: Vec<String>,
     },
-    /// Stop its processes and delete its namespaces.
+    /// Stop its processes, delete its namespaces, state directory and /tmp logs.
     Down {
         /// Name prefix.
         #[arg(long, default_value = "lgtb", env = "LOADGEN_TESTBED")]
         name: String,
+        /// Keep the /tmp/loadgen-testbed-NAME-*.log files (e.g. to read why the agent failed).
+        #[arg(long)]
+        keep_logs: bool,
     },
 }
 
@@ -293,21 +297,71 @@ struct OutputArgs {
     svg: Option<PathBuf>,
 }
 
-fn parse_cpus(text: &str) -> Result<Vec<usize>> {
+/// Parses `--cpus` ("0,1", "2-5") and checks every CPU is one this process may run on.
+fn parse_cpus(text: &str, allowed: &[usize]) -> Result<Vec<usize>> {
+    let number = |n: &str| -> Result<usize> {
+        n.trim()
+            .parse()
+            .with_context(|| format!("--cpus {text:?}: {n:?} is not a CPU number"))
+    };
     let mut v = Vec::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match part.split_once('-') {
-            Some((a, b)) => {
-                let (a, b): (usize, usize) = (a.parse()?, b.parse()?);
-                v.extend(a..=b);
-            }
-            None => v.push(part.parse()?),
+            Some((a, b)) => v.extend(number(a)?..=number(b)?),
+            None => v.push(number(part)?),
         }
     }
     if v.is_empty() {
-        bail!("empty CPU list {text:?}");
+        bail!("--cpus {text:?} names no CPU; give e.g. --cpus 0,1 or --cpus 2-5");
+    }
+    if let Some(bad) = v.iter().find(|c| !allowed.contains(c)) {
+        bail!(
+            "--cpus {text:?}: CPU {bad} is not available (this process may run on CPUs {}); \
+             pick from those, or use --no-pin",
+            cpu_ranges(allowed)
+        );
     }
     Ok(v)
+}
+
+/// "0-3,6" for [0, 1, 2, 3, 6].
+fn cpu_ranges(cpus: &[usize]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            cpus[i].to_string()
+        } else {
+            format!("{}-{}", cpus[i], cpus[j])
+        });
+        i = j + 1;
+    }
+    parts.join(",")
+}
+
+/// Refuses a result file that cannot be written, before any work is done. An existing file is
+/// opened without truncating it; a new one is created and removed again.
+fn check_writable(path: &Path, flag: &str) -> Result<()> {
+    let existed = path.exists();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| {
+            format!(
+                "{flag} {}: cannot write that file; pick a writable path",
+                path.display()
+            )
+        })?;
+    if !existed {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
 }
 
 fn parse_mix(text: &str, w: &mut Workload) -> Result<()> {
@@ -355,6 +409,13 @@ impl LoadArgs {
             w.load.arrivals = a;
         }
         if let Some(k) = self.keys {
+            // Checked before the cast, which would turn 1e20 into u64::MAX without a word.
+            if k > MAX_KEYS as f64 {
+                bail!("--keys {k}: at most {MAX_KEYS} (1G) keys are supported; lower --keys");
+            }
+            if k < 1.0 || k.fract() != 0.0 {
+                bail!("--keys {k}: must be a whole number of at least 1 (e.g. --keys 100k)");
+            }
             w.keyspace.keys = k as u64;
         }
         if let Some(s) = self.key_size {
@@ -407,19 +468,49 @@ impl LoadArgs {
             .collect()
     }
 
+    /// Engine flags out of range are refused, not clamped: a run with other settings than the
+    /// ones asked for would be measured and reported as if it had them.
+    fn check_engine(&self) -> Result<()> {
+        let max_segments = loadgen::mmsg::MAX_SEGMENTS;
+        if self.workers == 0 {
+            bail!("--workers 0: at least one worker thread is needed (e.g. --workers 1)");
+        }
+        if self.conns == 0 {
+            bail!("--conns 0: each worker needs at least one socket per server (e.g. --conns 1)");
+        }
+        if !(1..=MAX_BATCH).contains(&self.batch) {
+            bail!(
+                "--batch {}: must be in 1..={MAX_BATCH} (requests per sendmmsg/recvmmsg)",
+                self.batch
+            );
+        }
+        if !(1..=max_segments).contains(&self.udp_segment) {
+            bail!(
+                "--udp-segment {}: must be in 1..={max_segments} (1 sends each datagram on its own)",
+                self.udp_segment
+            );
+        }
+        if self.timeout.is_zero() {
+            bail!("--timeout 0s: every request would time out at once; give e.g. --timeout 500ms");
+        }
+        Ok(())
+    }
+
     fn run_config(&self) -> Result<RunConfig> {
+        self.check_engine()?;
         let mut rc = RunConfig::new(self.servers()?, self.proto, self.workload()?);
-        rc.workers = self.workers.max(1);
-        rc.conns = self.conns.max(1);
-        rc.batch = self.batch.clamp(1, 1024);
-        rc.udp_segment = self.udp_segment.clamp(1, loadgen::mmsg::MAX_SEGMENTS);
+        rc.workers = self.workers;
+        rc.conns = self.conns;
+        rc.batch = self.batch;
+        rc.udp_segment = self.udp_segment;
         rc.timeout = self.timeout;
         rc.cpus = if self.no_pin {
             None
         } else {
+            let allowed = cpu::allowed_cpus();
             Some(match &self.cpus {
-                Some(c) => parse_cpus(c)?,
-                None => cpu::allowed_cpus(),
+                Some(c) => parse_cpus(c, &allowed)?,
+                None => allowed,
             })
         };
         rc.progress = !self.no_progress;
@@ -428,10 +519,29 @@ impl LoadArgs {
     }
 }
 
+/// Largest `--batch` (requests per sendmmsg/recvmmsg).
+const MAX_BATCH: usize = 1024;
+
 fn with_suffix(prefix: &Path, suffix: &str) -> PathBuf {
     let mut s = prefix.as_os_str().to_owned();
     s.push(suffix);
     PathBuf::from(s)
+}
+
+impl OutputArgs {
+    /// Refuses unwritable result paths before the run. `svg_plots` are the suffixes written
+    /// after the `--svg` prefix.
+    fn check_writable(&self, svg_plots: &[&str]) -> Result<()> {
+        if let Some(p) = &self.json {
+            check_writable(p, "--json")?;
+        }
+        if let Some(prefix) = &self.svg {
+            for suffix in svg_plots {
+                check_writable(&with_suffix(prefix, suffix), "--svg")?;
+            }
+        }
+        Ok(())
+    }
 }
 
 fn write_outputs(out: &OutputArgs, report: &RunReport) -> Result<()> {
@@ -458,7 +568,19 @@ fn enter_netns(load: &LoadArgs) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
+/// True for commands that start testbed processes (a testbed, or the agent on an existing one):
+/// SIGINT/SIGTERM must stop them and tear down what the command built.
+fn starts_testbed_processes(cmd: &Cmd) -> bool {
+    matches!(
+        cmd,
+        Cmd::Compare { .. }
+            | Cmd::Testbed {
+                cmd: TestbedCmd::Up { .. }
+            }
+    )
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -467,13 +589,38 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match cli.cmd {
+    // Before any thread exists, so that every thread inherits the blocked signals.
+    if starts_testbed_processes(&cli.cmd)
+        && let Err(e) = interrupt::install()
+    {
+        eprintln!("Error: cannot set up SIGINT/SIGTERM handling: {e}");
+        return ExitCode::FAILURE;
+    }
+    let result = run(cli.cmd);
+    // Teardown has run by now (the testbed is dropped inside `run`).
+    if let Some(sig) = interrupt::received() {
+        eprintln!("loadgen: stopped by {}", interrupt::signal_name(sig));
+        return ExitCode::from(interrupt::exit_status(sig));
+    }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cmd: Cmd) -> Result<()> {
+    match cmd {
         Cmd::Run { load, out } => {
             enter_netns(&load)?;
             let rc = load.run_config()?;
+            out.check_writable(&["-throughput.svg", "-latency-cdf.svg"])?;
             let res = runner::run(&rc)?;
             print!("{}", report::table(&res.report));
             write_outputs(&out, &res.report)?;
+            runner::require_replies(&rc, &res.report)?;
         }
         Cmd::Sweep {
             load,
@@ -490,6 +637,9 @@ fn main() -> Result<()> {
             enter_netns(&load)?;
             let mut base = load.run_config()?;
             base.progress = false;
+            if let Some(p) = &json {
+                check_writable(p, "--json")?;
+            }
             let rates = if rates.is_empty() {
                 sweep::geometric_rates(start, factor, max_rate)
             } else {
@@ -528,6 +678,7 @@ fn main() -> Result<()> {
             }
             let mut base = load.run_config()?;
             base.servers = Vec::new();
+            out.check_writable(&["-latency-cdf.svg"])?;
             let choice = match testbed {
                 Some(n) => TestbedChoice::Existing(n),
                 None => TestbedChoice::New(TestbedConfig {
@@ -562,6 +713,10 @@ fn main() -> Result<()> {
                 let path = with_suffix(prefix, "-latency-cdf.svg");
                 plot::cdf_svg(&path, &series)?;
                 eprintln!("wrote {}", path.display());
+            }
+            let failures = r.failures();
+            if !failures.is_empty() {
+                bail!("comparison incomplete: {}", failures.join("; "));
             }
         }
         Cmd::Reflect {
@@ -654,13 +809,116 @@ fn main() -> Result<()> {
                     tb.memcached_port()
                 );
                 println!("  down: loadgen testbed down --name {}", tb.name());
+                // Interrupted while coming up: tear down (on drop) rather than leave it running.
+                interrupt::check()?;
                 tb.persist();
             }
-            TestbedCmd::Down { name } => {
-                testbed::down(&name)?;
-                println!("testbed {name} removed");
+            TestbedCmd::Down { name, keep_logs } => {
+                if keep_logs {
+                    let logs = testbed::down_keeping_logs(&name)?;
+                    println!("testbed {name} removed; logs kept:");
+                    for log in logs {
+                        println!("  {}", log.display());
+                    }
+                } else {
+                    testbed::down(&name)?;
+                    println!("testbed {name} removed");
+                }
             }
         },
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `run` subcommand's load flags, parsed from `flags`.
+    fn load_args(flags: &[&str]) -> LoadArgs {
+        let argv = ["loadgen", "run"].iter().chain(flags);
+        match Cli::try_parse_from(argv).expect("flags parse").cmd {
+            Cmd::Run { load, .. } => load,
+            other => panic!("not a run: {other:?}"),
+        }
+    }
+
+    fn refused(flags: &[&str]) -> String {
+        match load_args(flags).run_config() {
+            Ok(_) => panic!("{flags:?} was accepted"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn zero_and_out_of_range_engine_flags_are_refused() {
+        for (flags, names) in [
+            (&["--timeout", "0s"][..], "--timeout"),
+            (&["--workers", "0"], "--workers"),
+            (&["--conns", "0"], "--conns"),
+            (&["--batch", "0"], "--batch"),
+            (&["--batch", "5000"], "--batch"),
+            (&["--udp-segment", "0"], "--udp-segment"),
+            (&["--udp-segment", "65"], "--udp-segment"),
+        ] {
+            let e = refused(flags);
+            assert!(e.contains(names), "{flags:?}: {e}");
+        }
+        let rc = load_args(&["--workers", "2", "--batch", "1024", "--udp-segment", "1"])
+            .run_config()
+            .unwrap();
+        assert_eq!((rc.workers, rc.batch, rc.udp_segment), (2, 1024, 1));
+    }
+
+    #[test]
+    fn absurd_key_counts_are_refused_not_saturated() {
+        let e = refused(&["--keys", "1e20"]);
+        assert!(e.contains("--keys") && e.contains("1000000000"), "{e}");
+        let e = refused(&["--keys", "0.5"]);
+        assert!(e.contains("--keys"), "{e}");
+        let rc = load_args(&["--keys", "1G"]).run_config().unwrap();
+        assert_eq!(rc.workload.keyspace.keys, MAX_KEYS);
+    }
+
+    #[test]
+    fn cpus_must_exist() {
+        let beyond = cpu::allowed_cpus().iter().max().unwrap() + 1;
+        let e = refused(&["--cpus", &beyond.to_string()]);
+        assert!(
+            e.contains("--cpus") && e.contains(&format!("CPU {beyond}")),
+            "{e}"
+        );
+        let e = refused(&["--cpus", "0,x"]);
+        assert!(e.contains("--cpus"), "{e}");
+        let first = cpu::allowed_cpus()[0].to_string();
+        let rc = load_args(&["--cpus", &first]).run_config().unwrap();
+        assert_eq!(rc.cpus, Some(vec![cpu::allowed_cpus()[0]]));
+        assert_eq!(cpu_ranges(&[0, 1, 2, 3, 6, 8, 9]), "0-3,6,8-9");
+    }
+
+    #[test]
+    fn unwritable_result_paths_are_refused_and_probing_leaves_no_trace() {
+        let e = check_writable(Path::new("/nonexistent-dir/out.json"), "--json").unwrap_err();
+        assert!(
+            format!("{e:#}").contains("--json /nonexistent-dir/out.json"),
+            "{e:#}"
+        );
+        let dir = std::env::temp_dir().join(format!("loadgen-probe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fresh = dir.join("fresh.json");
+        check_writable(&fresh, "--json").unwrap();
+        assert!(
+            !fresh.exists(),
+            "a probe must not leave an empty file behind"
+        );
+        let old = dir.join("old.json");
+        std::fs::write(&old, "previous results").unwrap();
+        check_writable(&old, "--json").unwrap();
+        assert_eq!(std::fs::read_to_string(&old).unwrap(), "previous results");
+        assert!(
+            check_writable(&dir, "--json").is_err(),
+            "a directory is not a file"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

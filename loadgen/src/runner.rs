@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::cpu;
 use crate::error::LoadgenError;
 use crate::ketama::Ketama;
 use crate::progress;
@@ -19,6 +18,7 @@ use crate::schedule::Clock;
 use crate::stats::{Counters, LatencySummary, Live, Recorder, cdf_points};
 use crate::worker::{PopulateSource, WorkerPlan, WorkerResult};
 use crate::workload::{Arrivals, KeySpace, LoadMode, RequestGen, Workload};
+use crate::{cpu, interrupt};
 use crate::{tcp, udp};
 
 /// Open loop: an achieved send rate this far below target is reported as a shortfall.
@@ -242,6 +242,7 @@ pub fn populate(cfg: &RunConfig) -> Result<PopulateSummary, LoadgenError> {
     };
     let src = PopulateSource::new(keyspace.clone(), 0, 1);
     let res = tcp::run(&plan, src)?;
+    interrupt::check()?;
     let c = res.recorder.counters;
     let summary = PopulateSummary {
         keys: keyspace.keys(),
@@ -369,6 +370,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunResult, LoadgenError> {
     if let Some(e) = first_err {
         return Err(e);
     }
+    interrupt::check()?;
     let cpu_ns = cpu::process_cpu_ns() - cpu_before;
     let wall_ns = clock.now_ns().saturating_sub(start_ns).max(1);
 
@@ -401,6 +403,20 @@ pub fn run(cfg: &RunConfig) -> Result<RunResult, LoadgenError> {
     Ok(RunResult {
         report,
         recorder: merged,
+    })
+}
+
+/// `Err(NoReplies)` if not one request of the run was answered (every one timed out, or none
+/// could be sent): the numbers would be meaningless, and the usual cause is an unreachable server.
+pub fn require_replies(cfg: &RunConfig, report: &RunReport) -> Result<(), LoadgenError> {
+    if report.counters.completed > 0 {
+        return Ok(());
+    }
+    Err(LoadgenError::NoReplies {
+        servers: report.servers.join(", "),
+        sent: report.counters.sent,
+        timeouts: report.counters.timeouts,
+        timeout: crate::units::format_duration(cfg.timeout),
     })
 }
 

@@ -92,6 +92,10 @@ pub fn run(cfg: &SweepConfig) -> Result<SweepReport, LoadgenError> {
         rc.workload.phases.duration = HumanDuration(cfg.step);
         rc.label = Some(format!("sweep {}", rate(target)));
         let report = runner::run(&rc)?.report;
+        if i == 0 {
+            // Nothing answered at the lowest rate: the server is unreachable, not saturated.
+            runner::require_replies(&rc, &report)?;
+        }
         let mut reasons = Vec::new();
         if report.shortfall.is_some() {
             reasons.push("generator fell short of the target".to_owned());

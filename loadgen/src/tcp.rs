@@ -9,7 +9,6 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use crate::cpu;
 use crate::error::LoadgenError;
 use crate::mmsg::poll;
 use crate::proto::parse_reply;
@@ -18,6 +17,7 @@ use crate::stats::Recorder;
 use crate::udp::{SPIN_NS, tighten_timer_slack};
 use crate::worker::{KeyScratch, Router, Source, WorkerPlan, WorkerResult, encode_request};
 use crate::workload::{LoadMode, Request, Verb};
+use crate::{cpu, interrupt};
 
 /// Open loop: requests queued on one connection beyond this are dropped (counted).
 pub const MAX_BACKLOG: usize = 1 << 16;
@@ -215,6 +215,8 @@ pub fn run<S: Source>(plan: &WorkerPlan, mut source: S) -> Result<WorkerResult, 
     let cpu0 = cpu::thread_cpu_ns();
     let t0 = clock.now_ns();
     loop {
+        // A stop signal ends sending like an exhausted source; outstanding requests still drain.
+        exhausted |= interrupt::received().is_some();
         let now = clock.now_ns();
         let sending = now < plan.window_end_ns && !exhausted;
         let mut busy = false;

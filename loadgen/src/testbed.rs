@@ -14,13 +14,14 @@
 use std::fs::{self, File};
 use std::io::{self, Read as _, Write as _};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::netns;
+use crate::{interrupt, netns};
 
 /// Root of the per-testbed state directories.
 pub const STATE_ROOT: &str = "/run/loadgen-testbed";
@@ -123,6 +124,20 @@ pub enum TestbedError {
         name: String,
         /// The missing state file.
         path: PathBuf,
+    },
+    /// Another live process owns a testbed of that name.
+    #[error("testbed {name} is in use by pid {pid}; pick another --name or stop it")]
+    InUse {
+        /// The name.
+        name: String,
+        /// The owner's pid.
+        pid: u32,
+    },
+    /// SIGINT or SIGTERM arrived while waiting (see [`crate::interrupt`]).
+    #[error("interrupted by {}", crate::interrupt::signal_name(*signal))]
+    Interrupted {
+        /// The signal number.
+        signal: i32,
     },
     /// The namespace could not be entered.
     #[error("cannot enter {netns}: {source}")]
@@ -265,6 +280,71 @@ fn pid_runs(pid: u32, needle: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Start time of process `pid` in clock ticks since boot (`/proc/PID/stat` field 22): with the
+/// pid it names one process, even after the pid is reused.
+fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields are counted after the command name, which may contain spaces; field 3 comes first.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The file in the state directory naming the process that built the testbed: "PID START_TICKS".
+const OWNER_FILE: &str = "owner";
+
+/// The pid recorded as owner of testbed `name`, if that process still runs (same pid and start
+/// time). A testbed left by `testbed up`, or by a crashed run, has no live owner.
+pub fn live_owner(name: &str) -> Option<u32> {
+    let text = fs::read_to_string(state_dir(name).join(OWNER_FILE)).ok()?;
+    let mut fields = text.split_whitespace().map(str::parse::<u64>);
+    let (Some(Ok(pid)), Some(Ok(start))) = (fields.next(), fields.next()) else {
+        return None;
+    };
+    let pid = u32::try_from(pid).ok()?;
+    (pid_alive(pid) && process_start_ticks(pid) == Some(start)).then_some(pid)
+}
+
+/// Makes this process the owner of testbed `name`: refuses if another live process owns it,
+/// removes what a dead owner left, then records this process. Runs under an exclusive lock per
+/// name, so of two runs racing for a name one wins and the other is refused (rather than both
+/// checking, then one tearing down what the other just built).
+fn claim(name: &str) -> Result<(), TestbedError> {
+    let root = Path::new(STATE_ROOT);
+    fs::create_dir_all(root).map_err(io_err(root))?;
+    // Beside the state directory, which the teardown removes.
+    let lock_path = root.join(format!(".{name}.lock"));
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_err(&lock_path))?;
+    // SAFETY: flock has no memory-safety preconditions; the fd is open until `lock` drops,
+    // which releases the lock.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(io_err(&lock_path)(io::Error::last_os_error()));
+    }
+    let me = std::process::id();
+    if let Some(pid) = live_owner(name).filter(|&p| p != me) {
+        return Err(TestbedError::InUse {
+            name: name.to_owned(),
+            pid,
+        });
+    }
+    down(name)?;
+    let dir = state_dir(name);
+    fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let path = dir.join(OWNER_FILE);
+    let start = process_start_ticks(me).unwrap_or(0);
+    fs::write(&path, format!("{me} {start}\n")).map_err(io_err(&path))
+}
+
+/// The log files testbed `name` writes under /tmp (memcached, agent, reflector).
+pub fn log_files(name: &str) -> [PathBuf; 3] {
+    ["memcached", "agent", "reflector"]
+        .map(|what| PathBuf::from(format!("/tmp/loadgen-testbed-{name}-{what}.log")))
+}
+
 /// A running testbed.
 #[derive(Debug)]
 pub struct Testbed {
@@ -279,6 +359,8 @@ pub struct Testbed {
     agent_log: Option<PathBuf>,
     reflector: Option<Proc>,
     persistent: bool,
+    /// Keep the /tmp logs on teardown (something failed; they explain what).
+    keep_logs: bool,
 }
 
 /// Path of the cache-agent binary: env `CACHE_AGENT_BIN`; else `cache-agent` beside the current
@@ -326,6 +408,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> TestbedError + '_ {
 /// Runs a command to completion (bounded by `timeout`), returning its output.
 fn run_bounded(mut cmd: Command, timeout: Duration) -> Result<Output, TestbedError> {
     let program = cmd.get_program().to_string_lossy().into_owned();
+    interrupt::prepare_child(&mut cmd);
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -398,8 +481,19 @@ fn log_tail(path: &Path, lines: usize) -> String {
 
 /// Removes testbed `name`: kills the processes recorded in its pid files (after checking their
 /// command line), deletes both namespaces (which deletes the veth pair), unpins the client
-/// veth's xdp-pass link and removes the state directory. Idempotent; tolerates partial state.
+/// veth's xdp-pass link, removes the state directory and the /tmp logs. Idempotent; tolerates
+/// partial state.
 pub fn down(name: &str) -> Result<(), TestbedError> {
+    teardown(name, false)
+}
+
+/// [`down`], but the /tmp logs stay (for diagnosing a failed run); returns those that exist.
+pub fn down_keeping_logs(name: &str) -> Result<Vec<PathBuf>, TestbedError> {
+    teardown(name, true)?;
+    Ok(log_files(name).into_iter().filter(|p| p.exists()).collect())
+}
+
+fn teardown(name: &str, keep_logs: bool) -> Result<(), TestbedError> {
     TestbedConfig {
         name: name.to_owned(),
         ..TestbedConfig::default()
@@ -441,14 +535,20 @@ pub fn down(name: &str) -> Result<(), TestbedError> {
     if dir.exists() {
         fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
     }
+    if !keep_logs {
+        for log in log_files(name) {
+            let _ = fs::remove_file(log);
+        }
+    }
     Ok(())
 }
 
 impl Testbed {
-    /// Builds the testbed (removing leftovers with the same name first) and starts memcached.
+    /// Builds the testbed and starts memcached. Refuses ([`TestbedError::InUse`]) when another
+    /// live process owns a testbed of this name; leftovers of a dead owner are removed first.
     pub fn up(cfg: TestbedConfig) -> Result<Testbed, TestbedError> {
         cfg.validate()?;
-        down(&cfg.name)?;
+        claim(&cfg.name)?;
         let mut tb = Self::from_config(cfg);
         // From here on, Drop cleans up whatever part was built.
         tb.build()?;
@@ -483,7 +583,7 @@ impl Testbed {
         };
         tb.agent = alive("agent.pid").map(Proc::Foreign);
         tb.reflector = alive("reflector.pid").map(Proc::Foreign);
-        let log = PathBuf::from(format!("/tmp/loadgen-testbed-{name}-agent.log"));
+        let [_, log, _] = log_files(name);
         tb.agent_log = log.exists().then_some(log);
         Ok(tb)
     }
@@ -502,6 +602,7 @@ impl Testbed {
             agent_log: None,
             reflector: None,
             persistent: false,
+            keep_logs: false,
         }
     }
 
@@ -634,10 +735,8 @@ impl Testbed {
 
     /// memcached's log file.
     pub fn memcached_log(&self) -> PathBuf {
-        PathBuf::from(format!(
-            "/tmp/loadgen-testbed-{}-memcached.log",
-            self.cfg.name
-        ))
+        let [memcached, _, _] = log_files(&self.cfg.name);
+        memcached
     }
 
     /// (Re)starts memcached in the server namespace, listening on the server's IPv4 and IPv6
@@ -660,6 +759,7 @@ impl Testbed {
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2);
+        interrupt::prepare_child(&mut cmd);
         tracing::debug!(command = %describe(&cmd), "starting memcached");
         let child = cmd.spawn().map_err(|source| TestbedError::Spawn {
             program: "nsenter".into(),
@@ -680,8 +780,12 @@ impl Testbed {
                 tracing::info!(pid = self.memcached_pid, netns = %self.srv_ns, port, "memcached ready");
                 return Ok(());
             }
+            if let Some(signal) = interrupt::received() {
+                return Err(TestbedError::Interrupted { signal });
+            }
             if exited.is_some() || started.elapsed() > MEMCACHED_READY_TIMEOUT {
                 let waited = started.elapsed();
+                self.keep_logs = true;
                 self.stop_memcached();
                 return Err(TestbedError::MemcachedNotReady {
                     netns: self.srv_ns.clone(),
@@ -726,7 +830,7 @@ impl Testbed {
         let mc = format!("{}:{}", self.server_v4(), self.cfg.memcached_port);
         let mut args = vec!["run", "--iface", &self.srv_if, "--memcached", &mc];
         args.extend_from_slice(extra_args);
-        let log = PathBuf::from(format!("/tmp/loadgen-testbed-{}-agent.log", self.cfg.name));
+        let [_, log, _] = log_files(&self.cfg.name);
         let proc_ = self.spawn_agent(&args, &log)?;
         self.write_pid("agent.pid", proc_.pid())?;
         self.agent = Some(proc_);
@@ -742,6 +846,10 @@ impl Testbed {
                 tracing::info!(pid = self.agent_pid(), iface = %self.srv_if, "agent attached");
                 return Ok(());
             }
+            // The agent stays recorded: the teardown stops it like any other.
+            if let Some(signal) = interrupt::received() {
+                return Err(TestbedError::Interrupted { signal });
+            }
             if started.elapsed() > AGENT_READY_TIMEOUT {
                 let err = self.not_ready("agent", started, "still running".into(), &log);
                 self.stop_agent();
@@ -751,13 +859,15 @@ impl Testbed {
         }
     }
 
+    /// The error for an agent or reflector that did not come up; its log is kept for diagnosis.
     fn not_ready(
-        &self,
+        &mut self,
         what: &'static str,
         started: Instant,
         state: String,
         log: &Path,
     ) -> TestbedError {
+        self.keep_logs = true;
         TestbedError::AgentNotReady {
             what,
             iface: self.srv_if.clone(),
@@ -780,6 +890,7 @@ impl Testbed {
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);
+        interrupt::prepare_child(&mut cmd);
         tracing::debug!(command = %describe(&cmd), "starting agent");
         let child = cmd.spawn().map_err(|source| TestbedError::Spawn {
             program: "nsenter".into(),
@@ -840,14 +951,16 @@ impl Testbed {
     /// server namespace; ready when it logs "attached" (or after 2 s if it keeps running).
     pub fn start_reflector(&mut self) -> Result<(), TestbedError> {
         self.stop_reflector();
-        let log = PathBuf::from(format!(
-            "/tmp/loadgen-testbed-{}-reflector.log",
-            self.cfg.name
-        ));
-        let mut p = self.spawn_agent(&["reflector", "--iface", &self.srv_if], &log)?;
+        let [_, _, log] = log_files(&self.cfg.name);
+        let p = self.spawn_agent(&["reflector", "--iface", &self.srv_if], &log)?;
+        // Recorded at once, so a teardown in the meantime (another process's `down`) finds it.
+        self.write_pid("reflector.pid", p.pid())?;
+        self.reflector = Some(p);
         let started = Instant::now();
         loop {
-            if let Some(status) = p.try_exited() {
+            if let Some(status) = self.reflector.as_mut().and_then(Proc::try_exited) {
+                self.reflector = None;
+                let _ = fs::remove_file(state_dir(&self.cfg.name).join("reflector.pid"));
                 return Err(self.not_ready(
                     "reflector",
                     started,
@@ -857,9 +970,10 @@ impl Testbed {
             }
             let attached = fs::read_to_string(&log).is_ok_and(|t| t.contains("attached"));
             if attached || started.elapsed() > Duration::from_secs(2) {
-                self.write_pid("reflector.pid", p.pid())?;
-                self.reflector = Some(p);
                 return Ok(());
+            }
+            if let Some(signal) = interrupt::received() {
+                return Err(TestbedError::Interrupted { signal });
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -904,6 +1018,12 @@ impl Testbed {
         writeln!(f, "{pid}").map_err(io_err(&path))
     }
 
+    /// Keeps the /tmp logs when the testbed is torn down (call when the run failed); the
+    /// teardown prints where they are.
+    pub fn keep_logs(&mut self) {
+        self.keep_logs = true;
+    }
+
     /// Leaves the testbed running when this handle is dropped (for `loadgen testbed up`); tear
     /// it down later with [`down`].
     pub fn persist(mut self) {
@@ -930,8 +1050,25 @@ impl Drop for Testbed {
         self.stop_agent();
         self.stop_reflector();
         self.stop_memcached();
-        if let Err(e) = down(&self.cfg.name) {
-            tracing::warn!(testbed = %self.cfg.name, error = %e, "testbed clean-up incomplete");
+        let name = &self.cfg.name;
+        if !self.keep_logs {
+            if let Err(e) = down(name) {
+                tracing::warn!(testbed = %name, error = %e, "testbed clean-up incomplete");
+            }
+            return;
+        }
+        match down_keeping_logs(name) {
+            Ok(logs) if !logs.is_empty() => {
+                let list: Vec<String> = logs.iter().map(|p| p.display().to_string()).collect();
+                eprintln!(
+                    "testbed {name} removed; its logs are kept: {}",
+                    list.join(" ")
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(testbed = %name, error = %e, "testbed clean-up incomplete");
+            }
         }
     }
 }
@@ -989,6 +1126,59 @@ mod tests {
             cfg.validate(),
             Err(TestbedError::InvalidSubnet { .. })
         ));
+    }
+
+    #[test]
+    fn a_live_owner_keeps_its_testbed_a_dead_one_does_not_needs_root() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let name = "lgown";
+        let dir = state_dir(name);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let mut other = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = other.id();
+        let start = process_start_ticks(pid).unwrap();
+        fs::write(dir.join(OWNER_FILE), format!("{pid} {start}\n")).unwrap();
+        fs::write(dir.join("config.json"), "{}").unwrap();
+        assert_eq!(live_owner(name), Some(pid));
+        let cfg = TestbedConfig {
+            name: name.into(),
+            subnet: 242,
+            ..TestbedConfig::default()
+        };
+        let err = Testbed::up(cfg).unwrap_err();
+        assert!(
+            matches!(err, TestbedError::InUse { pid: p, .. } if p == pid),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!("testbed {name} is in use by pid {pid}; pick another --name or stop it")
+        );
+        assert!(
+            dir.join("config.json").exists(),
+            "the owner's state must stay"
+        );
+
+        // Same pid, other start time: the pid was reused, the owner is gone.
+        fs::write(dir.join(OWNER_FILE), format!("{pid} {}\n", start + 1)).unwrap();
+        assert_eq!(live_owner(name), None);
+        fs::write(dir.join(OWNER_FILE), format!("{pid} {start}\n")).unwrap();
+        other.kill().unwrap();
+        other.wait().unwrap();
+        assert_eq!(live_owner(name), None);
+        claim(name).unwrap();
+        assert!(
+            !dir.join("config.json").exists(),
+            "a dead owner's state is removed"
+        );
+        assert_eq!(live_owner(name), Some(std::process::id()));
+        down(name).unwrap();
+        assert!(!dir.exists());
     }
 
     #[test]

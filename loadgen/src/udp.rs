@@ -9,7 +9,6 @@ use std::collections::VecDeque;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 
-use crate::cpu;
 use crate::error::LoadgenError;
 use crate::mmsg::{RecvBatch, SendBatch, poll};
 use crate::proto::frame::{FrameHeader, Reassembly};
@@ -17,6 +16,7 @@ use crate::proto::parse_reply;
 use crate::schedule::Pacer;
 use crate::worker::{KeyScratch, Router, Source, WorkerPlan, WorkerResult, encode_request};
 use crate::workload::{LoadMode, Request, Verb};
+use crate::{cpu, interrupt};
 
 /// Outstanding requests per socket (a power of two); more at once expires the oldest.
 pub const SLOTS: usize = 16384;
@@ -160,6 +160,8 @@ pub fn run<S: Source>(plan: &WorkerPlan, mut source: S) -> Result<WorkerResult, 
     let cpu0 = cpu::thread_cpu_ns();
     let t0 = clock.now_ns();
     loop {
+        // A stop signal ends sending like an exhausted source; outstanding requests still drain.
+        exhausted |= interrupt::received().is_some();
         let now = clock.now_ns();
         let sending = now < plan.window_end_ns && !exhausted;
         let mut busy = false;

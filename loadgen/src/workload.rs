@@ -16,6 +16,9 @@ use crate::zipf::Popularity;
 pub const MAX_KEY_LEN: usize = 250;
 /// Largest multi-get width accepted.
 pub const MAX_WIDTH: usize = 100;
+/// Most distinct keys: far beyond any memcached's memory, yet small enough that every key id,
+/// count and sampler table stays exact (a value like 1e20 would saturate to u64::MAX).
+pub const MAX_KEYS: u64 = 1_000_000_000;
 
 /// A complete workload description; every field has a documented default.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -213,6 +216,12 @@ impl Workload {
         let ks = &self.keyspace;
         if ks.keys == 0 {
             return bad("keyspace.keys", "must be at least 1".into());
+        }
+        if ks.keys > MAX_KEYS {
+            return bad(
+                "keyspace.keys",
+                format!("{} is more than the maximum of {MAX_KEYS} (1G)", ks.keys),
+            );
         }
         let need = KeySpace::min_key_len(ks.keys);
         if ks.key_size.min < need {
@@ -456,6 +465,22 @@ mod tests {
             lens.insert(k.len());
         }
         assert!(lens.len() > 20, "lengths should spread over the range");
+    }
+
+    #[test]
+    fn validation_refuses_absurd_key_counts() {
+        let mut w = Workload::default();
+        w.keyspace.keys = MAX_KEYS;
+        w.validate().unwrap();
+        // What a file's 1e20 (or a saturated cast) becomes.
+        w.keyspace.keys = u64::MAX;
+        assert!(matches!(
+            w.validate(),
+            Err(LoadgenError::Workload {
+                field: "keyspace.keys",
+                ..
+            })
+        ));
     }
 
     #[test]
