@@ -505,7 +505,7 @@ impl BacklogWatch {
         if !snapshot.listening && !self.logged_blind {
             warn!(
                 port,
-                "memcached does not listen in the agent's network namespace: a write held up by a client that does not read its replies is not detected"
+                "no socket listens on memcached's port in the agent's network namespace (memcached is down, or runs in another namespace): a write held up by a client that does not read its replies is not detected"
             );
             self.logged_blind = true;
         }

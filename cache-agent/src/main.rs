@@ -217,6 +217,21 @@ fn pid_file(iface: &str) -> PathBuf {
     PathBuf::from(format!("/run/cache-agent/{iface}.pid"))
 }
 
+/// Whether memcached answers `version` on `stream` within 2 s.
+async fn memcached_answers_tcp(mut stream: tokio::net::TcpStream) -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut reply = [0u8; 64];
+    let asked = async {
+        stream.write_all(b"version\r\n").await.ok()?;
+        let n = stream.read(&mut reply).await.ok()?;
+        Some(reply[..n].starts_with(b"VERSION"))
+    };
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(2), asked).await,
+        Ok(Some(true))
+    )
+}
+
 /// Whether memcached answers a UDP `version` on `port` (three tries, a second in all).
 async fn memcached_answers_udp(addr: std::net::SocketAddr, port: u16) -> bool {
     let target = std::net::SocketAddr::new(addr.ip(), port);
@@ -427,7 +442,18 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
     )
     .await
     {
-        Ok(Ok(_)) => {}
+        Ok(Ok(stream)) => {
+            // A stopped memcached still accepts connections (the kernel queues them): ask it
+            // something, or its silence on UDP below is blamed on a missing -U (found by QA
+            // round 7).
+            if !memcached_answers_tcp(stream).await {
+                anyhow::bail!(
+                    "memcached at {addr} accepts connections but did not answer `version` \
+                     within 2 s: it is stopped (SIGSTOP, a debugger) or overloaded. Fix: make \
+                     memcached answer, then start the agent"
+                );
+            }
+        }
         Ok(Err(e)) => {
             return Err(AgentError::MemcachedUnreachable {
                 addr: addr.to_string(),

@@ -572,6 +572,26 @@ fn a_memcached_without_udp_is_refused_with_the_fix() {
     );
 }
 
+/// A stopped memcached still accepts connections (the kernel queues them) but answers
+/// nothing: the agent says so, not that UDP is off (found by QA round 7: it told the operator
+/// to start memcached with -U).
+#[test]
+fn a_stopped_memcached_is_named_at_start_not_blamed_on_udp() {
+    let mut rig = Rig::new("lcstopped", 94);
+    let pid = rig.bed.memcached_pid() as i32;
+    // SAFETY: signals to the testbed's own memcached.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let result = rig.bed.start_agent(&[]);
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let err = result
+        .expect_err("an agent started against a stopped memcached")
+        .to_string();
+    assert!(
+        err.contains("did not answer `version`") && !err.contains("does not answer UDP"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_memcached_reachable_through_an_unwatched_interface_is_reported_at_start() {
     // Found by QA: writes that reach memcached through another interface are never seen by
