@@ -68,6 +68,20 @@ pub fn can_adopt(dir: &std::path::Path, settings: &Settings) -> bool {
     }
 }
 
+/// Why the pins in `dir` are not adopted, for the log (found by QA round 7: one line said
+/// "left by a previous agent" whatever the reason).
+pub fn why_not_adopted(dir: &std::path::Path, settings: &Settings) -> &'static str {
+    let kept_links = dir.join(LINK_XDP).exists() && dir.join(LINK_TC).exists();
+    if !kept_links {
+        "no kept links: the previous agent crashed or stopped without upgrade mode"
+    } else if !settings.keep_on_exit {
+        "the previous agent kept its cache for an upgrade, but this one runs without \
+         --keep-on-exit true (only an agent in upgrade mode adopts)"
+    } else {
+        "the kept maps have other sizes (capacity, class shares or key slots changed)"
+    }
+}
+
 /// Loads (and so verifies) every program, sized from `settings`, without attaching. The maps
 /// in [`PINNED_MAPS`] are opened from `pin_dir` if pinned there, else created and pinned.
 pub fn load_pinned(settings: &Settings, pin_dir: &std::path::Path) -> Result<Ebpf> {

@@ -167,7 +167,11 @@ fn bring_up(
     let _quiet = SignalsElsewhere::new();
     if !adopting && dir.exists() {
         // A crashed or differently sized agent's pins: its links died with it; start cold.
-        warn!(dir = %dir.display(), "removing pins left by a previous agent");
+        warn!(
+            dir = %dir.display(),
+            reason = loader::why_not_adopted(dir, settings),
+            "removing pins left by a previous agent: starting cold"
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
     let up = load_and_attach(settings, dir, adopting);

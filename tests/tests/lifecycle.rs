@@ -419,6 +419,11 @@ fn a_restart_in_upgrade_mode_keeps_the_cache_warm() {
     rig.bed.stop_agent();
     assert!(rig.agent_stats().is_some(), "pins vanished in upgrade mode");
     rig.start_agent(&[]);
+    assert!(
+        rig.agent_log().contains("without --keep-on-exit true"),
+        "a kept cache left cold without saying why: {}",
+        rig.agent_log()
+    );
     rig.bed.stop_agent();
     assert!(rig.agent_stats().is_none(), "a plain stop must unpin");
 }
