@@ -29,6 +29,10 @@ pub struct Snapshot {
     /// memcached listens on its port in this network namespace (else its connections cannot
     /// be seen from here).
     pub listening: bool,
+    /// Connections the kernel has set up that memcached has not accepted yet (the listening
+    /// sockets' accept queues). Their clients may have sent writes already, which the scanner
+    /// saw; memcached applies them only once its listener thread takes the connection.
+    pub unaccepted: u32,
     pub backlogged: Vec<Backlogged>,
     /// Connections to memcached's port from this side (any process): address, port, inode.
     clients: Vec<(IpAddr, u16, u32)>,
@@ -202,6 +206,8 @@ fn read_socket(msg: &[u8], port: u16, found: &mut Snapshot) {
     }
     if state == TCP_LISTEN {
         found.listening = true;
+        // A listening socket's idiag_rqueue is its accept queue's length.
+        found.unaccepted += u32::from_ne_bytes(msg[56..60].try_into().unwrap());
         return;
     }
     let peer = address(24);
@@ -272,6 +278,18 @@ mod tests {
         assert!(seen.listening, "the listening socket");
         assert!(seen.backlogged.is_empty(), "{:?}", seen.backlogged);
         drop(client);
+    }
+
+    #[test]
+    fn connections_memcached_has_not_accepted_are_counted() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert_eq!(snapshot(port, &HashSet::new()).unwrap().unaccepted, 0);
+        let _first = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let _second = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        assert_eq!(snapshot(port, &HashSet::new()).unwrap().unaccepted, 2);
+        let _taken = listener.accept().unwrap();
+        assert_eq!(snapshot(port, &HashSet::new()).unwrap().unaccepted, 1);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! agent or memcached. Misses are allowed and reported.
 
 use std::{
+    io::{Read as _, Write as _},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -12,6 +13,7 @@ use std::{
 use tests::{
     Rig,
     history::{self, Load, Outcome},
+    value_text,
 };
 
 fn load(rig: &Rig, flushes: bool, ttls: bool) -> Load {
@@ -239,8 +241,7 @@ fn one_key_hammered_from_every_cpu_never_tears() {
                         }
                         n += 1;
                         let whole = values.iter().any(|v| {
-                            r.payload
-                                == [tests::value_text("tear", 0, v), b"END\r\n".to_vec()].concat()
+                            r.payload == [value_text("tear", 0, v), b"END\r\n".to_vec()].concat()
                         });
                         if !whole {
                             bad.push(String::from_utf8_lossy(&r.payload).into_owned());
@@ -270,4 +271,86 @@ fn one_key_hammered_from_every_cpu_never_tears() {
         "the kernel never answered: {:?}",
         rig.agent_stats()
     );
+}
+
+/// Stops one thread of memcached (ptrace: the others go on) until dropped.
+struct FrozenThread(i32);
+
+impl FrozenThread {
+    fn new(tid: i32) -> FrozenThread {
+        // SAFETY: ptrace requests on a thread of the testbed's own memcached; SEIZE and
+        // INTERRUPT stop that thread only (no group stop), and waitpid collects the stop.
+        unsafe {
+            assert_eq!(
+                libc::ptrace(libc::PTRACE_SEIZE, tid, 0, 0),
+                0,
+                "ptrace seize"
+            );
+            assert_eq!(
+                libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0),
+                0,
+                "ptrace interrupt"
+            );
+            let mut status = 0;
+            assert_eq!(
+                libc::waitpid(tid, &mut status, libc::__WALL),
+                tid,
+                "waitpid"
+            );
+        }
+        FrozenThread(tid)
+    }
+}
+
+impl Drop for FrozenThread {
+    fn drop(&mut self) {
+        // SAFETY: detaching the thread `new` attached.
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, self.0, 0, 0) };
+    }
+}
+
+/// A client that connects for each write (a PHP script, a cron job) sends its write before
+/// memcached has accepted the connection; the scanner sees it at once, memcached applies it
+/// once its listener thread takes the connection. Found by a CI run on an overloaded machine
+/// (138 stale reads): writes were applied over a second after the scanner saw them, while the
+/// health probes, on an accepted connection served by a worker thread, were answered at once,
+/// so GETs after the settle time were filled from the old value. memcached's listener thread
+/// (its main thread) is stopped here: connections wait in the accept queue, the workers go on.
+#[test]
+fn a_write_on_a_connection_memcached_has_not_accepted_never_leaves_the_old_value_cached() {
+    let rig = Rig::with_agent("faccept", 95, &[]);
+    rig.set("acc", b"old", 0, 0);
+    rig.warm("acc", Duration::from_secs(10));
+    let frozen = FrozenThread::new(rig.bed.memcached_pid() as i32);
+    let addr = rig.server(false);
+    let mut writer = rig
+        .bed
+        .in_client(move || std::net::TcpStream::connect(addr))
+        .expect("connect (the kernel completes the handshake)");
+    writer.write_all(b"set acc 0 0 3\r\nnew\r\n").unwrap();
+    // Past the write-settle time, GETs are answered by the workers, from the old item.
+    std::thread::sleep(Duration::from_millis(800));
+    for _ in 0..10 {
+        rig.udp_get(&["acc"]);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(frozen);
+    writer
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut reply = [0u8; 8];
+    writer
+        .read_exact(&mut reply)
+        .expect("memcached's reply to the set");
+    assert_eq!(&reply, b"STORED\r\n");
+    let expected = [value_text("acc", 0, b"new"), b"END\r\n".to_vec()].concat();
+    for i in 0..10 {
+        let got = rig.udp_get(&["acc"]).payload;
+        assert!(
+            got == expected || got == b"END\r\n",
+            "GET #{i} after STORED returned {:?} (fill_refused_stall {})",
+            String::from_utf8_lossy(&got),
+            rig.counter("fill_refused_stall")
+        );
+    }
 }
