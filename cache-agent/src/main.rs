@@ -387,6 +387,13 @@ fn recent_heartbeat(dir: &std::path::Path) -> Option<std::time::Duration> {
 /// an agent this process cannot see still stamps it.
 fn wait_out_hidden_agent(dir: &std::path::Path, iface: &str) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + HEARTBEAT_STALE;
+    if let Some(age) = recent_heartbeat(dir) {
+        info!(
+            heartbeat_age_ms = age.as_millis() as u64,
+            "the pins of `{iface}` have a recent heartbeat and no agent this process can see: \
+             waiting for it to go stale (an agent that just crashed)"
+        );
+    }
     while recent_heartbeat(dir).is_some() {
         if std::time::Instant::now() > deadline {
             anyhow::bail!(

@@ -30,7 +30,9 @@ pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long `start_memcached` waits for memcached to answer `version`.
 pub const MEMCACHED_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a stopped process gets between SIGTERM and SIGKILL.
-const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long a process gets to exit after SIGTERM: an agent in upgrade mode hands over for
+/// 1.5 s, and may wait for a warm start holding its maps, before it exits.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Longest a one-shot agent command (`stats`, `status`, `xdp-pass`) may run.
 const AGENT_CMD_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -57,6 +57,22 @@ impl Rig {
         self.bed
             .start_agent(args)
             .unwrap_or_else(|e| panic!("agent: {e}"));
+        // Pins a previous agent kept (upgrade mode, or a kill) answer `status` and may still
+        // hold a valid lease: wait until they are this agent's.
+        let pid = self.bed.agent_pid().expect("the agent just started");
+        let start = Instant::now();
+        while !self
+            .bed
+            .agent_cmd(&["status", "--json", "--iface", self.bed.server_iface()])
+            .is_ok_and(|s| s.contains(&format!("\"pid\":{pid}")))
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the agent (pid {pid}) never wrote its pid file; log: {}",
+                self.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         self.wait_serving(true, Duration::from_secs(15));
         // A new agent flushes and holds fills for the write-settle time plus a second.
         std::thread::sleep(Duration::from_millis(1300));
