@@ -713,12 +713,17 @@ fn show_status(t: Target) -> anyhow::Result<()> {
 fn detach(t: Target) -> anyhow::Result<()> {
     let pid_path = pid_file(&t.iface);
     let dir = pin_dir(&t.pin_root, &t.iface);
+    let mut stopped = None;
     if let Some(pid) = running_agent(&t.iface) {
         // SAFETY: sending a signal to the cache-agent the pid file names.
         if unsafe { libc::kill(pid, libc::SIGTERM) } == 0 {
-            println!("asked agent {pid} to detach from {}", t.iface);
+            if !t.json {
+                println!("asked agent {pid} to detach from {}", t.iface);
+            }
+            stopped = Some(pid);
             let mut gone = false;
-            for _ in 0..50 {
+            // An agent in upgrade mode hands over for 1.5 s before it exits.
+            for _ in 0..100 {
                 if !process_running(pid) {
                     gone = true;
                     break;
@@ -729,7 +734,7 @@ fn detach(t: Target) -> anyhow::Result<()> {
             // nothing, and would take the next agent's guard away.
             if !gone {
                 anyhow::bail!(
-                    "agent {pid} did not stop within 5 s (stopped or hung?); its programs stay \
+                    "agent {pid} did not stop within 10 s (stopped or hung?); its programs stay \
                      attached and its pins are left in place. Fix: `kill -KILL {pid}`, then run \
                      `cache-agent detach --iface {}` again",
                     t.iface
@@ -746,9 +751,21 @@ fn detach(t: Target) -> anyhow::Result<()> {
         );
     }
     let _ = std::fs::remove_file(&pid_path);
-    if dir.exists() {
+    let removed = dir.exists();
+    if removed {
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-        println!("removed pins under {}", dir.display());
+        if !t.json {
+            println!("removed pins under {}", dir.display());
+        }
+    }
+    if t.json {
+        // Found by QA round 7: `detach --json` printed nothing.
+        let result = serde_json::json!({
+            "iface": t.iface,
+            "stopped_pid": stopped,
+            "removed_pins": removed.then(|| dir.display().to_string()),
+        });
+        println!("{result}");
     }
     Ok(())
 }

@@ -280,11 +280,16 @@ fn an_agent_run_from_a_renamed_binary_is_refused_a_twin_and_stopped_by_detach() 
         "status does not name the renamed agent (pid {}): {status}",
         first.0.id()
     );
+    // With --json, what detach did is one JSON object (found by QA round 7: it printed
+    // nothing).
     let detached = rig
         .bed
-        .agent_cmd(&["detach", "--iface", &iface])
+        .agent_cmd(&["detach", "--iface", &iface, "--json"])
         .expect("detach");
-    assert!(detached.contains("asked agent"), "{detached}");
+    let result: serde_json::Value = serde_json::from_str(detached.trim())
+        .unwrap_or_else(|e| panic!("detach --json printed {detached:?}: {e}"));
+    assert_eq!(result["stopped_pid"], first.0.id(), "{detached}");
+    assert_eq!(result["iface"], iface.as_str(), "{detached}");
     let exited = (0..50).any(|_| {
         std::thread::sleep(Duration::from_millis(100));
         first.0.try_wait().ok().flatten().is_some()
