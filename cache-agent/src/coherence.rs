@@ -174,8 +174,6 @@ impl Shared {
         self.publish(|c| c.max_reply_payload = payload);
     }
 
-    /// Records which memcached process the cache holds items of (kept with the pinned
-    /// config, for the next agent in upgrade mode).
     /// Stamps the heartbeat unless a write did lately (see [`Config::agent_heartbeat_ns`]).
     pub fn heartbeat(&self) {
         let last = self.config.lock().expect("config lock").agent_heartbeat_ns;
@@ -200,6 +198,8 @@ impl Shared {
         });
     }
 
+    /// Records which memcached process the cache holds items of (kept with the pinned
+    /// config, for the next agent in upgrade mode).
     fn record_memcached(&self, id: &Identity) {
         let known = {
             let c = self.config.lock().expect("config lock");
@@ -575,7 +575,6 @@ fn stat_number(lines: &[String], name: &str) -> Option<u64> {
     stat(lines, name)?.parse().ok()
 }
 
-/// Whether memcached's `stats` count no eviction and no dropped log entry since it started.
 /// memcached's `evictions` and the sum of its [`UNREPORTED_DROPS`] counters.
 async fn loss_counters(addr: std::net::SocketAddr) -> std::io::Result<(u64, u64)> {
     let lines = request_once(addr, "stats\r\n", "END", Duration::from_secs(1))
