@@ -8,6 +8,10 @@
 //! was served from then on). memcached cannot write when its socket's send buffer is full, so
 //! the lease loop asks the kernel (sock_diag) about every connection to memcached's TCP port at
 //! each probe, and extends the fill lease only while no connection has a backlog of replies.
+//!
+//! The same look counts connections memcached has not accepted yet (the listening socket's
+//! accept queue): a client that connects for each write sends it before memcached takes the
+//! connection, and memcached applies it only then.
 
 use std::collections::HashSet;
 use std::io;

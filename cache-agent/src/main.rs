@@ -322,26 +322,23 @@ impl PidFile {
     }
 }
 
-/// When process `pid` started (clock ticks since boot: `/proc/PID/stat` field 22), if it
-/// exists.
-fn process_start_time(pid: i32) -> Option<u64> {
+/// Field `n` (counted from 3, the state) of `/proc/PID/stat`, if the process exists.
+fn proc_stat_field(pid: i32, n: usize) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces or parentheses itself.
     let after_name = &stat[stat.rfind(')')? + 1..];
-    after_name.split_whitespace().nth(19)?.parse().ok()
+    after_name.split_whitespace().nth(n - 3).map(str::to_owned)
+}
+
+/// When process `pid` started (clock ticks since boot: field 22), if it exists.
+fn process_start_time(pid: i32) -> Option<u64> {
+    proc_stat_field(pid, 22)?.parse().ok()
 }
 
 /// Whether process `pid` exists and has not exited (an exited child its parent has not
 /// reaped yet is a zombie: its agent is gone).
 fn process_running(pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // The state (field 3) follows the parenthesised command name.
-    let state = stat
-        .rfind(')')
-        .and_then(|i| stat[i + 1..].split_whitespace().next());
-    state.is_some_and(|s| s != "Z" && s != "X")
+    proc_stat_field(pid, 3).is_some_and(|state| state != "Z" && state != "X")
 }
 
 impl Drop for PidFile {
