@@ -437,6 +437,14 @@ pub async fn lease_loop(shared: Arc<Shared>) {
             {
                 shared.resync("memcached restarted");
                 identity = Some(now);
+                // It may take larger items now (`-I`): the scanner's guard window follows.
+                if let Some(lines) = probe
+                    .request(s.memcached, "stats settings\r\n", "END", limit)
+                    .await
+                    && let Some(window) = guard_window_of(&lines)
+                {
+                    shared.publish(|c| c.guard_window = window);
+                }
             }
             // An eviction the watch stream never reported may be cached.
             (Some(now), Some(before)) if now.dropped > before.dropped => {
@@ -573,6 +581,20 @@ pub fn stat<'a>(lines: &'a [String], name: &str) -> Option<&'a str> {
 
 fn stat_number(lines: &[String], name: &str) -> Option<u64> {
     stat(lines, name)?.parse().ok()
+}
+
+/// memcached's `stats settings`.
+pub async fn memcached_settings(addr: std::net::SocketAddr) -> Option<Vec<String>> {
+    request_once(addr, "stats settings\r\n", "END", Duration::from_secs(1)).await
+}
+
+/// The write scanner's guard window (see `Config::guard_window`) for memcached's `stats
+/// settings`: it follows from `item_size_max`, the largest data block memcached stores.
+pub fn guard_window_of(settings: &[String]) -> Option<u32> {
+    let largest = stat_number(settings, "item_size_max")?;
+    Some(cache_common::guard_window(
+        largest.min(u32::MAX as u64) as u32
+    ))
 }
 
 /// memcached's `evictions` and the sum of its [`UNREPORTED_DROPS`] counters.

@@ -13,7 +13,7 @@ use crate::error::{AgentError, Result};
 /// Where maps are pinned; the layout version is part of the path so an upgrade that changes it
 /// never reads the old maps with the new layout.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/memcache-accel";
-pub const PIN_LAYOUT: &str = "v8";
+pub const PIN_LAYOUT: &str = "v9";
 
 /// `cache-agent run` / `check-config` options. Unset options fall back to the config file,
 /// then to the defaults shown.

@@ -3,20 +3,13 @@
 //! never seen in the kernel (stores are caught late by `watch`; deletes, touches and
 //! arithmetic not at all). The agent cannot close that, but it can say so at start.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
-use crate::coherence::{request_once, stat};
+use crate::coherence::stat;
 
-/// memcached's listen setting (`-l`): `STAT inter` of `stats settings`, "NULL" when unset.
-pub async fn listen_setting(addr: SocketAddr) -> Option<String> {
-    let lines = request_once(
-        addr,
-        "stats settings\r\n",
-        "END",
-        std::time::Duration::from_secs(1),
-    )
-    .await?;
-    stat(&lines, "inter").map(str::to_string)
+/// memcached's listen setting (`-l`): `STAT inter` of its `stats settings`, "NULL" when unset.
+pub fn listen_setting(settings: &[String]) -> Option<&str> {
+    stat(settings, "inter")
 }
 
 /// The addresses memcached listens on, from its `inter` setting; None for every address

@@ -256,7 +256,7 @@ pub fn initial_config(settings: &Settings) -> Config {
         max_amplification_pct: settings.max_amplification.saturating_mul(100),
         serve_ifindex,
         memcached_pid: 0,
-        _pad: 0,
+        guard_window: 0,
         memcached_started_s: 0,
         handover_evictions: cache_common::HANDOVER_UNKNOWN,
         handover_dropped: cache_common::HANDOVER_UNKNOWN,

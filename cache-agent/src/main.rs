@@ -160,6 +160,7 @@ fn bring_up(
     settings: &Settings,
     dir: &std::path::Path,
     adopting: bool,
+    guard_window: u32,
 ) -> anyhow::Result<(aya::Ebpf, cache_common::Config, loader::Links)> {
     // The verifier gives up a load when a signal is pending for the loading thread, and the
     // retry (with its log on) takes many times longer: SIGTERM, SIGINT and SIGHUP go to the runtime's
@@ -174,7 +175,7 @@ fn bring_up(
         );
         let _ = std::fs::remove_dir_all(dir);
     }
-    let up = load_and_attach(settings, dir, adopting);
+    let up = load_and_attach(settings, dir, adopting, guard_window);
     if up.is_err() && !adopting {
         // Nothing attached: leave no pinned maps (the cache's memory) behind either.
         let _ = std::fs::remove_dir_all(dir);
@@ -186,9 +187,11 @@ fn load_and_attach(
     settings: &Settings,
     dir: &std::path::Path,
     adopting: bool,
+    guard_window: u32,
 ) -> anyhow::Result<(aya::Ebpf, cache_common::Config, loader::Links)> {
     let mut ebpf = loader::load_pinned(settings, dir)?;
     let mut config = loader::initial_config(settings);
+    config.guard_window = guard_window;
     config.max_reply_payload = loader::max_reply_payload(&settings.iface)?;
     if adopting {
         // Keep the epoch the cached entries were filled in: the cache stays warm. And which
@@ -485,9 +488,19 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
             port = settings.udp_port
         );
     }
-    if let Some(inter) = cache_agent::exposure::listen_setting(addr).await {
+    let memcached_settings = coherence::memcached_settings(addr)
+        .await
+        .unwrap_or_default();
+    let guard_window = coherence::guard_window_of(&memcached_settings).unwrap_or_else(|| {
+        warn!(
+            "could not read memcached's item_size_max (stats settings): a connection opened \
+             before the agent flushes the cache on each segment until 1 GiB has passed on it"
+        );
+        0
+    });
+    if let Some(inter) = cache_agent::exposure::listen_setting(&memcached_settings) {
         let others = cache_agent::exposure::unseen_interfaces(
-            &inter,
+            inter,
             &settings.iface,
             &cache_agent::exposure::interface_addresses(),
         );
@@ -528,13 +541,13 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
     let dir = settings.pin_dir();
     // Upgrade mode: a previous agent left its programs attached and its cache pinned.
     let mut adopting = settings.keep_on_exit && loader::can_adopt(&dir, &settings);
-    let (mut ebpf, mut config, links) = match bring_up(&settings, &dir, adopting) {
+    let (mut ebpf, mut config, links) = match bring_up(&settings, &dir, adopting, guard_window) {
         Ok(up) => up,
         Err(e) if adopting => {
             // Its links are gone (the interface was recreated, say): start cold.
             warn!(error = %e, "could not adopt the previous agent's programs; starting cold");
             adopting = false;
-            bring_up(&settings, &dir, false)?
+            bring_up(&settings, &dir, false, guard_window)?
         }
         Err(e) => return Err(e),
     };

@@ -1726,6 +1726,260 @@ fn tcp_write_on_a_flow_opened_before_the_agent_flushes_everything() {
     fx.expect_expired(&Flow::v4(), 2, "k", "GET after the flush");
 }
 
+/// Sends `payload` on `flow` at `*seq` (in order), checks the verdict, the frame and the
+/// counters, and moves `*seq` past it.
+fn send_tcp(
+    fx: &Fixture,
+    flow: &Flow,
+    seq: &mut u32,
+    payload: &[u8],
+    counted: Counted,
+    what: &str,
+) {
+    let frame = flow.tcp_to(PORT, *seq, TCP_ACK | TCP_PSH, payload);
+    fx.xdp_counted(&frame, counted, what)
+        .assert_unchanged(XDP_PASS, &frame, what);
+    *seq = seq.wrapping_add(payload.len() as u32);
+}
+
+/// A `get` line of exactly `len` bytes (one long key), to move a stream on.
+fn get_line_of(len: usize) -> Vec<u8> {
+    let mut line = b"get ".to_vec();
+    line.resize(len - 2, b'k');
+    line.extend_from_slice(b"\r\n");
+    line
+}
+
+/// A binary set of `key` to `value` (extras: flags, exptime).
+fn binary_set(key: &[u8], value: &[u8]) -> Vec<u8> {
+    let body = 8 + key.len() + value.len();
+    let mut req = vec![0x80, 0x01];
+    req.extend_from_slice(&(key.len() as u16).to_be_bytes());
+    req.extend_from_slice(&[8, 0, 0, 0]);
+    req.extend_from_slice(&(body as u32).to_be_bytes());
+    req.extend_from_slice(&[0; 12]);
+    req.extend_from_slice(&[0; 8]);
+    req.extend_from_slice(key);
+    req.extend_from_slice(value);
+    req
+}
+
+/// A connection opened before the agent attached (found by QA round 7: 15 persistent writers
+/// kept the cache empty, each of their segments flushing until they closed). Where its
+/// commands start is not known, so it is followed in guard mode: its segments flush until a
+/// write begun before the agent could have landed (the guard window: memcached's largest
+/// block and a line), and from then on only keys a command could write are invalidated, and
+/// reads cost nothing.
+#[test]
+fn a_flow_opened_before_the_agent_is_guarded_and_stops_flushing_after_its_window() {
+    let mut fx = Fixture::new();
+    fx.update_config(|c| c.guard_window = 64);
+    let flow = Flow::v4().with_client_port(50131);
+    let udp_flow = Flow::v4();
+    let a = Item::new("guard:a", 0, b"1");
+    let b = Item::new("guard:b", 0, b"2");
+    let mut seq = 0x4000_0000u32;
+    let flushes: Counted = &[("tcp_segments", 1), ("flush_unsynced", 1)];
+    let read: Counted = &[("tcp_segments", 1)];
+    // The tail of a set whose line came before the agent: the first segment flushes, and so
+    // does every one that starts within the window after it.
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        b"0 5\r\nhello\r\n",
+        flushes,
+        "the first segment seen",
+    );
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        &get_line_of(64),
+        flushes,
+        "within the window",
+    );
+    sleep(SETTLE_SLEEP);
+    fx.fill(&udp_flow, 1, &a, true);
+    fx.fill(&udp_flow, 2, &b, true);
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        b"get guard:a guard:b\r\n",
+        read,
+        "a get past the window",
+    );
+    fx.expect_hit(
+        &udp_flow,
+        3,
+        &[&a, &b],
+        "hits after a get on the guarded flow",
+    );
+    // A delete invalidates its key, and nothing else.
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        b"delete guard:a\r\n",
+        &[
+            ("tcp_segments", 1),
+            ("invalidate_text", 1),
+            ("slots_cleared_0", 1),
+        ],
+        "a delete",
+    );
+    fx.expect_miss(&udp_flow, 4, "guard:a", "GET after the delete");
+    fx.expect_hit(&udp_flow, 5, &[&b], "the other key after the delete");
+    // A set whose block goes on past its segment: every later token of the line is taken as
+    // a key, and the segment its block ends in flushes (memcached stores it only then).
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        b"set guard:b 0 0 5\r\nhel",
+        &[
+            ("tcp_segments", 1),
+            ("invalidate_text", 4),
+            ("slots_cleared_0", 1),
+        ],
+        "a set line",
+    );
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        b"lo\r\n",
+        flushes,
+        "the end of its block",
+    );
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        b"get guard:b\r\n",
+        read,
+        "a get after the block",
+    );
+    // A line whose key came a segment before its LF: memcached runs it only at the LF, maybe
+    // much later (a slow client), so the LF's segment flushes.
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        b"delete guard:c ",
+        &[("tcp_segments", 1), ("invalidate_text", 1)],
+        "a delete line without its LF",
+    );
+    send_tcp(&fx, &flow, &mut seq, b"\r\n", flushes, "its LF");
+    // A meta command with a base64 key cannot be hashed: it flushes.
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        b"mg Z2I= b v\r\n",
+        &[
+            ("tcp_segments", 1),
+            ("invalidate_text", 3),
+            ("flush_unsynced", 1),
+        ],
+        "mg with a base64 key",
+    );
+    // A binary write: its keys are not delimited, so its segment flushes.
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        &binary_set(b"guard:b", b"v"),
+        flushes,
+        "a binary set",
+    );
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        b"get guard:b\r\n",
+        read,
+        "a get after the binary set",
+    );
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        b"flush_all\r\n",
+        &[("tcp_segments", 1), ("flush_all", 1)],
+        "flush_all",
+    );
+    // A command that starts right after a block memcached rejected (no CRLF at its end),
+    // inside what looks like one token: its verb is that token's tail.
+    sleep(SETTLE_SLEEP);
+    fx.fill(&udp_flow, 6, &b, true);
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        b"set x 0 0 1\r\nyzdelete guard:b\r\n",
+        &[
+            ("tcp_segments", 1),
+            ("invalidate_text", 5),
+            ("slots_cleared_0", 1),
+        ],
+        "a delete right after a bad data chunk",
+    );
+    fx.expect_miss(&udp_flow, 7, "guard:b", "GET after that delete");
+}
+
+/// A gap in a command line: the scan has lost its place. The flow goes on in guard mode: the
+/// lost bytes flush when they come (memcached reads what follows them only then), and the
+/// segments within the window after the gap flush; later ones do not.
+#[test]
+fn a_gap_in_a_command_line_guards_the_flow_until_its_window_has_passed() {
+    let mut fx = Fixture::new();
+    fx.update_config(|c| c.guard_window = 64);
+    let flow = Flow::v4().with_client_port(50132);
+    let isn = 0x5000_0000u32;
+    fx.xdp_counted(&flow.tcp_to(PORT, isn, TCP_SYN, b""), &[], "SYN");
+    let flushes: Counted = &[("tcp_segments", 1), ("flush_unsynced", 1)];
+    let mut seq = isn + 1;
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        b"delete gap5:",
+        &[("tcp_segments", 1)],
+        "a line's start",
+    );
+    let missing = seq;
+    seq += 3;
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        b"key\r\n",
+        flushes,
+        "the line's end, past a gap",
+    );
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        &get_line_of(64),
+        flushes,
+        "within the window",
+    );
+    let refill = flow.tcp_to(PORT, missing, TCP_ACK | TCP_PSH, b"a:b");
+    fx.xdp_counted(&refill, flushes, "the lost bytes")
+        .assert_unchanged(XDP_PASS, &refill, "the lost bytes");
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        b"get gap5:key\r\n",
+        &[("tcp_segments", 1)],
+        "past the window",
+    );
+}
+
 #[test]
 fn flush_all_clears_every_cached_key() {
     let mut fx = Fixture::new();

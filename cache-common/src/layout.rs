@@ -120,7 +120,11 @@ pub struct Config {
     /// 0 = not known yet). Only the agent reads them: a new agent adopting a kept cache
     /// (upgrade mode) keeps it only if memcached is still that process.
     pub memcached_pid: u32,
-    pub _pad: u32,
+    /// Bytes after the place the write scanner lost a TCP stream within which a write begun
+    /// before that place may still land in memcached: a command line plus the largest data
+    /// block memcached takes (its `item_size_max`; see [`guard_window`]). 0 until the agent
+    /// has read it: [`GUARD_WINDOW_DEFAULT`].
+    pub guard_window: u32,
     pub memcached_started_s: u64,
     /// memcached's `evictions`, and the sum of its counters of drops no `watch` stream hears
     /// of, as an agent in upgrade mode read them when it stopped (then it followed `watch`
@@ -136,6 +140,16 @@ pub struct Config {
     pub agent_heartbeat_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 144);
+
+/// The guard window for memcached's `item_size_max`: its largest data block (plus CRLF), a
+/// command line (memcached closes a connection whose line runs past 2048 bytes) and a binary
+/// header with extras and key, rounded up.
+pub const fn guard_window(item_size_max: u32) -> u32 {
+    item_size_max.saturating_add(4096)
+}
+
+/// The guard window while memcached's `item_size_max` is not known: its largest (1 GiB).
+pub const GUARD_WINDOW_DEFAULT: u32 = guard_window(1 << 30);
 
 /// How often a running agent stamps [`Config::agent_heartbeat_ns`].
 pub const HEARTBEAT_NS: u64 = 500_000_000;

@@ -14,6 +14,7 @@ use cache_common::{
 
 use crate::coherence::{Ttl, flush, write_key};
 use crate::csum::udp_checksum_ok;
+use crate::guard;
 use crate::maps::{CONFIG, JUMP, JUMP_GET, JUMP_SCAN, SCRATCH, TCP_FLOWS};
 use crate::net::{
     Frame, Headers, IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN, TCP_URG,
@@ -73,7 +74,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
             return xdp_action::XDP_PASS;
         };
         save(s, &h, instance, PacketHead::NONE);
-        let Some((off, len)) = tcp_segment(&h, s, c) else {
+        let Some((off, len)) = tcp_segment(cfg, &h, s, c) else {
             return xdp_action::XDP_PASS;
         };
         unsafe {
@@ -197,6 +198,8 @@ pub fn run_scan(ctx: &XdpContext) -> u32 {
             let seq = (*flow).next_seq;
             copy_leading_words(flow, &raw const (*s).flow, FLOW_SCANNED_BYTES);
             (*flow).next_seq = seq.wrapping_add(chunk as u32);
+            // Where the next chunk (a tail call) starts, for a guarded scan's positions.
+            (*s).flow.next_seq = (*flow).next_seq;
         }
     }
     if followed && rest > 0 {
@@ -209,14 +212,18 @@ pub fn run_scan(ctx: &XdpContext) -> u32 {
         followed = false;
     }
     if is_tcp {
-        if !followed && let Some(flow) = TCP_FLOWS.get_ptr_mut(&key) {
-            unsafe { (*flow).mode_lost() };
+        if !followed && let (Some(flow), Some(cfg)) = (TCP_FLOWS.get_ptr_mut(&key), CONFIG.get(0)) {
+            // Lost somewhere in this chunk; the rest of the segment goes unscanned.
+            unsafe {
+                let end = (*flow).next_seq.wrapping_add(rest as u32);
+                (*flow).enter_guard(end, guard::window(cfg));
+            }
         }
         if h.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
             let _ = TCP_FLOWS.remove(&key);
         }
     }
-    if !followed {
+    if !followed || unsafe { (*s).guard_flush } != 0 {
         flush(c, Counter::FlushUnsynced);
     }
     xdp_action::XDP_PASS
@@ -258,6 +265,7 @@ fn scan(ctx: &XdpContext, s: *mut Scratch, off: usize, len: usize, instance: u8)
     unsafe {
         (*s).pending_len = 0;
         (*s).pending_overflow = 0;
+        (*s).guard_flush = 0;
     }
     if len == 0 {
         return true;
@@ -342,7 +350,12 @@ fn flow_key(h: &Headers) -> FlowKey {
 /// Decides what of a TCP segment to scan, with the flow's state loaded into scratch.
 /// None: nothing to scan (or the segment was handled by a flush).
 #[inline(always)]
-fn tcp_segment(h: &Headers, s: *mut Scratch, c: Option<*mut Counters>) -> Option<(usize, usize)> {
+fn tcp_segment(
+    cfg: &Config,
+    h: &Headers,
+    s: *mut Scratch,
+    c: Option<*mut Counters>,
+) -> Option<(usize, usize)> {
     let key = flow_key(h);
     // The sequence number of the segment's first data byte: a SYN takes one itself.
     let mut data_seq = h.tcp_seq;
@@ -368,9 +381,19 @@ fn tcp_segment(h: &Headers, s: *mut Scratch, c: Option<*mut Counters>) -> Option
         return None;
     }
     count(c, Counter::TcpSegments);
+    let len = h.payload_len as u32;
+    let end = data_seq.wrapping_add(len);
     let Some(flow) = TCP_FLOWS.get_ptr_mut(&key) else {
         // Opened before we were attached (or evicted): we cannot know where commands start.
+        // This segment flushes, and the flow goes on in guard mode from its end.
         flush(c, Counter::FlushUnsynced);
+        if h.tcp_flags & (TCP_FIN | TCP_RST) == 0 {
+            unsafe {
+                (*s).flow.start(end);
+                (*s).flow.enter_guard(end, guard::window(cfg));
+                let _ = TCP_FLOWS.insert(&key, &(*s).flow, 0);
+            }
+        }
         return None;
     };
     let state = unsafe { &mut *flow };
@@ -383,7 +406,12 @@ fn tcp_segment(h: &Headers, s: *mut Scratch, c: Option<*mut Counters>) -> Option
         flush(c, Counter::FlushUnsynced);
         return None;
     }
-    let len = h.payload_len as u32;
+    // The end of what the scan has seen of this flow once this segment is counted.
+    let seen_end = if guard::seq_after(end, state.next_seq) {
+        end
+    } else {
+        state.next_seq
+    };
     match state.fill_hole(data_seq, len) {
         HoleFill::Elsewhere => {}
         HoleFill::Filled { closed, past } => {
@@ -399,7 +427,7 @@ fn tcp_segment(h: &Headers, s: *mut Scratch, c: Option<*mut Counters>) -> Option
             }
         }
         HoleFill::Lost => {
-            state.mode_lost();
+            state.enter_guard(seen_end, guard::window(cfg));
             flush(c, Counter::FlushUnsynced);
             return None;
         }
@@ -418,13 +446,17 @@ fn tcp_segment(h: &Headers, s: *mut Scratch, c: Option<*mut Counters>) -> Option
         } else {
             // A gap: bytes we have not seen yet. Inside a data block memcached only counts
             // them: the scan goes on from this segment, and the gap is one of the flow's holes.
-            // Anywhere else the stream is lost for good.
+            // Anywhere else the place is lost: guard mode from this segment's end (the bytes
+            // missing flush when they come, as any retransmission).
             if !state.jump_gap(behind.wrapping_neg()) {
-                state.mode_lost();
+                state.enter_guard(seen_end, guard::window(cfg));
                 flush(c, Counter::FlushUnsynced);
                 return None;
             }
         }
+    }
+    if state.guard_flushes(data_seq.wrapping_add(skip)) {
+        flush(c, Counter::FlushUnsynced);
     }
     unsafe {
         copy_words(&raw mut (*s).flow, flow);

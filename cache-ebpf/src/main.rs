@@ -31,6 +31,7 @@
 mod coherence;
 mod csum;
 mod fill;
+mod guard;
 mod hitpath;
 mod ingress;
 mod learn;

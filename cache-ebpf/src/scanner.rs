@@ -19,9 +19,10 @@
 //! accepts; a key it cannot hash such as a base64 meta key; a storage line with a number
 //! memcached's strtol may read otherwise, so that whether memcached takes a data block is not
 //! certain; a CR inside a line, which memcached reads as a key byte; a NUL, which ends
-//! memcached's line early), it flushes the whole cache. A flow it lost stays unsynced, and
-//! every later segment of it flushes again, until the connection closes. Correctness never
-//! depends on guessing where a command starts.
+//! memcached's line early), it flushes the whole cache. A TCP flow it lost goes on in guard
+//! mode ([`crate::guard`]): every segment flushes until a write begun before that place must
+//! have landed, and from then on the scan invalidates every key any command starting anywhere
+//! could write. Correctness never depends on guessing where a command starts.
 
 use aya_ebpf::{cty::c_void, helpers::generated::bpf_loop};
 use cache_common::{
@@ -30,6 +31,7 @@ use cache_common::{
 };
 
 use crate::coherence::{Ttl, flush, flush_delayed};
+use crate::guard;
 use crate::maps::{CONFIG, SCRATCH};
 use crate::scratch::BUF_MASK;
 use crate::scratch::{MAX_PENDING, Scratch};
@@ -39,8 +41,11 @@ const MODE_LINE: u8 = 0;
 const MODE_DATA: u8 = 1;
 const MODE_BIN_HEADER: u8 = 2;
 const MODE_BIN_BODY: u8 = 3;
-/// The stream can no longer be followed.
+/// The stream can no longer be followed: every segment flushes until it closes (urgent data,
+/// and UDP datagrams the scan gave up on).
 const MODE_LOST: u8 = 4;
+/// Where commands start is not known: see [`crate::guard`].
+const MODE_GUARD: u8 = 5;
 
 /// memcached closes a connection whose command line exceeds 2048 bytes (except get/gets).
 const MAX_LINE: u32 = 2048;
@@ -74,8 +79,8 @@ const F_BASE64: u8 = 1 << 0;
 const F_MUTATES: u8 = 1 << 1;
 const F_TTL_UNKNOWN: u8 = 1 << 2;
 const F_HAVE_TTL: u8 = 1 << 3;
-const F_NUM_BAD: u8 = 1 << 4;
-const F_NUM_NEG: u8 = 1 << 5;
+pub const F_NUM_BAD: u8 = 1 << 4;
+pub const F_NUM_NEG: u8 = 1 << 5;
 const F_KEY_TOO_LONG: u8 = 1 << 6;
 const F_HAVE_LEN: u8 = 1 << 7;
 
@@ -130,8 +135,18 @@ pub struct FlowState {
     pub key_check: u32,
     /// [`LINE_CR`], [`LINE_UNSURE`], [`FLOW_ASCII`] and [`DATA_SPLIT`] bits.
     pub line_bits: u8,
-    pub _pad: [u8; 3],
-    /// First (up to) 8 bytes of the command token, packed little-endian.
+    /// [`MODE_GUARD`] only: the current line's bits, and where its data length token is
+    /// (see [`crate::guard`]).
+    pub guard_line: u8,
+    pub guard_len_at: u8,
+    pub _pad: u8,
+    /// [`MODE_GUARD`] only: every segment that starts before this sequence number flushes.
+    pub guard_until: u32,
+    /// [`MODE_GUARD`] only: bit i is set if the byte i bytes back was 0x80 (a binary header
+    /// may start there; `bin_header` holds the last 32 bytes, by sequence number).
+    pub guard_magic: u32,
+    /// First (up to) 8 bytes of the command token, packed little-endian; in [`MODE_GUARD`],
+    /// the last 8 bytes of the current token, the last one lowest.
     pub word: u64,
     pub num: u64,
     pub exptime: i64,
@@ -303,6 +318,31 @@ impl FlowState {
         self.mode = MODE_LOST;
     }
 
+    /// The scan lost its place before `from` (the end of what it has seen): on in guard mode
+    /// from there, and every segment that starts within `window` bytes of it flushes.
+    #[inline(always)]
+    pub fn enter_guard(&mut self, from: u32, window: u32) {
+        let until = from.wrapping_add(window);
+        let until = if self.mode == MODE_GUARD && guard::seq_after(self.guard_until, until) {
+            self.guard_until
+        } else {
+            until
+        };
+        self.reset(from);
+        self.mode = MODE_GUARD;
+        self.guard_until = until;
+        self.guard_line = 0;
+        self.guard_len_at = 0;
+        self.guard_magic = 0;
+    }
+
+    /// Whether a segment starting at `seq` must flush: the flow is guarded and a write seen
+    /// (or begun unseen) before may land in it.
+    #[inline(always)]
+    pub fn guard_flushes(&self, seq: u32) -> bool {
+        self.mode == MODE_GUARD && guard::seq_after(self.guard_until, seq)
+    }
+
     #[inline(always)]
     pub fn is_lost(&self) -> bool {
         self.mode == MODE_LOST
@@ -395,7 +435,7 @@ fn is_meta_flag(st: &FlowState) -> bool {
 /// so 4294967299 is 3 and -4294967286 is 10. (`num` is exact below about 1e13; beyond, the
 /// number is bad.)
 #[inline(always)]
-fn number(st: &FlowState) -> Option<i64> {
+pub fn number(st: &FlowState) -> Option<i64> {
     if st.flags & F_NUM_BAD != 0 {
         return None;
     }
@@ -418,17 +458,17 @@ fn ttl_from(st: &FlowState) -> Ttl {
 }
 
 /// Everything a step needs besides the state.
-struct Env<'a> {
-    cfg: &'a Config,
-    counters: Option<*mut Counters>,
-    instance: u8,
-    s: *mut Scratch,
+pub struct Env<'a> {
+    pub cfg: &'a Config,
+    pub counters: Option<*mut Counters>,
+    pub instance: u8,
+    pub s: *mut Scratch,
 }
 
 /// Records a write for [`crate::ingress`] to apply once the chunk is scanned: the per-byte
 /// step stays small (no locks, no key bookkeeping), which keeps verification cheap.
 #[inline(always)]
-fn queue_write(s: *mut Scratch, key_hash: u32, key_check: u32, ttl: Ttl, source: Counter) {
+pub fn queue_write(s: *mut Scratch, key_hash: u32, key_check: u32, ttl: Ttl, source: Counter) {
     unsafe {
         let n = (*s).pending_len as usize;
         if n >= MAX_PENDING {
@@ -731,7 +771,8 @@ struct StepCtx {
     pos: u32,
     len: u32,
     instance: u32,
-    _pad: u32,
+    /// TCP: the sequence number of the chunk's first byte.
+    seq: u32,
 }
 
 /// One bpf_loop iteration: consumes one byte, or a whole run of data-block bytes.
@@ -818,6 +859,10 @@ extern "C" fn scan_step(_index: u64, ctx: *mut c_void) -> i64 {
     }
     let b = unsafe { (*s).req[pos as usize & BUF_MASK] };
     unsafe { (*ctx).pos = pos + 1 };
+    if st.mode == MODE_GUARD {
+        guard::step(st, b, unsafe { (*ctx).seq }.wrapping_add(pos), &env);
+        return 0;
+    }
     match st.mode {
         MODE_BIN_HEADER => {
             st.bin_header[(st.bin_got & 31) as usize] = b;
@@ -890,17 +935,21 @@ extern "C" fn scan_step(_index: u64, ctx: *mut c_void) -> i64 {
 /// `Scratch::flow`. Returns false if the stream was lost.
 #[inline(always)]
 pub fn scan_chunk(len: u32, instance: u8) -> bool {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    let st = unsafe { &mut (*s).flow };
+    if st.mode == MODE_GUARD {
+        guard::chunk_start(st);
+    }
     let mut ctx = StepCtx {
         pos: 0,
         len,
         instance: instance as u32,
-        _pad: 0,
+        seq: unsafe { (*s).flow.next_seq },
     };
     unsafe {
         bpf_loop(len, scan_step as *mut c_void, (&raw mut ctx).cast(), 0);
     }
-    match SCRATCH.get_ptr_mut(0) {
-        Some(s) => unsafe { !(*s).flow.is_lost() },
-        None => false,
-    }
+    unsafe { !(*s).flow.is_lost() }
 }

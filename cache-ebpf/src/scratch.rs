@@ -120,6 +120,10 @@ pub struct Scratch {
     pub pending: [PendingWrite; MAX_PENDING],
     pub pending_len: u32,
     pub pending_overflow: u32,
+    /// Set by the scan of a guarded flow ([`crate::guard`]): a binary write may land within
+    /// this chunk, so it flushes.
+    pub guard_flush: u32,
+    pub _pad: u32,
     /// Scanner state of the stream being scanned (copied in and out of TCP_FLOWS).
     pub flow: FlowState,
     /// The hit path's clock (see time::hit_clock).
