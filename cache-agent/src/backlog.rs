@@ -38,8 +38,12 @@ pub struct Snapshot {
     /// saw; memcached applies them only once its listener thread takes the connection.
     pub unaccepted: u32,
     pub backlogged: Vec<Backlogged>,
+    /// memcached's connections (but those of the sockets left out).
+    pub connections: u32,
     /// Connections to memcached's port from this side (any process): address, port, inode.
     clients: Vec<(IpAddr, u16, u32)>,
+    /// The client end of each of memcached's connections.
+    peers: Vec<(IpAddr, u16)>,
 }
 
 const NETLINK_SOCK_DIAG: i32 = 4;
@@ -73,6 +77,11 @@ pub fn snapshot(port: u16, ignored: &HashSet<u32>) -> io::Result<Snapshot> {
     found
         .backlogged
         .retain(|b| !ignored_ends.contains(&(b.peer, b.peer_port)));
+    found.connections = found
+        .peers
+        .iter()
+        .filter(|end| !ignored_ends.contains(end))
+        .count() as u32;
     Ok(found)
 }
 
@@ -215,6 +224,7 @@ fn read_socket(msg: &[u8], port: u16, found: &mut Snapshot) {
         return;
     }
     let peer = address(24);
+    found.peers.push((peer, peer_port));
     let mut attrs = &msg[INET_DIAG_MSG_LEN..];
     while attrs.len() >= 4 {
         let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;

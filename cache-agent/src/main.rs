@@ -220,6 +220,30 @@ fn load_and_attach(
     Ok((ebpf, config, links))
 }
 
+/// Says how many client connections memcached has from before the agent attached: the kernel
+/// cannot know where their commands start, so each flushes the cache for a while (guard mode).
+fn report_older_connections(settings: &Settings, guard_window: u32) {
+    let own = cache_agent::backlog::own_sockets();
+    let Ok(look) = cache_agent::backlog::snapshot(settings.memcached.port(), &own) else {
+        return;
+    };
+    if look.connections > 0 {
+        let window = if guard_window == 0 {
+            cache_common::GUARD_WINDOW_DEFAULT
+        } else {
+            guard_window
+        };
+        warn!(
+            connections = look.connections,
+            guard_window_bytes = window,
+            "memcached has client connections older than the agent: the kernel did not see \
+             where their commands start, so each of them flushes the cache on every segment \
+             until guard_window_bytes (memcached's item_size_max and a line) have passed on it; \
+             hits may be rare until then. memcache_accel_tcp_flows_guarded_total counts them"
+        );
+    }
+}
+
 fn pid_file(iface: &str) -> PathBuf {
     PathBuf::from(format!("/run/cache-agent/{iface}.pid"))
 }
@@ -563,6 +587,9 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
         map_bytes = settings.map_bytes(),
         "attached; serving once memcached and the watch stream are confirmed"
     );
+    if !adopting {
+        report_older_connections(&settings, config.guard_window);
+    }
 
     let ttl_queries = match ebpf.take_map(cache_common::names::TTL_QUERIES) {
         Some(map) => Some(aya::maps::RingBuf::try_from(map)?),

@@ -137,6 +137,11 @@ pub const EXPIRED: Family = counter(
     &[],
     "Lookups that found the key but did not serve it: expired, flushed, or waiting for the TTL the agent learns from memcached.",
 );
+pub const TCP_FLOWS_GUARDED: Family = counter(
+    "memcache_accel_tcp_flows_guarded_total",
+    &[],
+    "TCP connections the write scanner lost its place in (opened before the agent, a segment lost inside a command line) and follows in guard mode: each flushes the cache on its segments until about memcached's item_size_max has passed on it.",
+);
 pub const TCP_SEGMENTS_SCANNED: Family = counter(
     "memcache_accel_tcp_segments_scanned_total",
     &[],
@@ -227,7 +232,7 @@ pub const MISS_SERVICE_DURATION: Family = histogram(
 );
 
 /// Every family the agent exports (the registry sorts them by name).
-pub const FAMILIES: [Family; 30] = [
+pub const FAMILIES: [Family; 31] = [
     GET_REQUESTS,
     GET_KEYS,
     HIT_REQUESTS,
@@ -241,6 +246,7 @@ pub const FAMILIES: [Family; 30] = [
     EVICTIONS,
     EXPIRED,
     TCP_SEGMENTS_SCANNED,
+    TCP_FLOWS_GUARDED,
     UDP_DATAGRAMS_SCANNED,
     TTL_QUERIES,
     TTL_ANSWERS,
@@ -294,7 +300,7 @@ const fn series(counter: Counter, family: Family, label: &'static str) -> Counte
 }
 
 /// Every kernel counter except the per-class slot counters (those become the cache gauges).
-pub const KERNEL_COUNTERS: [CounterSeries; 37] = [
+pub const KERNEL_COUNTERS: [CounterSeries; 38] = [
     series(Counter::GetRequests, GET_REQUESTS, ""),
     series(Counter::GetKeys, GET_KEYS, ""),
     series(Counter::HitRequests, HIT_REQUESTS, ""),
@@ -331,6 +337,7 @@ pub const KERNEL_COUNTERS: [CounterSeries; 37] = [
     series(Counter::FlushUnsynced, FLUSHES, "unsynced"),
     series(Counter::Evictions, EVICTIONS, ""),
     series(Counter::TcpSegments, TCP_SEGMENTS_SCANNED, ""),
+    series(Counter::TcpFlowsGuarded, TCP_FLOWS_GUARDED, ""),
     series(Counter::UdpOther, UDP_DATAGRAMS_SCANNED, ""),
     series(Counter::Expired, EXPIRED, ""),
     series(Counter::TtlQueries, TTL_QUERIES, ""),

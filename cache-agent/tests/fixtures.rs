@@ -1607,23 +1607,25 @@ fn a_gap_inside_a_value_is_stepped_over_and_flushes_once_when_filled() {
     );
 }
 
-/// Where the scan cannot step over a gap, the stream is lost and every later segment of it
-/// flushes: a gap in a command line, more gaps than a flow keeps, a retransmission reaching
-/// from seen bytes into a gap.
+/// Where the scan cannot step over a gap, it has lost its place: the segment flushes and the
+/// flow goes on in guard mode (see the guard tests): a gap in a command line, more gaps than
+/// a flow keeps, a retransmission reaching from seen bytes into a gap.
 #[test]
-fn gaps_the_scan_cannot_step_over_lose_the_stream() {
+fn gaps_the_scan_cannot_step_over_put_the_flow_in_guard_mode() {
     let fx = Fixture::new();
     let seg =
         |flow: &Flow, seq: u32, payload: &[u8]| flow.tcp_to(PORT, seq, TCP_ACK | TCP_PSH, payload);
+    let guarded: Counted = &[
+        ("tcp_segments", 1),
+        ("flush_unsynced", 1),
+        ("tcp_flows_guarded", 1),
+    ];
     let lost = |flow: &Flow, frame: Vec<u8>, what: &str| {
-        fx.xdp_counted(&frame, &[("tcp_segments", 1), ("flush_unsynced", 1)], what)
+        fx.xdp_counted(&frame, guarded, what)
             .assert_unchanged(XDP_PASS, &frame, what);
+        // Far ahead: a gap in guard mode too.
         let later = seg(flow, 0x7000_0000, b"delete any\r\n");
-        fx.xdp_counted(
-            &later,
-            &[("tcp_segments", 1), ("flush_unsynced", 1)],
-            &format!("{what}: a later segment"),
-        );
+        fx.xdp_counted(&later, guarded, &format!("{what}: a later segment"));
     };
     let start = |port: u16, isn: u32, first: &[u8], counted: Counted| {
         let flow = Flow::v4().with_client_port(port);
@@ -1701,7 +1703,11 @@ fn tcp_segment_after_fin_flushes_everything() {
     let late = flow.tcp_to(PORT, isn + 8, TCP_ACK | TCP_PSH, b"get k\r\n");
     fx.xdp_counted(
         &late,
-        &[("tcp_segments", 1), ("flush_unsynced", 1)],
+        &[
+            ("tcp_segments", 1),
+            ("flush_unsynced", 1),
+            ("tcp_flows_guarded", 1),
+        ],
         "data after FIN",
     )
     .assert_unchanged(XDP_PASS, &late, "data after FIN");
@@ -1718,7 +1724,11 @@ fn tcp_write_on_a_flow_opened_before_the_agent_flushes_everything() {
     let set = flow.tcp_to(PORT, 777, TCP_ACK | TCP_PSH, b"set other 0 0 1\r\nx\r\n");
     fx.xdp_counted(
         &set,
-        &[("tcp_segments", 1), ("flush_unsynced", 1)],
+        &[
+            ("tcp_segments", 1),
+            ("flush_unsynced", 1),
+            ("tcp_flows_guarded", 1),
+        ],
         "TCP set without a SYN",
     )
     .assert_unchanged(XDP_PASS, &set, "TCP set without a SYN");
@@ -1788,7 +1798,11 @@ fn a_flow_opened_before_the_agent_is_guarded_and_stops_flushing_after_its_window
         &flow,
         &mut seq,
         b"0 5\r\nhello\r\n",
-        flushes,
+        &[
+            ("tcp_segments", 1),
+            ("flush_unsynced", 1),
+            ("tcp_flows_guarded", 1),
+        ],
         "the first segment seen",
     );
     send_tcp(
@@ -1956,7 +1970,11 @@ fn a_gap_in_a_command_line_guards_the_flow_until_its_window_has_passed() {
         &flow,
         &mut seq,
         b"key\r\n",
-        flushes,
+        &[
+            ("tcp_segments", 1),
+            ("flush_unsynced", 1),
+            ("tcp_flows_guarded", 1),
+        ],
         "the line's end, past a gap",
     );
     send_tcp(

@@ -83,9 +83,14 @@ pub enum Counter {
     /// Passed: a fill or invalidation wrote the bucket while the hit path read it (the
     /// lock-free read saw the bucket's sequence move; see the kernel's lock module).
     PassContended,
+    /// TCP flows the write scanner lost its place in (opened before the agent, a segment lost
+    /// inside a command line) and went on following in guard mode: each flushes the cache on
+    /// every segment until a write begun before must have landed (the guard window). A flow
+    /// enters again after another gap.
+    TcpFlowsGuarded,
 }
 
-pub const COUNTER_COUNT: usize = Counter::PassContended as usize + 1;
+pub const COUNTER_COUNT: usize = Counter::TcpFlowsGuarded as usize + 1;
 
 impl Counter {
     pub const SLOTS_FILLED: [Counter; 4] = [
@@ -198,4 +203,5 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT] = [
     "hit_requests_tc",
     "fill_refused_stall",
     "pass_contended",
+    "tcp_flows_guarded",
 ];

@@ -218,6 +218,7 @@ pub fn run_scan(ctx: &XdpContext) -> u32 {
                 let end = (*flow).next_seq.wrapping_add(rest as u32);
                 (*flow).enter_guard(end, guard::window(cfg));
             }
+            count(c, Counter::TcpFlowsGuarded);
         }
         if h.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
             let _ = TCP_FLOWS.remove(&key);
@@ -393,6 +394,7 @@ fn tcp_segment(
                 (*s).flow.enter_guard(end, guard::window(cfg));
                 let _ = TCP_FLOWS.insert(&key, &(*s).flow, 0);
             }
+            count(c, Counter::TcpFlowsGuarded);
         }
         return None;
     };
@@ -428,6 +430,7 @@ fn tcp_segment(
         }
         HoleFill::Lost => {
             state.enter_guard(seen_end, guard::window(cfg));
+            count(c, Counter::TcpFlowsGuarded);
             flush(c, Counter::FlushUnsynced);
             return None;
         }
@@ -450,6 +453,7 @@ fn tcp_segment(
             // missing flush when they come, as any retransmission).
             if !state.jump_gap(behind.wrapping_neg()) {
                 state.enter_guard(seen_end, guard::window(cfg));
+                count(c, Counter::TcpFlowsGuarded);
                 flush(c, Counter::FlushUnsynced);
                 return None;
             }

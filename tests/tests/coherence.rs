@@ -828,8 +828,10 @@ fn command(conn: &mut TcpStream, request: &[u8]) -> String {
 #[test]
 fn connections_opened_before_the_agent_stop_flushing_once_their_guard_window_has_passed() {
     let mut rig = Rig::new("coguard", 96);
-    rig.set("guard:a", b"old", 0, 0);
-    rig.set("guard:b", b"old", 0, 0);
+    // A TTL memcached's `me` states exactly (exptime 0 reads as "-1", which the agent asks
+    // again after memcached's next clock tick, not serving the key in between).
+    rig.set("guard:a", b"old", 0, 3600);
+    rig.set("guard:b", b"old", 0, 3600);
     let addr = rig.server(false);
     let open = || {
         let conn = rig.bed.in_client(move || TcpStream::connect(addr).unwrap());
@@ -846,9 +848,20 @@ fn connections_opened_before_the_agent_stop_flushing_once_their_guard_window_has
         rig.counter("flush_unsynced") > before,
         "a connection older than the agent did not flush within its window"
     );
+    assert!(
+        rig.agent_log()
+            .contains("memcached has client connections older than the agent"),
+        "the agent did not say that old connections flush for a while: {}",
+        rig.agent_log()
+    );
     for conn in [&mut reader, &mut writer] {
         stream_gets(conn, window / 16 + 1000);
     }
+    assert_eq!(
+        rig.counter("tcp_flows_guarded"),
+        2,
+        "both old connections are guarded"
+    );
     rig.warm("guard:a", WARM);
     rig.warm("guard:b", WARM);
     let flushes = rig.counter("flush_unsynced");
@@ -867,7 +880,8 @@ fn connections_opened_before_the_agent_stop_flushing_once_their_guard_window_has
     assert_eq!(
         rig.counter("hit_keys"),
         hits + 4,
-        "reads on the old connection cost hits"
+        "reads on the old connection cost hits: {:?}",
+        rig.agent_stats()
     );
     assert_eq!(
         command(&mut writer, b"set guard:a 0 0 3\r\nnew\r\n"),
