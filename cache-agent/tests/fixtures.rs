@@ -1899,14 +1899,24 @@ fn a_flow_opened_before_the_agent_is_guarded_and_stops_flushing_after_its_window
         ],
         "mg with a base64 key",
     );
-    // A binary write: its keys are not delimited, so its segment flushes.
+    // A binary write: its header says where its key is (guard:b was flushed by the mg above).
     send_tcp(
         &fx,
         &flow,
         &mut seq,
         &binary_set(b"guard:b", b"v"),
-        flushes,
+        &[("tcp_segments", 1), ("invalidate_binary", 1)],
         "a binary set",
+    );
+    // A pickled value (0x80, then the protocol version, a write opcode): no header memcached
+    // would take, so nothing more than the line's tokens.
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        b"set guard:p 0 0 8\r\n\x80\x04\x95\x05\x00\x00\x00\x00\r\n",
+        &[("tcp_segments", 1), ("invalidate_text", 4)],
+        "a set of a pickled value",
     );
     send_tcp(
         &fx,
@@ -1941,6 +1951,33 @@ fn a_flow_opened_before_the_agent_is_guarded_and_stops_flushing_after_its_window
         "a delete right after a bad data chunk",
     );
     fx.expect_miss(&udp_flow, 7, "guard:b", "GET after that delete");
+    // A binary delete, its header split across two segments: the key it names is cleared.
+    sleep(SETTLE_SLEEP);
+    fx.fill(&udp_flow, 8, &b, true);
+    let mut delete = vec![0x80, 0x04, 0, 7, 0, 0, 0, 0, 0, 0, 0, 7];
+    delete.extend_from_slice(&[0; 12]);
+    delete.extend_from_slice(b"guard:b");
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        &delete[..6],
+        read,
+        "a binary header's start",
+    );
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        &delete[6..],
+        &[
+            ("tcp_segments", 1),
+            ("invalidate_binary", 1),
+            ("slots_cleared_0", 1),
+        ],
+        "its rest: a binary delete",
+    );
+    fx.expect_miss(&udp_flow, 9, "guard:b", "GET after the binary delete");
 }
 
 /// A gap in a command line: the scan has lost its place. The flow goes on in guard mode: the

@@ -18,9 +18,12 @@
 //! - keys are invalidated as their tokens end, before memcached runs the line (at its LF): a
 //!   line whose keys came in an earlier chunk than its LF flushes at the LF.
 //!
-//! A binary request starts with 0x80. Every 0x80 followed by a write opcode flushes its chunk
-//! and every segment up to the end of the body its header announces; a binary flush is read
-//! exactly from its header and extras (the flow keeps its last 32 bytes in a ring).
+//! A binary request starts with 0x80. Every 0x80 whose next 11 bytes make a write header
+//! memcached takes (its opcode's extras length, a key of 1 to 250 bytes, a body that holds
+//! them; memcached closes the connection on any other) has its key hashed and invalidated, and
+//! every segment up to the end of the body it announces flushes (a set is applied there); a
+//! second such header while a key is being hashed flushes its chunk instead. A binary flush is
+//! read exactly from its header and extras. The flow keeps its last 32 bytes in a ring.
 //!
 //! What the scanner could not see (the command in flight where it lost its place) is covered
 //! by the guard window: every segment that starts within item_size_max plus a command line of
@@ -119,6 +122,7 @@ pub fn chunk_start(st: &mut FlowState) {
 /// One byte of a guarded stream, at sequence number `seq`.
 #[inline(always)]
 pub fn step(st: &mut FlowState, b: u8, seq: u32, env: &Env) {
+    binary_key_byte(st, b, seq, env);
     binary_byte(st, b, seq, env);
     match b {
         b'\n' => {
@@ -298,26 +302,71 @@ fn ring_u32(st: &FlowState, seq: u32) -> u32 {
     ])
 }
 
-/// Every binary opcode that changes an item (set, add, replace, delete, incr, decr, append,
-/// prepend, touch, gat, gatk and their quiet forms). flush and flushq are read exactly.
+/// Whether memcached 1.6 runs a binary request with opcode `op` and these lengths as a write
+/// (set, add, replace, delete, incr, decr, append, prepend, touch, gat, gatk and their quiet
+/// forms): any other shape of a write opcode is a protocol error, and memcached closes the
+/// connection. flush and flushq are read exactly ([`binary_flush`]).
 #[inline(always)]
-fn is_binary_write(op: u8) -> bool {
-    matches!(
-        op,
-        0x01..=0x06 | 0x0e | 0x0f | 0x11..=0x16 | 0x19 | 0x1a | 0x1c..=0x1e | 0x23 | 0x24
-    )
+fn is_binary_write(op: u8, key_len: u32, extras: u32, body: u32) -> bool {
+    if key_len == 0 || key_len as usize > MAX_KEY_LEN || key_len + extras > body {
+        return false;
+    }
+    match op {
+        0x01..=0x03 | 0x11..=0x13 => extras == 8,
+        0x04 | 0x14 => extras == 0 && body == key_len,
+        0x05 | 0x06 | 0x15 | 0x16 => extras == 20 && body == key_len + 20,
+        0x0e | 0x0f | 0x19 | 0x1a => extras == 0,
+        0x1c..=0x1e | 0x23 | 0x24 => extras == 4,
+        _ => false,
+    }
 }
 
 /// A header may start at `at`, whose first 12 bytes (up to the body length) are in the ring.
-/// A write lands when its body ends: every segment up to there flushes, this chunk too.
+/// Its key is hashed as it comes; the write lands when the body ends (every segment up to
+/// there flushes).
 #[inline(always)]
 fn binary_write(st: &mut FlowState, at: u32, env: &Env) {
-    if !is_binary_write(ring(st, at.wrapping_add(1))) {
+    let key_len = ring(st, at.wrapping_add(2)) as u32 * 256 + ring(st, at.wrapping_add(3)) as u32;
+    let extras = ring(st, at.wrapping_add(4)) as u32;
+    let body = ring_u32(st, at.wrapping_add(8));
+    if !is_binary_write(ring(st, at.wrapping_add(1)), key_len, extras, body) {
         return;
     }
-    let body = ring_u32(st, at.wrapping_add(8)).min(window(env.cfg));
-    extend(st, at.wrapping_add(24).wrapping_add(body));
-    unsafe { (*env.s).guard_flush = 1 };
+    extend(
+        st,
+        at.wrapping_add(24).wrapping_add(body.min(window(env.cfg))),
+    );
+    if st.guard_key_left != 0 {
+        // Another key is being hashed (one of the two headers is bytes of a value): this
+        // chunk flushes, and so does every segment up to this body's end.
+        unsafe { (*env.s).guard_flush = 1 };
+        return;
+    }
+    st.guard_key_at = at.wrapping_add(24).wrapping_add(extras);
+    st.guard_key_left = key_len;
+    st.key_hash = seed(env.instance);
+    st.key_check = check_seed(env.instance);
+}
+
+/// A byte of the binary key being hashed, if `seq` is one: its last byte invalidates it.
+#[inline(always)]
+fn binary_key_byte(st: &mut FlowState, b: u8, seq: u32, env: &Env) {
+    if st.guard_key_left == 0 || seq_after(st.guard_key_at, seq) {
+        return;
+    }
+    st.key_hash = hash_step(st.key_hash, b);
+    st.key_check = check_step(st.key_check, b);
+    st.guard_key_left -= 1;
+    if st.guard_key_left == 0 {
+        let key = finish(st.key_hash);
+        queue_write(
+            env.s,
+            key,
+            st.key_check,
+            Ttl::Forget,
+            Counter::InvalidateBinary,
+        );
+    }
 }
 
 /// A flush header may start at `at`, with `extras` (0 or 4) bytes of delay after it, all in

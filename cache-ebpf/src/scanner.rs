@@ -145,6 +145,10 @@ pub struct FlowState {
     /// [`MODE_GUARD`] only: bit i is set if the byte i bytes back was 0x80 (a binary header
     /// may start there; `bin_header` holds the last 32 bytes, by sequence number).
     pub guard_magic: u32,
+    /// [`MODE_GUARD`] only: the binary write key being hashed (into `key_hash` and
+    /// `key_check`): the sequence number of its first byte, and how many bytes are left.
+    pub guard_key_at: u32,
+    pub guard_key_left: u32,
     /// First (up to) 8 bytes of the command token, packed little-endian; in [`MODE_GUARD`],
     /// the last 8 bytes of the current token, the last one lowest.
     pub word: u64,
@@ -334,6 +338,7 @@ impl FlowState {
         self.guard_line = 0;
         self.guard_len_at = 0;
         self.guard_magic = 0;
+        self.guard_key_left = 0;
     }
 
     /// Whether a segment starting at `seq` must flush: the flow is guarded and a write seen
