@@ -172,6 +172,13 @@ type Counts = [u64; COUNTER_COUNT];
 /// Expected counter changes: (name in `COUNTER_NAMES`, delta); unlisted counters stay put.
 type Counted<'a> = &'a [(&'a str, u64)];
 
+/// A TCP segment that flushes and puts its flow in guard mode.
+const GUARDED: Counted<'static> = &[
+    ("tcp_segments", 1),
+    ("flush_unsynced", 1),
+    ("tcp_flows_guarded", 1),
+];
+
 fn counter_index(name: &str) -> usize {
     COUNTER_NAMES
         .iter()
@@ -1615,17 +1622,12 @@ fn gaps_the_scan_cannot_step_over_put_the_flow_in_guard_mode() {
     let fx = Fixture::new();
     let seg =
         |flow: &Flow, seq: u32, payload: &[u8]| flow.tcp_to(PORT, seq, TCP_ACK | TCP_PSH, payload);
-    let guarded: Counted = &[
-        ("tcp_segments", 1),
-        ("flush_unsynced", 1),
-        ("tcp_flows_guarded", 1),
-    ];
     let lost = |flow: &Flow, frame: Vec<u8>, what: &str| {
-        fx.xdp_counted(&frame, guarded, what)
+        fx.xdp_counted(&frame, GUARDED, what)
             .assert_unchanged(XDP_PASS, &frame, what);
         // Far ahead: a gap in guard mode too.
         let later = seg(flow, 0x7000_0000, b"delete any\r\n");
-        fx.xdp_counted(&later, guarded, &format!("{what}: a later segment"));
+        fx.xdp_counted(&later, GUARDED, &format!("{what}: a later segment"));
     };
     let start = |port: u16, isn: u32, first: &[u8], counted: Counted| {
         let flow = Flow::v4().with_client_port(port);
@@ -1701,16 +1703,8 @@ fn tcp_segment_after_fin_flushes_everything() {
     }
     fx.expect_hit(&Flow::v4(), 2, &[&item], "TCP get and FIN change nothing");
     let late = flow.tcp_to(PORT, isn + 8, TCP_ACK | TCP_PSH, b"get k\r\n");
-    fx.xdp_counted(
-        &late,
-        &[
-            ("tcp_segments", 1),
-            ("flush_unsynced", 1),
-            ("tcp_flows_guarded", 1),
-        ],
-        "data after FIN",
-    )
-    .assert_unchanged(XDP_PASS, &late, "data after FIN");
+    fx.xdp_counted(&late, GUARDED, "data after FIN")
+        .assert_unchanged(XDP_PASS, &late, "data after FIN");
     fx.expect_expired(&Flow::v4(), 3, "k", "GET after the flush");
 }
 
@@ -1722,16 +1716,8 @@ fn tcp_write_on_a_flow_opened_before_the_agent_flushes_everything() {
     fx.fill(&Flow::v4(), 1, &item, true);
     let epoch = fx.kernel_epoch();
     let set = flow.tcp_to(PORT, 777, TCP_ACK | TCP_PSH, b"set other 0 0 1\r\nx\r\n");
-    fx.xdp_counted(
-        &set,
-        &[
-            ("tcp_segments", 1),
-            ("flush_unsynced", 1),
-            ("tcp_flows_guarded", 1),
-        ],
-        "TCP set without a SYN",
-    )
-    .assert_unchanged(XDP_PASS, &set, "TCP set without a SYN");
+    fx.xdp_counted(&set, GUARDED, "TCP set without a SYN")
+        .assert_unchanged(XDP_PASS, &set, "TCP set without a SYN");
     assert_eq!(fx.kernel_epoch(), epoch + 1, "the flush bumps the epoch");
     fx.expect_expired(&Flow::v4(), 2, "k", "GET after the flush");
 }
@@ -1798,11 +1784,7 @@ fn a_flow_opened_before_the_agent_is_guarded_and_stops_flushing_after_its_window
         &flow,
         &mut seq,
         b"0 5\r\nhello\r\n",
-        &[
-            ("tcp_segments", 1),
-            ("flush_unsynced", 1),
-            ("tcp_flows_guarded", 1),
-        ],
+        GUARDED,
         "the first segment seen",
     );
     send_tcp(
@@ -2007,11 +1989,7 @@ fn a_gap_in_a_command_line_guards_the_flow_until_its_window_has_passed() {
         &flow,
         &mut seq,
         b"key\r\n",
-        &[
-            ("tcp_segments", 1),
-            ("flush_unsynced", 1),
-            ("tcp_flows_guarded", 1),
-        ],
+        GUARDED,
         "the line's end, past a gap",
     );
     send_tcp(

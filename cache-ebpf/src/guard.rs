@@ -63,6 +63,14 @@ const SPANS_CHUNKS: u8 = 1 << 6;
 const STORAGE_LEN_AT: u8 = 1 << 3;
 const MS_LEN_AT: u8 = 1 << 1;
 
+/// Verbs whose data block follows the line (the length is their 4th token).
+const STORAGE_VERBS: [&[u8]; 6] = [b"set", b"add", b"cas", b"append", b"replace", b"prepend"];
+/// Meta verbs besides `ms`. mg changes the item only with some flags: taken as a write
+/// whatever they are.
+const OTHER_META_VERBS: [&[u8]; 3] = [b"md", b"ma", b"mg"];
+/// The other text verbs that change an item.
+const OTHER_WRITE_VERBS: [&[u8]; 6] = [b"gat", b"gats", b"incr", b"decr", b"touch", b"delete"];
+
 /// The bytes of `s`, the last one lowest: how [`FlowState::word`] holds a token's tail.
 const fn tail(s: &[u8]) -> u64 {
     let mut w = 0u64;
@@ -84,6 +92,11 @@ fn ends_with(w: u64, len: u16, s: &[u8]) -> bool {
         (1u64 << (8 * n)) - 1
     };
     len as usize >= n && w & mask == tail(s)
+}
+
+#[inline(always)]
+fn ends_with_any(w: u64, len: u16, verbs: &[&[u8]]) -> bool {
+    verbs.iter().any(|v| ends_with(w, len, v))
 }
 
 /// Bytes after the place the scan was lost within which a write begun before it may still
@@ -220,28 +233,15 @@ fn end_token(st: &mut FlowState, env: &Env) {
         }
     }
     let (w, n) = (st.word, st.tok_len);
-    if ends_with(w, n, b"set")
-        || ends_with(w, n, b"add")
-        || ends_with(w, n, b"cas")
-        || ends_with(w, n, b"append")
-        || ends_with(w, n, b"replace")
-        || ends_with(w, n, b"prepend")
-    {
+    if ends_with_any(w, n, &STORAGE_VERBS) {
         st.guard_line |= ARMED;
         st.guard_len_at |= STORAGE_LEN_AT;
     } else if ends_with(w, n, b"ms") {
         st.guard_line |= ARMED | META;
         st.guard_len_at |= MS_LEN_AT;
-    } else if ends_with(w, n, b"md") || ends_with(w, n, b"ma") || ends_with(w, n, b"mg") {
-        // mg changes the item only with some flags: taken as a write whatever they are.
+    } else if ends_with_any(w, n, &OTHER_META_VERBS) {
         st.guard_line |= ARMED | META;
-    } else if ends_with(w, n, b"gat")
-        || ends_with(w, n, b"gats")
-        || ends_with(w, n, b"incr")
-        || ends_with(w, n, b"decr")
-        || ends_with(w, n, b"touch")
-        || ends_with(w, n, b"delete")
-    {
+    } else if ends_with_any(w, n, &OTHER_WRITE_VERBS) {
         st.guard_line |= ARMED;
     } else if n >= 9 && ends_with(w, n, b"lush_all") {
         // `flush_all` is 9 bytes: its last 8 are what the token keeps.
