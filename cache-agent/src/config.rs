@@ -103,7 +103,7 @@ pub struct Cidr {
 }
 
 /// Validated settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub iface: String,
     pub memcached: SocketAddr,
@@ -111,6 +111,8 @@ pub struct Settings {
     pub udp_port: u16,
     pub xdp_mode: XdpMode,
     pub capacity_bytes: u64,
+    /// Percent of the capacity per size class, and the buckets that makes.
+    pub class_shares: [u32; CLASS_COUNT],
     pub class_buckets: [u32; CLASS_COUNT],
     pub key_meta_slots: u32,
     pub max_age: Duration,
@@ -142,6 +144,60 @@ pub const MIN_WRITE_SETTLE_MS: u64 = 50;
 pub const MAX_WRITE_SETTLE_MS: u64 = 60_000;
 
 impl Settings {
+    /// The settings as a file `--config` takes (`check-config` prints it): every option, with
+    /// the value in effect.
+    pub fn to_toml(&self) -> String {
+        use toml::Value;
+        let text = |s: String| Value::String(s);
+        let int = |n: u64| Value::Integer(n as i64);
+        let entries = [
+            ("iface", text(self.iface.clone())),
+            ("memcached", text(self.memcached.to_string())),
+            ("udp-port", int(self.udp_port as u64)),
+            (
+                "xdp-mode",
+                text(match self.xdp_mode {
+                    XdpMode::Native => "native".into(),
+                    XdpMode::Generic => "generic".into(),
+                }),
+            ),
+            ("capacity", text(size_text(self.capacity_bytes))),
+            (
+                "class-shares",
+                Value::Array(self.class_shares.iter().map(|&s| int(s as u64)).collect()),
+            ),
+            ("max-age", Value::Float(self.max_age.as_secs_f64())),
+            ("write-settle-ms", int(self.write_settle.as_millis() as u64)),
+            ("lease-ms", int(self.lease.as_millis() as u64)),
+            ("metrics-addr", text(self.metrics_addr.to_string())),
+            (
+                "allow",
+                Value::Array(
+                    self.allow
+                        .iter()
+                        .map(|c| text(format!("{}/{}", c.addr, c.prefix)))
+                        .collect(),
+                ),
+            ),
+            ("max-amplification", int(self.max_amplification as u64)),
+            ("hit-latency", Value::Boolean(self.hit_latency)),
+            ("watch", Value::Boolean(self.watch)),
+            ("learn-ttl", Value::Boolean(self.learn_ttl)),
+            ("warm-start", Value::Boolean(self.warm_start)),
+            ("tc-serve", Value::Boolean(self.tc_serve)),
+            ("pin-root", text(self.pin_root.display().to_string())),
+            (
+                "log-format",
+                text(if self.json_logs { "json" } else { "text" }.into()),
+            ),
+            ("keep-on-exit", Value::Boolean(self.keep_on_exit)),
+        ];
+        entries
+            .iter()
+            .map(|(key, value)| format!("{key} = {value}\n"))
+            .collect()
+    }
+
     /// How often the agent asks memcached for its health (and renews the leases): a quarter of
     /// the write-settle time, so a stall longer than that time is seen in time (see
     /// [`Settings::fill_lease`]); never more often than every 20 ms, never less often than a
@@ -313,6 +369,7 @@ impl Settings {
             udp_port,
             xdp_mode,
             capacity_bytes,
+            class_shares: [shares[0], shares[1], shares[2], shares[3]],
             class_buckets,
             key_meta_slots,
             max_age,
@@ -481,6 +538,16 @@ fn parse_socket_addr(field: &'static str, s: &str, example: &str) -> Result<Sock
 }
 
 /// `64M`, `1G`, `1048576`.
+/// A size as `--capacity` takes it: with the largest unit that divides it.
+fn size_text(bytes: u64) -> String {
+    for (unit, size) in [("G", 1u64 << 30), ("M", 1 << 20), ("K", 1 << 10)] {
+        if bytes.is_multiple_of(size) {
+            return format!("{}{unit}", bytes / size);
+        }
+    }
+    bytes.to_string()
+}
+
 pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
     let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
@@ -593,6 +660,33 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(s.iface, "from-flag");
         assert_eq!(s.capacity_bytes, 2 << 20);
+    }
+
+    /// What `check-config` prints is a file `--config` takes, and it gives the same settings.
+    #[test]
+    fn printed_settings_read_back_as_the_same_settings() {
+        let mut a = args("eth9", "[::1]:11311");
+        a.udp_port = Some(11312);
+        a.xdp_mode = Some("generic".into());
+        a.capacity = Some("3G".into());
+        a.class_shares = Some(vec![10, 20, 30, 40]);
+        a.max_age = Some(2.5);
+        a.write_settle_ms = Some(400);
+        a.allow = Some(vec!["10.1.0.0/16".into(), "2001:db8::/32".into()]);
+        a.hit_latency = Some(false);
+        a.keep_on_exit = Some(true);
+        a.log_format = Some("json".into());
+        let printed = Settings::resolve(&a).unwrap();
+        let path =
+            std::env::temp_dir().join(format!("agent-cfg-print-{}.toml", std::process::id()));
+        std::fs::write(&path, printed.to_toml()).unwrap();
+        let read = Settings::resolve(&RunArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        });
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(read.unwrap(), printed);
+        assert!(printed.to_toml().contains("capacity = \"3G\""));
     }
 
     fn resolve_err(a: &RunArgs) -> String {

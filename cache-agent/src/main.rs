@@ -140,8 +140,20 @@ fn privilege_fix(e: &anyhow::Error) -> Option<String> {
 
 fn check_config(args: RunArgs) -> anyhow::Result<()> {
     let s = Settings::resolve(&args)?;
-    println!("{s:#?}");
-    println!("map memory: {} bytes", s.map_bytes());
+    println!(
+        "# The settings in effect (flags, CACHE_AGENT_* environment, --config file, defaults),\n\
+         # as a file --config takes."
+    );
+    print!("{}", s.to_toml());
+    let [b0, b1, b2, b3] = s.class_buckets;
+    println!(
+        "# map memory: {} bytes ({:.1} MiB) of kernel maps, charged to the agent's cgroup\n\
+         # buckets per size class (128, 384, 768, 1536-byte slots): {b0}, {b1}, {b2}, {b3}; \
+         key records: {}",
+        s.map_bytes(),
+        s.map_bytes() as f64 / (1u64 << 20) as f64,
+        s.key_meta_slots
+    );
     // The file may be checked on another host than the one it is for: a note, not an error.
     if interface::index(&s.iface) == 0 {
         eprintln!(
