@@ -1635,9 +1635,10 @@ fn gaps_the_scan_cannot_step_over_put_the_flow_in_guard_mode() {
         fx.xdp_counted(&seg(&flow, isn + 1, first), counted, "the first segment");
         flow
     };
-    let set_line: Counted = &[("tcp_segments", 1), ("invalidate_text", 1)];
-    // The value's first bytes: its key written again, the value going on past the segment.
-    let first_bytes: Counted = &[("tcp_segments", 1), ("invalidate_text", 1)];
+    // A set line alone in its segment: its key is written, and written again because its
+    // value goes on past the segment.
+    let set_line: Counted = &[("tcp_segments", 1), ("invalidate_text", 2)];
+    let first_bytes: Counted = &[("tcp_segments", 1)];
     let more_bytes: Counted = &[("tcp_segments", 1)];
 
     // A command line with bytes missing.
@@ -1881,6 +1882,28 @@ fn a_flow_opened_before_the_agent_is_guarded_and_stops_flushing_after_its_window
         ],
         "mg with a base64 key",
     );
+    // memcached reads a meta flag by its first byte: `bx` is base64 too (QA round 8). A key
+    // that starts with b is no flag.
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        b"md Zm9v bx\r\n",
+        &[
+            ("tcp_segments", 1),
+            ("invalidate_text", 2),
+            ("flush_unsynced", 1),
+        ],
+        "md with a base64 flag of two bytes",
+    );
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        b"md bar\r\n",
+        &[("tcp_segments", 1), ("invalidate_text", 1)],
+        "md of a key that starts with b",
+    );
     // A binary write: its header says where its key is (guard:b was flushed by the mg above).
     send_tcp(
         &fx,
@@ -2011,6 +2034,155 @@ fn a_gap_in_a_command_line_guards_the_flow_until_its_window_has_passed() {
         &[("tcp_segments", 1)],
         "past the window",
     );
+}
+
+/// A flow past its guard window whose next segment starts at `*seq`.
+fn guarded_flow(fx: &Fixture, client_port: u16, seq: &mut u32) -> Flow {
+    let flow = Flow::v4().with_client_port(client_port);
+    send_tcp(
+        fx,
+        &flow,
+        seq,
+        b"get a\r\n",
+        GUARDED,
+        "a flow seen mid-stream",
+    );
+    send_tcp(
+        fx,
+        &flow,
+        seq,
+        &get_line_of(64),
+        &[("tcp_segments", 1), ("flush_unsynced", 1)],
+        "its window",
+    );
+    flow
+}
+
+/// A segment longer than one scan buffer is scanned a buffer per tail call: a flush a binary
+/// write asks for in one buffer must happen before the next (found by QA round 8: the flag
+/// was reset by the next buffer's scan, and a binary write on `lo` left the old value cached).
+#[test]
+fn a_binary_write_in_the_first_buffer_of_a_long_guarded_segment_flushes() {
+    let mut fx = Fixture::new();
+    fx.update_config(|c| c.guard_window = 64);
+    let mut seq = 0x6000_0000u32;
+    let flow = guarded_flow(&fx, 50133, &mut seq);
+    // A delete of a 250-byte key whose first bytes make another delete's header: the second
+    // header is confirmed while the first key is still being hashed, so the buffer flushes.
+    let mut segment = vec![0x80, 0x04, 0, 250, 0, 0, 0, 0, 0, 0, 0, 250];
+    segment.extend_from_slice(&[0; 12]);
+    let mut key = vec![0x80, 0x04, 0, 5, 0, 0, 0, 0, 0, 0, 0, 5];
+    key.resize(250, b'k');
+    segment.extend_from_slice(&key);
+    // Binary no-ops to make the segment longer than a scan buffer (2 KiB).
+    while segment.len() < 3000 {
+        segment.extend_from_slice(&[0x80, 0x0a]);
+        segment.extend_from_slice(&[0; 22]);
+    }
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        &segment,
+        &[
+            ("tcp_segments", 1),
+            ("invalidate_binary", 1),
+            ("flush_unsynced", 1),
+        ],
+        "overlapping binary write headers, then 2 KiB more",
+    );
+}
+
+/// `flush_all`'s delay as memcached's safe_strtol reads it: a sign, leading or trailing space
+/// characters inside the token (found by QA round 8: `flush_all +3` was read as no delay, and
+/// the old value was refilled before memcached's flush took effect, then served after it).
+#[test]
+fn flush_all_delays_are_read_as_memcached_reads_them() {
+    let cases: [(bool, &[u8]); 4] = [
+        (false, b"flush_all +3\r\n"),
+        (false, b"flush_all \t3\r\n"),
+        (false, b"flush_all 4294967299\r\n"),
+        (true, b"flush_all 3\tx\r\n"),
+    ];
+    for (guard, flush) in cases {
+        let what = String::from_utf8_lossy(flush).trim_end().to_string();
+        // A fixture each: a delayed flush holds fills for seconds.
+        let mut fx = Fixture::new();
+        fx.update_config(|c| c.guard_window = 64);
+        let udp_flow = Flow::v4();
+        let item = Item::new("delayed", 0, b"old");
+        let mut seq = 0x7100_0000u32;
+        let flow = if guard {
+            guarded_flow(&fx, 50135, &mut seq)
+        } else {
+            let flow = Flow::v4().with_client_port(50134);
+            fx.xdp_counted(&flow.tcp_to(PORT, seq, TCP_SYN, b""), &[], "SYN");
+            seq += 1;
+            flow
+        };
+        sleep(SETTLE_SLEEP);
+        fx.fill(&udp_flow, 1, &item, true);
+        send_tcp(
+            &fx,
+            &flow,
+            &mut seq,
+            flush,
+            &[("tcp_segments", 1), ("flush_all", 1)],
+            &what,
+        );
+        sleep(SETTLE_SLEEP);
+        fx.expect_expired(&udp_flow, 2, "delayed", &what);
+        let reply = udp_flow.memcached_reply(2, 0, 1, &reply_body(&[&item]));
+        fx.tc_counted(
+            &reply,
+            &[("fill_refused_hold", 1)],
+            &format!("{what}: a GET before the flush takes effect"),
+        );
+    }
+}
+
+/// A storage line that ends just where its segment ends: its block comes later, maybe after
+/// the settle time, and memcached keeps the old item until then. The key is written again when
+/// the block ends (found by QA round 8: the old value, refilled meanwhile, was served after
+/// `STORED`).
+#[test]
+fn a_block_that_starts_in_the_next_segment_writes_its_key_again_when_it_ends() {
+    let fx = Fixture::new();
+    let udp_flow = Flow::v4();
+    let old = Item::new("split", 0, b"v1");
+    fx.fill(&udp_flow, 1, &old, true);
+    let flow = Flow::v4().with_client_port(50136);
+    let isn = 0x7300_0000u32;
+    fx.xdp_counted(&flow.tcp_to(PORT, isn, TCP_SYN, b""), &[], "SYN");
+    let mut seq = isn + 1;
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        b"set split 0 0 2\r\n",
+        &[
+            ("tcp_segments", 1),
+            ("invalidate_text", 2),
+            ("slots_cleared_0", 1),
+        ],
+        "the set line alone",
+    );
+    // memcached still holds v1: a GET after the settle time is filled with it.
+    sleep(SETTLE_SLEEP);
+    fx.fill(&udp_flow, 2, &old, true);
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        b"v2\r\n",
+        &[
+            ("tcp_segments", 1),
+            ("invalidate_text", 1),
+            ("slots_cleared_0", 1),
+        ],
+        "its block",
+    );
+    fx.expect_miss(&udp_flow, 3, "split", "GET after the block");
 }
 
 #[test]

@@ -38,7 +38,9 @@ use cache_common::{
 };
 
 use crate::coherence::{Ttl, flush, flush_delayed};
-use crate::scanner::{Env, F_NUM_BAD, F_NUM_NEG, FlowState, number, queue_write};
+use crate::scanner::{
+    Env, F_NUM_BAD, F_NUM_NEG, FlowState, number, queue_write, strtol_byte, strtol_result,
+};
 
 // FlowState::guard_line bits, for the current line.
 /// A token ending in a write verb was seen: every later token is a key.
@@ -53,6 +55,8 @@ const FLUSH_DELAY_NEXT: u8 = 1 << 3;
 const PENDING_CR: u8 = 1 << 4;
 /// A `b` flag after a meta verb: the line's keys are base64, which the scan cannot hash.
 const BASE64: u8 = 1 << 5;
+/// The next token is the key of the line's first meta verb: a key may start with `b`.
+const META_KEY_NEXT: u8 = 1 << 7;
 /// The line was armed in an earlier chunk: keys were invalidated before memcached could run
 /// the line, which it does only at the LF, maybe much later (a slow client). The LF's chunk
 /// flushes.
@@ -171,7 +175,9 @@ fn commit_cr(st: &mut FlowState, env: &Env) {
 
 #[inline(always)]
 fn token_byte(st: &mut FlowState, b: u8, env: &Env) {
+    strtol_byte(st, b);
     if st.tok_len == 0 {
+        st.tok_first = b;
         st.hash = seed(env.instance);
         st.check = check_seed(env.instance);
         st.num = 0;
@@ -217,7 +223,7 @@ fn end_token(st: &mut FlowState, env: &Env) {
     }
     if st.guard_line & FLUSH_DELAY_NEXT != 0 {
         st.guard_line &= !FLUSH_DELAY_NEXT;
-        if let Some(n) = number(st)
+        if let Some(n) = strtol_result(st)
             && n > 0
         {
             st.exptime = n;
@@ -228,7 +234,11 @@ fn end_token(st: &mut FlowState, env: &Env) {
             let key = finish(st.hash);
             queue_write(env.s, key, st.check, Ttl::Forget, Counter::InvalidateText);
         }
-        if st.guard_line & META != 0 && st.tok_len == 1 && st.word as u8 == b'b' {
+        // memcached reads a meta flag by its first byte only: `bx` is base64 too (found by QA
+        // round 8: `md Zm9v bx` deleted foo, and guard mode looked for a token `b`).
+        if st.guard_line & META_KEY_NEXT != 0 {
+            st.guard_line &= !META_KEY_NEXT;
+        } else if st.guard_line & META != 0 && st.tok_first == b'b' {
             st.guard_line |= BASE64;
         }
     }
@@ -237,10 +247,10 @@ fn end_token(st: &mut FlowState, env: &Env) {
         st.guard_line |= ARMED;
         st.guard_len_at |= STORAGE_LEN_AT;
     } else if ends_with(w, n, b"ms") {
-        st.guard_line |= ARMED | META;
+        first_meta_verb(st);
         st.guard_len_at |= MS_LEN_AT;
     } else if ends_with_any(w, n, &OTHER_META_VERBS) {
-        st.guard_line |= ARMED | META;
+        first_meta_verb(st);
     } else if ends_with_any(w, n, &OTHER_WRITE_VERBS) {
         st.guard_line |= ARMED;
     } else if n >= 9 && ends_with(w, n, b"lush_all") {
@@ -248,6 +258,15 @@ fn end_token(st: &mut FlowState, env: &Env) {
         st.guard_line |= FLUSH_ALL | FLUSH_DELAY_NEXT;
     }
     st.tok_len = 0;
+}
+
+/// A token ending in a meta verb: the next token is its key if it is the line's first.
+#[inline(always)]
+fn first_meta_verb(st: &mut FlowState) {
+    if st.guard_line & META == 0 {
+        st.guard_line |= META_KEY_NEXT;
+    }
+    st.guard_line |= ARMED | META;
 }
 
 /// The LF at `after_lf - 1` ended a line: memcached runs it now, and a storage command's data
