@@ -11,7 +11,10 @@
 //!
 //! The same look counts connections memcached has not accepted yet (the listening socket's
 //! accept queue): a client that connects for each write sends it before memcached takes the
-//! connection, and memcached applies it only then.
+//! connection, and memcached applies it only then. And it reads, for every connection, how
+//! many bytes the kernel has received and how many of them memcached has not read yet
+//! (`tcpi_bytes_received`, `idiag_rqueue`): bytes still unread a probe later are requests a
+//! stalled worker thread, or a deep pipeline, holds back.
 
 use std::collections::HashSet;
 use std::io;
@@ -27,6 +30,24 @@ pub struct Backlogged {
     pub sndbuf: u32,
 }
 
+/// How far memcached has read one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    pub peer: IpAddr,
+    pub peer_port: u16,
+    /// Bytes the kernel has received from the client (`tcpi_bytes_received`).
+    pub received: u64,
+    /// Of those, bytes memcached has not read yet (`idiag_rqueue`).
+    pub unread: u32,
+}
+
+impl Received {
+    /// Bytes memcached has read.
+    pub fn read(&self) -> u64 {
+        self.received.saturating_sub(self.unread as u64)
+    }
+}
+
 /// What one look at memcached's TCP sockets found.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -40,6 +61,8 @@ pub struct Snapshot {
     pub backlogged: Vec<Backlogged>,
     /// memcached's connections (but those of the sockets left out).
     pub connections: u32,
+    /// How far memcached has read each of them (where the kernel says: tcp_info).
+    pub received: Vec<Received>,
     /// Connections to memcached's port from this side (any process): address, port, inode.
     clients: Vec<(IpAddr, u16, u32)>,
     /// The client end of each of memcached's connections.
@@ -54,7 +77,10 @@ const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLMSG_HDR_LEN: usize = 16;
 const INET_DIAG_MSG_LEN: usize = 72;
+const INET_DIAG_INFO: u16 = 2;
 const INET_DIAG_SKMEMINFO: u16 = 7;
+/// Where `tcpi_bytes_received` (a u64) is in `struct tcp_info`.
+const TCPI_BYTES_RECEIVED: usize = 128;
 const SK_MEMINFO_SNDBUF: usize = 3;
 const SK_MEMINFO_WMEM_QUEUED: usize = 5;
 const TCP_ESTABLISHED: u8 = 1;
@@ -82,6 +108,9 @@ pub fn snapshot(port: u16, ignored: &HashSet<u32>) -> io::Result<Snapshot> {
         .iter()
         .filter(|end| !ignored_ends.contains(end))
         .count() as u32;
+    found
+        .received
+        .retain(|r| !ignored_ends.contains(&(r.peer, r.peer_port)));
     Ok(found)
 }
 
@@ -157,7 +186,7 @@ fn dump_request(family: u8) -> Vec<u8> {
     m.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
     m.push(family);
     m.push(libc::IPPROTO_TCP as u8);
-    m.push(1 << (INET_DIAG_SKMEMINFO - 1));
+    m.push(1 << (INET_DIAG_SKMEMINFO - 1) | 1 << (INET_DIAG_INFO - 1));
     m.push(0);
     m.extend_from_slice(&states.to_ne_bytes());
     m.extend_from_slice(&[0u8; 48]); // inet_diag_sockid: no filter
@@ -225,12 +254,25 @@ fn read_socket(msg: &[u8], port: u16, found: &mut Snapshot) {
     }
     let peer = address(24);
     found.peers.push((peer, peer_port));
+    // An established socket's idiag_rqueue is what memcached has not read of what arrived.
+    let unread = u32::from_ne_bytes(msg[56..60].try_into().unwrap());
     let mut attrs = &msg[INET_DIAG_MSG_LEN..];
     while attrs.len() >= 4 {
         let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
         let kind = u16::from_ne_bytes([attrs[2], attrs[3]]);
         if len < 4 || len > attrs.len() {
             return;
+        }
+        if kind == INET_DIAG_INFO
+            && let Some(bytes) = attrs.get(4 + TCPI_BYTES_RECEIVED..12 + TCPI_BYTES_RECEIVED)
+            && len >= 12 + TCPI_BYTES_RECEIVED
+        {
+            found.received.push(Received {
+                peer,
+                peer_port,
+                received: u64::from_ne_bytes(bytes.try_into().unwrap()),
+                unread,
+            });
         }
         if kind == INET_DIAG_SKMEMINFO {
             let word = |i: usize| {

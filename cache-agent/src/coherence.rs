@@ -15,6 +15,8 @@
 //!   never outlives memcached's copy).
 
 use std::{
+    collections::HashMap,
+    net::IpAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -491,6 +493,9 @@ struct BacklogWatch {
     logged_hold: bool,
     logged_blind: bool,
     logged_unaccepted: bool,
+    logged_unread: bool,
+    /// What each connection had received at the previous look.
+    received_before: HashMap<(IpAddr, u16), u64>,
 }
 
 impl BacklogWatch {
@@ -533,10 +538,12 @@ impl BacklogWatch {
             info!("memcached accepts connections promptly again: fills resume");
             self.logged_unaccepted = false;
         }
-        let now = !snapshot.backlogged.is_empty() || snapshot.unaccepted > 0;
-        shared
-            .backlogged_connections
-            .store(snapshot.backlogged.len() as u64, Ordering::Relaxed);
+        let unread = self.unread_since_last_look(&snapshot.received);
+        let now = !snapshot.backlogged.is_empty() || snapshot.unaccepted > 0 || !unread.is_empty();
+        shared.backlogged_connections.store(
+            (snapshot.backlogged.len() + unread.len()) as u64,
+            Ordering::Relaxed,
+        );
         let now_backlogged = !snapshot.backlogged.is_empty();
         if now_backlogged && !self.logged_hold {
             let first = &snapshot.backlogged[0];
@@ -553,7 +560,48 @@ impl BacklogWatch {
             info!("no memcached connection is backlogged: fills resume");
             self.logged_hold = false;
         }
+        if let Some(first) = unread.first()
+            && !self.logged_unread
+        {
+            warn!(
+                connections = unread.len(),
+                peer = %first.peer,
+                peer_port = first.peer_port,
+                unread = first.unread,
+                "memcached has not read what a client sent before the last probe (a stalled \
+                 worker thread, or a deep pipeline of requests): fills pause until it does (a \
+                 write among those bytes is applied late)"
+            );
+            self.logged_unread = true;
+        } else if unread.is_empty() && self.logged_unread {
+            info!("memcached has read what its clients sent: fills resume");
+            self.logged_unread = false;
+        }
         now
+    }
+
+    /// The connections that still have bytes unread which had arrived by the previous look:
+    /// requests memcached has held back for at least a probe interval. Found by a test that
+    /// stops one worker thread (ptrace) while the other answers the probes: a write on one of
+    /// its connections waited unread past the settle time, and the old value was cached.
+    fn unread_since_last_look(
+        &mut self,
+        now: &[crate::backlog::Received],
+    ) -> Vec<crate::backlog::Received> {
+        let held = now
+            .iter()
+            .filter(|r| {
+                self.received_before
+                    .get(&(r.peer, r.peer_port))
+                    .is_some_and(|&before| r.read() < before)
+            })
+            .copied()
+            .collect();
+        self.received_before = now
+            .iter()
+            .map(|r| ((r.peer, r.peer_port), r.received))
+            .collect();
+        held
     }
 }
 
@@ -768,8 +816,38 @@ pub fn watch_key(line: &str) -> Option<Vec<u8>> {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::{TickWindow, adoption_doubt, memcached_realtime_offset_ns, watch_key};
+    use super::{
+        BacklogWatch, TickWindow, adoption_doubt, memcached_realtime_offset_ns, watch_key,
+    };
+    use crate::backlog::Received;
     use cache_common::HANDOVER_UNKNOWN;
+
+    #[test]
+    fn bytes_still_unread_a_look_after_they_arrived_hold_fills() {
+        let peer = "198.18.0.2".parse().unwrap();
+        let conn = |received, unread| Received {
+            peer,
+            peer_port: 40000,
+            received,
+            unread,
+        };
+        let mut watch = BacklogWatch::default();
+        // A first look knows nothing of what came before.
+        assert!(watch.unread_since_last_look(&[conn(1000, 200)]).is_empty());
+        // All of the 1000 bytes from before are read (more may have come): clear.
+        assert!(watch.unread_since_last_look(&[conn(1500, 500)]).is_empty());
+        // 1,450 of 1,500 bytes read: 50 that arrived before the last look are still unread.
+        assert_eq!(
+            watch.unread_since_last_look(&[conn(1600, 150)]),
+            vec![conn(1600, 150)]
+        );
+        // A connection gone, another new: nothing to compare.
+        let other = Received {
+            peer_port: 40001,
+            ..conn(10, 10)
+        };
+        assert!(watch.unread_since_last_look(&[other]).is_empty());
+    }
 
     #[test]
     fn an_adopted_cache_is_kept_only_if_nothing_was_lost_since_the_handover() {

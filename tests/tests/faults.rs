@@ -354,3 +354,111 @@ fn a_write_on_a_connection_memcached_has_not_accepted_never_leaves_the_old_value
         );
     }
 }
+
+/// memcached's worker threads (`mc-worker`), by thread id.
+fn memcached_workers(pid: u32) -> Vec<i32> {
+    let mut workers: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("memcached's threads")
+        .filter_map(|t| {
+            let t = t.ok()?;
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            (comm.trim() == "mc-worker").then(|| t.file_name().to_str()?.parse().ok())?
+        })
+        .collect();
+    workers.sort();
+    workers
+}
+
+/// Whether memcached answers `version` on `conn` within `limit`.
+fn answers(conn: &mut std::net::TcpStream, limit: Duration) -> bool {
+    conn.set_read_timeout(Some(limit)).unwrap();
+    conn.write_all(b"version\r\n").unwrap();
+    let mut reply = [0u8; 64];
+    matches!(conn.read(&mut reply), Ok(n) if reply[..n].starts_with(b"VERSION"))
+}
+
+/// One worker thread of memcached stops reading its connections (starved, swapped out, stuck)
+/// while the others, which answer the agent's probes, go on: a write on one of its connections
+/// waits in the socket's receive queue, unread, for as long as that lasts. Before, the probes
+/// saw nothing of it (QA round 8 named it as a known limit), GETs past the settle time were
+/// answered by the other worker with the old value, filled, and served after `STORED`. Now the
+/// agent compares, at each probe, what every connection has received with what memcached has
+/// read of it (sock_diag): bytes that arrived before the previous probe and are still unread
+/// hold fills, as a backlog of replies does. The same holds a bulk loader's pipeline, whose
+/// last writes wait in the receive queue while memcached works through the first.
+#[test]
+fn a_write_a_stalled_worker_thread_has_not_read_never_leaves_the_old_value_cached() {
+    // Without the watch backstop, which would invalidate the key late when memcached logs
+    // the store, so the test sees the kernel's own rule.
+    let rig = Rig::with_agent("fworker", 97, &["--watch", "false"]);
+    rig.set("stall", b"old", 0, 3600);
+    rig.warm("stall", Duration::from_secs(10));
+    let addr = rig.server(false);
+    let workers = memcached_workers(rig.bed.memcached_pid());
+    assert_eq!(workers.len(), 2, "memcached -t 2 has two workers");
+    // Find a connection whose worker is not the one answering the agent's probes: freeze a
+    // worker, and keep the connection if it stalls while the agent goes on serving.
+    let (mut writer, frozen) = (0..8)
+        .find_map(|_| {
+            let mut conn = rig
+                .bed
+                .in_client(move || std::net::TcpStream::connect(addr))
+                .unwrap();
+            for &tid in &workers {
+                let frozen = FrozenThread::new(tid);
+                if !answers(&mut conn, Duration::from_millis(300)) {
+                    std::thread::sleep(Duration::from_millis(1500));
+                    let status = rig
+                        .bed
+                        .agent_cmd(&["status", "--json", "--iface", rig.bed.server_iface()])
+                        .unwrap_or_default();
+                    if status.contains("\"serving\":true") {
+                        return Some((conn, frozen));
+                    }
+                    drop(frozen);
+                    // The version sent meanwhile is answered now.
+                    conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    let mut reply = [0u8; 64];
+                    let _ = conn.read(&mut reply);
+                    return None;
+                }
+            }
+            None
+        })
+        .expect("a connection on the worker that does not answer the agent's probes");
+    // The `version` sent while finding it waits in front of the set.
+    writer.write_all(b"set stall 0 0 3\r\nnew\r\n").unwrap();
+    // Past the write-settle time, GETs are answered by the other worker, from the old item.
+    std::thread::sleep(Duration::from_millis(800));
+    for _ in 0..10 {
+        rig.udp_get(&["stall"]);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(frozen);
+    writer
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 64];
+    while !reply.ends_with(b"STORED\r\n") {
+        let n = writer.read(&mut buf).expect("memcached's replies");
+        assert!(n > 0, "memcached closed the connection");
+        reply.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        rig.agent_log()
+            .contains("memcached has not read what a client sent"),
+        "the agent did not say what held fills: {}",
+        rig.agent_log()
+    );
+    let expected = [value_text("stall", 0, b"new"), b"END\r\n".to_vec()].concat();
+    for i in 0..10 {
+        let got = rig.udp_get(&["stall"]).payload;
+        assert!(
+            got == expected || got == b"END\r\n",
+            "GET #{i} after STORED returned {:?} (fill_refused_stall {})",
+            String::from_utf8_lossy(&got),
+            rig.counter("fill_refused_stall")
+        );
+    }
+}
