@@ -14,7 +14,7 @@
 //! connection, and memcached applies it only then. And it reads, for every connection, how
 //! many bytes the kernel has received and how many of them memcached has not read yet
 //! (`tcpi_bytes_received`, `idiag_rqueue`): bytes still unread a probe later are requests a
-//! stalled worker thread, or a deep pipeline, holds back.
+//! stalled worker thread holds back.
 
 use std::collections::HashSet;
 use std::io;

@@ -569,7 +569,7 @@ impl BacklogWatch {
                 peer_port = first.peer_port,
                 unread = first.unread,
                 "memcached has not read what a client sent before the last probe (a stalled \
-                 worker thread, or a deep pipeline of requests): fills pause until it does (a \
+                 worker thread): fills pause until it does (a \
                  write among those bytes is applied late)"
             );
             self.logged_unread = true;

@@ -195,7 +195,7 @@ pub const LEASE_RENEWALS: Family = counter(
 pub const MEMCACHED_BACKLOGGED: Family = gauge(
     "memcache_accel_memcached_backlogged_connections",
     &[],
-    "memcached connections holding fills at the last health check: a send queue at least half full (a client not taking its replies), or requests received before the previous check that memcached has not read yet (a stalled worker thread, a deep pipeline). While any is, fills pause: a write that client sent may be applied late.",
+    "memcached connections holding fills at the last health check: a send queue at least half full (a client not taking its replies), or requests received before the previous check that memcached has not read yet (a stalled worker thread). While any is, fills pause: a write that client sent may be applied late.",
 );
 pub const MEMCACHED_UP: Family = gauge(
     "memcache_accel_memcached_up",

@@ -380,12 +380,11 @@ fn answers(conn: &mut std::net::TcpStream, limit: Duration) -> bool {
 /// One worker thread of memcached stops reading its connections (starved, swapped out, stuck)
 /// while the others, which answer the agent's probes, go on: a write on one of its connections
 /// waits in the socket's receive queue, unread, for as long as that lasts. Before, the probes
-/// saw nothing of it (QA round 8 named it as a known limit), GETs past the settle time were
+/// saw nothing of it (a known limit until now), GETs past the settle time were
 /// answered by the other worker with the old value, filled, and served after `STORED`. Now the
 /// agent compares, at each probe, what every connection has received with what memcached has
 /// read of it (sock_diag): bytes that arrived before the previous probe and are still unread
-/// hold fills, as a backlog of replies does. The same holds a bulk loader's pipeline, whose
-/// last writes wait in the receive queue while memcached works through the first.
+/// hold fills, as a backlog of replies does.
 #[test]
 fn a_write_a_stalled_worker_thread_has_not_read_never_leaves_the_old_value_cached() {
     // Without the watch backstop, which would invalidate the key late when memcached logs
