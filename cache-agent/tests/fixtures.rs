@@ -1828,8 +1828,8 @@ fn a_flow_opened_before_the_agent_is_guarded_and_stops_flushing_after_its_window
     );
     fx.expect_miss(&udp_flow, 4, "guard:a", "GET after the delete");
     fx.expect_hit(&udp_flow, 5, &[&b], "the other key after the delete");
-    // A set whose block goes on past its segment: every later token of the line is taken as
-    // a key, and the segment its block ends in flushes (memcached stores it only then).
+    // A set whose block goes on past its segment: the token after the verb is its key, and
+    // the segment its block ends in flushes (memcached stores it only then).
     send_tcp(
         &fx,
         &flow,
@@ -1837,7 +1837,7 @@ fn a_flow_opened_before_the_agent_is_guarded_and_stops_flushing_after_its_window
         b"set guard:b 0 0 5\r\nhel",
         &[
             ("tcp_segments", 1),
-            ("invalidate_text", 4),
+            ("invalidate_text", 1),
             ("slots_cleared_0", 1),
         ],
         "a set line",
@@ -1877,7 +1877,7 @@ fn a_flow_opened_before_the_agent_is_guarded_and_stops_flushing_after_its_window
         b"mg Z2I= b v\r\n",
         &[
             ("tcp_segments", 1),
-            ("invalidate_text", 3),
+            ("invalidate_text", 1),
             ("flush_unsynced", 1),
         ],
         "mg with a base64 key",
@@ -1891,7 +1891,7 @@ fn a_flow_opened_before_the_agent_is_guarded_and_stops_flushing_after_its_window
         b"md Zm9v bx\r\n",
         &[
             ("tcp_segments", 1),
-            ("invalidate_text", 2),
+            ("invalidate_text", 1),
             ("flush_unsynced", 1),
         ],
         "md with a base64 flag of two bytes",
@@ -1920,8 +1920,17 @@ fn a_flow_opened_before_the_agent_is_guarded_and_stops_flushing_after_its_window
         &flow,
         &mut seq,
         b"set guard:p 0 0 8\r\n\x80\x04\x95\x05\x00\x00\x00\x00\r\n",
-        &[("tcp_segments", 1), ("invalidate_text", 4)],
+        &[("tcp_segments", 1), ("invalidate_text", 1)],
         "a set of a pickled value",
+    );
+    // gat: every token after the exptime is a key.
+    send_tcp(
+        &fx,
+        &flow,
+        &mut seq,
+        b"gat 100 guard:x guard:y guard:z\r\n",
+        &[("tcp_segments", 1), ("invalidate_text", 3)],
+        "a gat of three keys",
     );
     send_tcp(
         &fx,
@@ -1950,7 +1959,7 @@ fn a_flow_opened_before_the_agent_is_guarded_and_stops_flushing_after_its_window
         b"set x 0 0 1\r\nyzdelete guard:b\r\n",
         &[
             ("tcp_segments", 1),
-            ("invalidate_text", 5),
+            ("invalidate_text", 2),
             ("slots_cleared_0", 1),
         ],
         "a delete right after a bad data chunk",

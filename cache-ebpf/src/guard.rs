@@ -7,9 +7,11 @@
 //! block's last byte (memcached reads on from there even when the block did not end in CRLF),
 //! or after a block it swallows. Wherever that is, it is inside (or at the start of) some
 //! space-separated token, so the command's verb is a suffix of that token, and every key it
-//! names is a whole later token of the same LF-terminated line. So, line by line:
-//! - after a token that ends in a write verb, every later token of the line is a key: it is
-//!   invalidated as a write, its TTL forgotten (memcached may set any);
+//! names is a whole later token of the same LF-terminated line: the next one (after a `gat`'s
+//! exptime, every one). So, line by line:
+//! - the token after one that ends in a write verb is a key: it is invalidated as a write,
+//!   its TTL forgotten (memcached may set any); after a `gat` or `gats`, every token after
+//!   the next;
 //! - after a token that ends in a storage verb or `ms`, the token where the data length would
 //!   be gives the end of a block, and every segment up to that end flushes the whole cache
 //!   (memcached applies the write at the block's last byte, which may come much later);
@@ -43,24 +45,28 @@ use crate::scanner::{
 };
 
 // FlowState::guard_line bits, for the current line.
-/// A token ending in a write verb was seen: every later token is a key.
-const ARMED: u8 = 1 << 0;
-/// ... a meta verb: a `b` flag means the keys are base64.
-const META: u8 = 1 << 1;
+/// The next token is the key of a write verb.
+const KEY_NEXT: u16 = 1 << 0;
+/// A meta verb was seen: a flag that starts with `b` means its key is base64.
+const META: u16 = 1 << 1;
 /// A token ending in `flush_all` was seen: flush at the LF.
-const FLUSH_ALL: u8 = 1 << 2;
+const FLUSH_ALL: u16 = 1 << 2;
 /// The next token is that `flush_all`'s delay.
-const FLUSH_DELAY_NEXT: u8 = 1 << 3;
+const FLUSH_DELAY_NEXT: u16 = 1 << 3;
 /// The last byte was a CR, not yet part of a token: memcached drops it if a LF follows.
-const PENDING_CR: u8 = 1 << 4;
-/// A `b` flag after a meta verb: the line's keys are base64, which the scan cannot hash.
-const BASE64: u8 = 1 << 5;
+const PENDING_CR: u16 = 1 << 4;
+/// A `b` flag after a meta verb: the line's key is base64, which the scan cannot hash.
+const BASE64: u16 = 1 << 5;
+/// A key of the line was invalidated in an earlier chunk than its LF: memcached runs the
+/// line only at the LF, maybe much later (a slow client). The LF's chunk flushes.
+const SPANS_CHUNKS: u16 = 1 << 6;
 /// The next token is the key of the line's first meta verb: a key may start with `b`.
-const META_KEY_NEXT: u8 = 1 << 7;
-/// The line was armed in an earlier chunk: keys were invalidated before memcached could run
-/// the line, which it does only at the LF, maybe much later (a slow client). The LF's chunk
-/// flushes.
-const SPANS_CHUNKS: u8 = 1 << 6;
+const META_KEY_NEXT: u16 = 1 << 7;
+/// The next token is a `gat`'s exptime; every token after it is a key.
+const GAT_EXPTIME_NEXT: u16 = 1 << 8;
+const GAT_KEYS: u16 = 1 << 9;
+/// A key of this line was invalidated.
+const KEYED: u16 = 1 << 10;
 
 /// The data length of a storage command is its 4th token after the verb; of `ms`, its 2nd.
 /// Bit k of `FlowState::guard_len_at` marks the (k+1)th token to come.
@@ -72,8 +78,10 @@ const STORAGE_VERBS: [&[u8]; 6] = [b"set", b"add", b"cas", b"append", b"replace"
 /// Meta verbs besides `ms`. mg changes the item only with some flags: taken as a write
 /// whatever they are.
 const OTHER_META_VERBS: [&[u8]; 3] = [b"md", b"ma", b"mg"];
-/// The other text verbs that change an item.
-const OTHER_WRITE_VERBS: [&[u8]; 6] = [b"gat", b"gats", b"incr", b"decr", b"touch", b"delete"];
+/// The other text verbs that change an item, their key the next token.
+const OTHER_WRITE_VERBS: [&[u8]; 4] = [b"incr", b"decr", b"touch", b"delete"];
+/// Verbs whose keys follow an exptime.
+const GAT_VERBS: [&[u8]; 2] = [b"gat", b"gats"];
 
 /// The bytes of `s`, the last one lowest: how [`FlowState::word`] holds a token's tail.
 const fn tail(s: &[u8]) -> u64 {
@@ -131,7 +139,7 @@ fn extend(st: &mut FlowState, until: u32) {
 /// A chunk of a guarded stream is about to be scanned.
 #[inline(always)]
 pub fn chunk_start(st: &mut FlowState) {
-    if st.guard_line & ARMED != 0 {
+    if st.guard_line & KEYED != 0 {
         st.guard_line |= SPANS_CHUNKS;
     }
 }
@@ -186,7 +194,7 @@ fn token_byte(st: &mut FlowState, b: u8, env: &Env) {
     }
     st.tok_len = st.tok_len.saturating_add(1);
     st.word = (st.word << 8) | b as u64;
-    if st.guard_line & ARMED != 0 {
+    if st.guard_line & (KEY_NEXT | GAT_KEYS) != 0 {
         st.hash = hash_step(st.hash, b);
         st.check = check_step(st.check, b);
     }
@@ -229,30 +237,36 @@ fn end_token(st: &mut FlowState, env: &Env) {
             st.exptime = n;
         }
     }
-    if st.guard_line & ARMED != 0 {
-        if st.tok_len as usize <= MAX_KEY_LEN {
-            let key = finish(st.hash);
-            queue_write(env.s, key, st.check, Ttl::Forget, Counter::InvalidateText);
-        }
-        // memcached reads a meta flag by its first byte only: `bx` is base64 too (found by QA
-        // round 8: `md Zm9v bx` deleted foo, and guard mode looked for a token `b`).
-        if st.guard_line & META_KEY_NEXT != 0 {
-            st.guard_line &= !META_KEY_NEXT;
-        } else if st.guard_line & META != 0 && st.tok_first == b'b' {
-            st.guard_line |= BASE64;
-        }
+    // The key of a write verb: the token right after it (after a gat's exptime, all of them).
+    if st.guard_line & (KEY_NEXT | GAT_KEYS) != 0 && st.tok_len as usize <= MAX_KEY_LEN {
+        let key = finish(st.hash);
+        queue_write(env.s, key, st.check, Ttl::Forget, Counter::InvalidateText);
+        st.guard_line |= KEYED;
+    }
+    st.guard_line &= !KEY_NEXT;
+    if st.guard_line & GAT_EXPTIME_NEXT != 0 {
+        st.guard_line = (st.guard_line & !GAT_EXPTIME_NEXT) | GAT_KEYS;
+    }
+    // memcached reads a meta flag by its first byte only: `bx` is base64 too (found by QA
+    // round 8: `md Zm9v bx` deleted foo, and guard mode looked for a token `b`).
+    if st.guard_line & META_KEY_NEXT != 0 {
+        st.guard_line &= !META_KEY_NEXT;
+    } else if st.guard_line & META != 0 && st.tok_first == b'b' {
+        st.guard_line |= BASE64;
     }
     let (w, n) = (st.word, st.tok_len);
     if ends_with_any(w, n, &STORAGE_VERBS) {
-        st.guard_line |= ARMED;
+        st.guard_line |= KEY_NEXT;
         st.guard_len_at |= STORAGE_LEN_AT;
     } else if ends_with(w, n, b"ms") {
-        first_meta_verb(st);
+        meta_verb(st);
         st.guard_len_at |= MS_LEN_AT;
     } else if ends_with_any(w, n, &OTHER_META_VERBS) {
-        first_meta_verb(st);
+        meta_verb(st);
     } else if ends_with_any(w, n, &OTHER_WRITE_VERBS) {
-        st.guard_line |= ARMED;
+        st.guard_line |= KEY_NEXT;
+    } else if ends_with_any(w, n, &GAT_VERBS) {
+        st.guard_line |= GAT_EXPTIME_NEXT;
     } else if n >= 9 && ends_with(w, n, b"lush_all") {
         // `flush_all` is 9 bytes: its last 8 are what the token keeps.
         st.guard_line |= FLUSH_ALL | FLUSH_DELAY_NEXT;
@@ -260,13 +274,14 @@ fn end_token(st: &mut FlowState, env: &Env) {
     st.tok_len = 0;
 }
 
-/// A token ending in a meta verb: the next token is its key if it is the line's first.
+/// A token ending in a meta verb: the next token is its key (no base64 flag, if the verb is
+/// the line's first meta verb: a flag of an earlier one may be that token).
 #[inline(always)]
-fn first_meta_verb(st: &mut FlowState) {
+fn meta_verb(st: &mut FlowState) {
     if st.guard_line & META == 0 {
         st.guard_line |= META_KEY_NEXT;
     }
-    st.guard_line |= ARMED | META;
+    st.guard_line |= KEY_NEXT | META;
 }
 
 /// The LF at `after_lf - 1` ended a line: memcached runs it now, and a storage command's data

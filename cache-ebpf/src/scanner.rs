@@ -135,12 +135,10 @@ pub struct FlowState {
     pub key_check: u32,
     /// [`LINE_CR`], [`LINE_UNSURE`], [`FLOW_ASCII`] and [`DATA_SPLIT`] bits.
     pub line_bits: u8,
-    /// [`MODE_GUARD`] only: the current line's bits, and where its data length token is
-    /// (see [`crate::guard`]).
-    pub guard_line: u8,
+    /// [`MODE_GUARD`] only: where the current line's data length token is, and its bits (see
+    /// [`crate::guard`]).
     pub guard_len_at: u8,
-    /// Where [`strtol_byte`] is in the current token, and the magnitude it read.
-    pub strtol_state: u8,
+    pub guard_line: u16,
     /// [`MODE_GUARD`] only: every segment that starts before this sequence number flushes.
     pub guard_until: u32,
     /// [`MODE_GUARD`] only: bit i is set if the byte i bytes back was 0x80 (a binary header
@@ -154,6 +152,7 @@ pub struct FlowState {
     /// the last 8 bytes of the current token, the last one lowest.
     pub word: u64,
     pub num: u64,
+    /// The magnitude [`strtol_byte`] read (its state is `strtol_state`).
     pub strtol_value: u64,
     pub exptime: i64,
     /// Data block length (storage commands, ms) or flush delay.
@@ -167,6 +166,9 @@ pub struct FlowState {
     pub ms_effect: u8,
     pub bin_ext: [u8; 8],
     pub bin_header: [u8; 32],
+    /// Where [`strtol_byte`] is in the current token.
+    pub strtol_state: u8,
+    pub _pad: [u8; 7],
     /// TCP only: bytes of data blocks lost on the way, `[start, end)` in sequence numbers
     /// (empty when equal). The scan went on past them (a block's bytes are only counted) and
     /// the client will send them again (see [`FlowState::jump_gap`]). Not cleared by
