@@ -16,7 +16,9 @@
 //!   be gives the end of a block, and every segment up to that end flushes the whole cache
 //!   (memcached applies the write at the block's last byte, which may come much later);
 //! - a token that ends in `flush_all` flushes at the LF, with the delay the next token gives;
-//! - a `b` token after a meta verb (a base64 key the scanner cannot hash) flushes at the LF;
+//! - a token that starts with `b` after a meta verb's key (a base64 flag: memcached reads a
+//!   flag by its first byte; the key is base64 then, which the scanner cannot hash) flushes at
+//!   the LF;
 //! - keys are invalidated as their tokens end, before memcached runs the line (at its LF): a
 //!   line whose keys came in an earlier chunk than its LF flushes at the LF.
 //!
@@ -31,8 +33,8 @@
 //! by the guard window: every segment that starts within item_size_max plus a command line of
 //! that place flushes, as every segment of a lost stream did before.
 //!
-//! The price is over-invalidation: values that contain such tokens or 0x80 bytes cost hits. A
-//! stream of `get`s costs nothing once its window has passed.
+//! The price is over-invalidation: a value that holds a word ending like a verb costs the hits
+//! of the word after it. A stream of `get`s costs nothing once its window has passed.
 
 use cache_common::{
     BINARY_REQUEST_MAGIC, Config, Counter, GUARD_WINDOW_DEFAULT, MAX_KEY_LEN,
