@@ -346,10 +346,19 @@ impl FlowState {
     }
 
     /// Whether a segment starting at `seq` must flush: the flow is guarded and a write seen
-    /// (or begun unseen) before may land in it.
+    /// (or begun unseen) before may land in it. A window that has passed moves up to `seq`:
+    /// sequence numbers compare only within 2 GiB of each other, and a flow that carries 2 GiB
+    /// more would otherwise see a far block end as before it.
     #[inline(always)]
-    pub fn guard_flushes(&self, seq: u32) -> bool {
-        self.mode == MODE_GUARD && guard::seq_after(self.guard_until, seq)
+    pub fn guard_flushes(&mut self, seq: u32) -> bool {
+        if self.mode != MODE_GUARD {
+            return false;
+        }
+        if guard::seq_after(self.guard_until, seq) {
+            return true;
+        }
+        self.guard_until = seq;
+        false
     }
 
     #[inline(always)]
