@@ -671,6 +671,12 @@ async fn run_async(settings: Settings) -> anyhow::Result<()> {
         w.abort();
     }
     metrics.abort();
+    // A task aborted while it runs stops only at its next await: a lease renewal or heartbeat
+    // already under way would land after the revoke (a fresh lease with no agent, found by a
+    // CI run: a GET right after an upgrade-mode stop was answered by the kernel).
+    for task in [lease, heartbeat] {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+    }
     shared.revoke();
     if let Some(why) = failure {
         // Nothing worth keeping: the links died with the interface.
