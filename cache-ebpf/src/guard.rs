@@ -43,7 +43,8 @@ use cache_common::{
 
 use crate::coherence::{Ttl, flush, flush_delayed};
 use crate::scanner::{
-    Env, F_NUM_BAD, F_NUM_NEG, FlowState, number, queue_write, strtol_byte, strtol_result,
+    Env, F_NUM_BAD, F_NUM_NEG, FlowState, number, queue_write, start_token, strtol_byte,
+    strtol_result,
 };
 
 // FlowState::guard_line bits, for the current line.
@@ -187,11 +188,7 @@ fn commit_cr(st: &mut FlowState, env: &Env) {
 fn token_byte(st: &mut FlowState, b: u8, env: &Env) {
     strtol_byte(st, b);
     if st.tok_len == 0 {
-        st.tok_first = b;
-        st.hash = seed(env.instance);
-        st.check = check_seed(env.instance);
-        st.num = 0;
-        st.flags &= !(F_NUM_BAD | F_NUM_NEG);
+        start_token(st, b, env);
         st.word = 0;
     }
     st.tok_len = st.tok_len.saturating_add(1);

@@ -576,15 +576,21 @@ pub fn queue_write(s: *mut Scratch, key_hash: u32, key_check: u32, ttl: Ttl, sou
     }
 }
 
+/// A token's first byte `b`: the per-token state starts afresh (the guarded scan's too).
+#[inline(always)]
+pub fn start_token(st: &mut FlowState, b: u8, env: &Env) {
+    st.tok_first = b;
+    st.hash = seed(env.instance);
+    st.check = check_seed(env.instance);
+    st.num = 0;
+    st.flags &= !(F_NUM_BAD | F_NUM_NEG);
+}
+
 #[inline(always)]
 fn token_byte(st: &mut FlowState, b: u8, env: &Env) {
     strtol_byte(st, b);
     if st.tok_len == 0 {
-        st.tok_first = b;
-        st.hash = seed(env.instance);
-        st.check = check_seed(env.instance);
-        st.num = 0;
-        st.flags &= !(F_NUM_BAD | F_NUM_NEG);
+        start_token(st, b, env);
     }
     if st.tok_len < u16::MAX {
         st.tok_len += 1;
@@ -919,17 +925,8 @@ extern "C" fn scan_step(_index: u64, ctx: *mut c_void) -> i64 {
                 st.key_hash = 0;
                 st.line_bits &= !DATA_SPLIT;
             } else {
+                // The block runs past this chunk: scan_chunk writes the key again.
                 st.tok_first = last;
-                if st.line_bits & DATA_SPLIT == 0 && st.key_hash != 0 {
-                    queue_write(
-                        s,
-                        st.key_hash,
-                        st.key_check,
-                        Ttl::Forget,
-                        Counter::InvalidateText,
-                    );
-                }
-                st.line_bits |= DATA_SPLIT;
             }
             return 0;
         }
