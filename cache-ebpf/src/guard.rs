@@ -43,8 +43,7 @@ use cache_common::{
 
 use crate::coherence::{Ttl, flush, flush_delayed};
 use crate::scanner::{
-    Env, F_NUM_BAD, F_NUM_NEG, FlowState, number, queue_write, start_token, strtol_byte,
-    strtol_result,
+    Env, FlowState, number, number_byte, queue_write, start_token, strtol_byte, strtol_result,
 };
 
 // FlowState::guard_line bits, for the current line.
@@ -197,16 +196,7 @@ fn token_byte(st: &mut FlowState, b: u8, env: &Env) {
         st.hash = hash_step(st.hash, b);
         st.check = check_step(st.check, b);
     }
-    if b.is_ascii_digit() {
-        if st.num > 1_000_000_000_000 {
-            st.flags |= F_NUM_BAD;
-        }
-        st.num = st.num * 10 + (b - b'0') as u64;
-    } else if b == b'-' && st.tok_len == 1 {
-        st.flags |= F_NUM_NEG;
-    } else {
-        st.flags |= F_NUM_BAD;
-    }
+    number_byte(st, b, false);
 }
 
 #[inline(always)]

@@ -79,8 +79,8 @@ const F_BASE64: u8 = 1 << 0;
 const F_MUTATES: u8 = 1 << 1;
 const F_TTL_UNKNOWN: u8 = 1 << 2;
 const F_HAVE_TTL: u8 = 1 << 3;
-pub const F_NUM_BAD: u8 = 1 << 4;
-pub const F_NUM_NEG: u8 = 1 << 5;
+const F_NUM_BAD: u8 = 1 << 4;
+const F_NUM_NEG: u8 = 1 << 5;
 const F_KEY_TOO_LONG: u8 = 1 << 6;
 const F_HAVE_LEN: u8 = 1 << 7;
 
@@ -576,6 +576,22 @@ pub fn queue_write(s: *mut Scratch, key_hash: u32, key_check: u32, ttl: Ttl, sou
     }
 }
 
+/// One byte of the token read as a plain number ([`number`]): digits, a minus sign first; any
+/// other byte makes it no number, unless `letter_ok` (a meta flag's letter).
+#[inline(always)]
+pub fn number_byte(st: &mut FlowState, b: u8, letter_ok: bool) {
+    if b.is_ascii_digit() {
+        if st.num > 1_000_000_000_000 {
+            st.flags |= F_NUM_BAD;
+        }
+        st.num = st.num * 10 + (b - b'0') as u64;
+    } else if b == b'-' && st.tok_len == 1 {
+        st.flags |= F_NUM_NEG;
+    } else if !letter_ok {
+        st.flags |= F_NUM_BAD;
+    }
+}
+
 /// A token's first byte `b`: the per-token state starts afresh (the guarded scan's too).
 #[inline(always)]
 pub fn start_token(st: &mut FlowState, b: u8, env: &Env) {
@@ -608,16 +624,7 @@ fn token_byte(st: &mut FlowState, b: u8, env: &Env) {
             st.ms_effect |= MS_KEEPS_TTL;
         }
     }
-    if b.is_ascii_digit() {
-        if st.num > 1_000_000_000_000 {
-            st.flags |= F_NUM_BAD;
-        }
-        st.num = st.num * 10 + (b - b'0') as u64;
-    } else if b == b'-' && st.tok_len == 1 {
-        st.flags |= F_NUM_NEG;
-    } else if !flag_letter {
-        st.flags |= F_NUM_BAD;
-    }
+    number_byte(st, b, flag_letter);
 }
 
 #[inline(always)]
